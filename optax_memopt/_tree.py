@@ -1,0 +1,55 @@
+"""Small pytree helpers shared by the optimizers: key paths as dotted strings, dtype checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _key_name(key: Any) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return str(key.name)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(getattr(key, "key", key))
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """Dotted key path, e.g. ``model.layers.3.mlp.kernel``.
+
+  Flax NNX's trailing ``value`` (the attribute holding a ``Variable``'s array) is dropped, so the
+  same parameter has the same name in a plain dict, an ``nnx.State`` and under ``nnx.Optimizer``.
+  """
+  parts = [_key_name(k) for k in path]
+  if len(parts) > 1 and parts[-1] in ("value", "raw_value"):
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """Dotted key paths of the leaves of ``tree``, in ``jax.tree_util`` leaf order."""
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [path_str(p) for p, _ in leaves_with_path]
+
+
+def is_float(x: Any) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating)
+
+
+def check_float_leaves(tree: Any, what: str, only: list[bool] | None = None) -> None:
+  """Raises ``TypeError`` naming the first non-float leaf of ``tree`` (optionally of ``only``)."""
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for i, (path, leaf) in enumerate(leaves_with_path):
+    if only is not None and not only[i]:
+      continue
+    if not is_float(leaf):
+      raise TypeError(
+          f"{what}: parameter {path_str(path)!r} has dtype {leaf.dtype}; only floating-point "
+          "parameters can be optimized (freeze it or exclude it with a mask)."
+      )
