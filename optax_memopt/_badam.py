@@ -1,0 +1,518 @@
+"""BAdam: block coordinate descent with Adam as the inner solver, as an Optax transformation.
+
+The parameters are split into ``D`` blocks (by default one per transformer layer). The optimizer
+works on one *active* block at a time for ``switch_every`` steps, then moves on; every other leaf gets a
+zero update. Optimizer state exists only for the active block.
+
+Design: the slot.
+  The state cannot hold "the active block's leaves" directly, because which leaves those are changes
+  at run time while a compiled function needs static shapes. So the state holds a *slot*: a short
+  tuple of arrays that can hold the leaves of any one block. Leaves of like shape and dtype share a
+  slot position across blocks, so for the default partition of identical transformer layers the slot
+  is exactly one layer, and the inner optimizer's state on it is exactly one layer's AdamW state. At
+  each step the active block's gradients are gathered into the slot with ``lax.switch`` on the
+  active-block index (only the selected branch runs, so the gather costs one block's copy), the inner
+  transformation runs on the slot, and the slot's updates are written back to their leaves. The
+  schedule (global step, step within the block, active block, the current block-epoch's order, the
+  PRNG key) lives in the state as int32/uint32 scalars and vectors, so resuming from a checkpoint is
+  exact and block switches never recompile.
+
+  The slot is per-leaf state rather than one flat buffer: each slot array has the shape of the
+  parameter it stands for, so under ``jax.jit`` with sharded parameters it takes (and keeps) the
+  sharding of those parameters, with no reshard into or out of a flat vector.
+
+Memory bound.
+  Let ``S`` be the bytes of the slot (for each (shape, dtype, group) class, the largest number of
+  leaves of that class in any one block, times their size). The state is ``inner_state(S)`` plus, for
+  bf16/fp16 parameters, a float32 master copy of the slot (``4/itemsize × S``), plus the schedule
+  (``4·D + 20`` bytes). With AdamW as the inner solver ``inner_state(S) = 2·S·(4/itemsize)`` and for
+  identical blocks ``S`` is one block. With unlike blocks (e.g. an embedding block beside the layers)
+  ``S ≤ Σ_classes max_b size``: never more than the largest block plus every other class's largest
+  use, and never more than the sum of the blocks' sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_memopt import _blocks as blocks_lib
+from optax_memopt._tree import check_float_leaves
+
+SWITCH_MODES = ("random", "ascending", "descending", "fixed")
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+# Extra keyword argument names this module passes to, or accepts from, other transformations.
+GLOBAL_STEP_ARG = "global_step"
+STATIC_BLOCK_ARG = "block_coordinate_static_block"
+
+
+class BlockCoordinateState(NamedTuple):
+  """State of :func:`block_coordinate`.
+
+  Attributes:
+    count: int32 scalar, number of updates done so far (the global step).
+    block_step: int32 scalar, updates done in the current block period, in ``[0, switch_every)``.
+    active_block: int32 scalar, the block the next update trains.
+    order: int32 ``[D]``, the visiting order of the current block-epoch (a permutation of the
+      blocks; every entry ``start_block`` in ``fixed`` mode).
+    key: uint32 ``[2]``, raw PRNG key data; block-epoch ``e`` of ``random`` mode draws its order
+      from ``fold_in(key, e)``.
+    inner_state: the inner transformation's state on the slot (see the module docstring).
+    master: dict ``group -> tuple`` of float32 arrays, the master copy of the slot's bf16/fp16
+      positions (empty when all parameters are float32).
+  """
+
+  count: jax.Array
+  block_step: jax.Array
+  active_block: jax.Array
+  order: jax.Array
+  key: jax.Array
+  inner_state: Any
+  master: Any
+
+
+class _Plan(NamedTuple):
+  """Static facts of one parameter tree, computed at trace time."""
+
+  labels: list[int]
+  where: list[tuple[str, int] | None]
+  slot: dict[str, list[tuple[tuple[int, ...], Any]]]
+  members: list[dict[tuple[str, int], int]]  # block -> {slot position: leaf index}
+  master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
+
+
+def _validate_schedule(switch_every, switch_mode, start_block):
+  for name, value in (("switch_every", switch_every), ("start_block", start_block)):
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          f"{name} decides the schedule's Python control flow and must be a Python int; under "
+          f"optax.inject_hyperparams pass static_args=({name!r}, ...)"
+      )
+  if not isinstance(switch_every, int) or isinstance(switch_every, bool) or switch_every < 1:
+    raise ValueError(f"switch_every must be an int >= 1, got {switch_every!r}")
+  if switch_mode not in SWITCH_MODES:
+    raise ValueError(f"switch_mode must be one of {SWITCH_MODES}, got {switch_mode!r}")
+  if start_block is not None and (not isinstance(start_block, int) or start_block < 0):
+    raise ValueError(f"start_block must be None or an int >= 0, got {start_block!r}")
+
+
+def _make_plan(tree, blocks, groups, master_weights) -> _Plan:
+  labels = blocks_lib.resolve_blocks(blocks, tree)
+  leaves = jax.tree_util.tree_leaves(tree)
+  check_float_leaves(tree, "block_coordinate", only=[lab >= 0 for lab in labels])
+  if groups is None:
+    group_names = ["params"] * len(leaves)
+  else:
+    group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(tree))]
+    if len(group_names) != len(leaves):
+      raise ValueError("groups must return a tree with the structure of the parameters")
+  slot, where = blocks_lib.group_leaves(
+      labels, group_names, [x.shape for x in leaves], [jnp.dtype(x.dtype) for x in leaves]
+  )
+  d = blocks_lib.num_blocks(labels)
+  members = [{} for _ in range(d)]
+  for i, w in enumerate(where):
+    if w is not None:
+      members[labels[i]][w] = i
+  master_positions = {
+      g: [j for j, (_, dt) in enumerate(sigs) if master_weights and dt in _LOW_PRECISION]
+      for g, sigs in slot.items()
+  }
+  return _Plan(labels, where, slot, members, master_positions)
+
+
+def _block_order(mode, d, start, key, epoch):
+  """Visiting order of block-epoch ``epoch`` (int32 [d]); pure function of its inputs."""
+  ar = jnp.arange(d, dtype=jnp.int32)
+  if mode == "ascending":
+    return (start + ar) % d
+  if mode == "descending":
+    return (start - ar) % d
+  if mode == "fixed":
+    return jnp.full((d,), start, jnp.int32)
+  perm = jax.random.permutation(
+      jax.random.fold_in(jax.random.wrap_key_data(key), epoch), d
+  ).astype(jnp.int32)
+  # In the first block-epoch, start_block goes first: swap it with whatever was drawn first.
+  pos = jnp.argmax(perm == start)
+  swapped = perm.at[pos].set(perm[0]).at[0].set(start)
+  return jnp.where(epoch == 0, swapped, perm) if start is not None else perm
+
+
+def block_coordinate(
+    inner: optax.GradientTransformation,
+    *,
+    blocks: blocks_lib.BlockSpec = None,
+    switch_every: int = 100,
+    switch_mode: str = "random",
+    start_block: int | None = None,
+    seed: int = 0,
+    master_weights: bool = True,
+    groups: Callable[[Any], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on one active block of parameters at a time, cycling the blocks.
+
+  With blocks :math:`B_0, \dots, B_{D-1}` and :math:`K` = ``switch_every``, update :math:`t` trains
+  block :math:`\pi_e(j)` where :math:`j = \lfloor t/K \rfloor \bmod D` is the position in block-epoch
+  :math:`e = \lfloor t/(KD) \rfloor` and :math:`\pi_e` is that epoch's order. Each block gets exactly
+  :math:`K` consecutive updates (the first block included); at the start of each block period
+  ``inner``'s state is re-initialised on the new block. Every leaf outside the active block, and every
+  leaf labelled ``-1``, gets a zero update.
+
+  ``inner`` sees the active block as a dict ``{group: tuple of arrays}`` (the *slot*, see the module
+  docstring), so it must not depend on parameter names: elementwise optimizers (Adam, Lion, SGD,
+  sign-based methods) and tree-wide operations (clipping) work. Use ``groups`` to give different
+  leaves different treatment (e.g. weight decay only on matrices). ``inner.update`` receives the extra
+  keyword argument ``global_step`` (int32, updates since ``init``) so that a schedule inside it runs
+  on the global step rather than restarting at every switch.
+
+  Orders (``switch_mode``):
+    * ``"random"``: each block-epoch visits every block once, in a fresh random permutation drawn
+      from ``seed`` and the epoch number (random reshuffling, the paper's choice);
+    * ``"ascending"`` / ``"descending"``: block ids up / down, wrapping around (block 0 is the one
+      nearest the input for :func:`block_labels`);
+    * ``"fixed"``: always ``start_block``.
+    ``start_block`` (default 0) is the first block in every mode; in ``random`` mode the first
+    epoch's permutation is changed by swapping ``start_block`` to the front.
+
+  Mixed precision: when ``master_weights`` is true, slot positions whose parameters are bf16/fp16
+  keep a float32 master copy in the state, ``inner`` runs on float32 gradients and master weights,
+  and the returned update is ``round(master_new) - params`` in the parameters' dtype. Applying it
+  with ``optax.apply_updates`` reproduces the rounded master copy wherever that difference is
+  representable in the parameters' dtype, which is every element except, rarely, one whose sign
+  flips while its magnitude changes scale; the master copy stays exact either way. Float32
+  parameters get no copy.
+
+  Args:
+    inner: the Optax transformation to run on the active block, e.g. ``optax.adam(1e-4)``.
+    blocks: the partition: ``None`` for :func:`block_labels` (one block per transformer layer,
+      embedding and head frozen); a pytree of int labels with the structure of the params (``-1``
+      frozen); a callable ``params -> labels``; or a list of regular expressions over dotted key
+      paths, one block per expression, matched on whole path components (``r"layers\.1"`` never
+      matches ``layers.10``; a leaf matched by several belongs to the first).
+    switch_every: number of consecutive updates per block (``K``, the paper uses 50 to 100).
+    switch_mode: ``"random"``, ``"ascending"``, ``"descending"`` or ``"fixed"``.
+    start_block: the first block (default 0).
+    seed: seed of the ``random`` order.
+    master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
+    groups: optional callable ``params -> pytree of str`` naming the group of each leaf; leaves of
+      different groups never share a slot position and ``inner`` sees them under different keys.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BlockCoordinateState`.
+
+  Raises:
+    ValueError: unknown ``switch_mode``, ``switch_every < 1``, ``start_block`` out of range, a block
+      spec that matches no parameter (at ``init``).
+    TypeError: a non-float parameter inside a block (at ``init``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_memopt
+    >>> params = {'layers': [{'w': jnp.ones(3)}, {'w': jnp.ones(3)}]}
+    >>> tx = optax_memopt.block_coordinate(optax.sgd(0.1), switch_every=2,
+    ...                                    switch_mode='ascending')
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> [[round(float(x), 3) for x in layer['w']] for layer in params['layers']]
+    [[0.8, 0.8, 0.8], [0.9, 0.9, 0.9]]
+    >>> int(optax_memopt.active_block(state))
+    1
+
+  References:
+    Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
+    Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
+  """
+  _validate_schedule(switch_every, switch_mode, start_block)
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+  inner = optax.with_extra_args_support(inner)
+  k = switch_every
+  first = 0 if start_block is None else start_block
+
+  @functools.lru_cache(maxsize=8)
+  def plan_for(treedef, shapes):
+    skeleton = jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    )
+    return _make_plan(skeleton, blocks, groups, master_weights)
+
+  def get_plan(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return plan_for(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves))
+
+  def gather(plan, leaves, block, dtype_of=None):
+    """The slot filled with ``block``'s leaves (zeros where the block has none)."""
+    def branch(b, leaves):
+      out = {}
+      for g, sigs in plan.slot.items():
+        out[g] = tuple(
+            leaves[plan.members[b][(g, j)]].astype(dtype_of(dt) if dtype_of else dt)
+            if (g, j) in plan.members[b]
+            else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt)
+            for j, (shape, dt) in enumerate(sigs)
+        )
+      return out
+
+    if isinstance(block, int):
+      return branch(block, leaves)
+    branches = [functools.partial(branch, b) for b in range(len(plan.members))]
+    return jax.lax.switch(block, branches, leaves)
+
+  def scatter(plan, slot_values, block, like):
+    out = []
+    for i, leaf in enumerate(like):
+      w = plan.where[i]
+      if w is None:
+        out.append(jnp.zeros_like(leaf))
+        continue
+      value = slot_values[w[0]][w[1]].astype(leaf.dtype)
+      if isinstance(block, int):
+        out.append(value if plan.labels[i] == block else jnp.zeros_like(leaf))
+      else:
+        out.append(jnp.where(block == plan.labels[i], value, jnp.zeros_like(value)))
+    return out
+
+  def master_of(plan, slot_params):
+    return {
+        g: tuple(slot_params[g][j].astype(jnp.float32) for j in plan.master_positions[g])
+        for g in plan.slot
+    }
+
+  def working_params(plan, slot_params, master):
+    """The slot params the inner solver sees: the master copy where there is one."""
+    out = {}
+    for g, values in slot_params.items():
+      values = list(values)
+      for m, j in zip(master[g], plan.master_positions[g]):
+        values[j] = m
+      out[g] = tuple(values)
+    return out
+
+  def working_dtype(plan):
+    def dtype_of(dt):
+      return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
+    return dtype_of
+
+  def init_fn(params):
+    plan = get_plan(params)
+    d = len(plan.members)
+    if start_block is not None and start_block >= d:
+      raise ValueError(f"start_block={start_block} is out of range for {d} blocks")
+    key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
+    order = _block_order(switch_mode, d, jnp.int32(first), key, jnp.int32(0))
+    active = order[0]
+    slot_params = gather(plan, jax.tree_util.tree_leaves(params), first)
+    master = master_of(plan, slot_params)
+    inner_state = inner.init(working_params(plan, slot_params, master))
+    zero = jnp.zeros([], jnp.int32)
+    return BlockCoordinateState(zero, zero, active, order, key, inner_state, master)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("block_coordinate requires params: call tx.update(grads, state, params)")
+    static_block = extra_args.pop(STATIC_BLOCK_ARG, None)
+    plan = get_plan(params)
+    d = len(plan.members)
+    param_leaves = jax.tree_util.tree_leaves(params)
+    grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
+    block = state.active_block if static_block is None else static_block
+
+    slot_params = gather(plan, param_leaves, block)
+    slot_grads = gather(plan, grad_leaves, block, dtype_of=working_dtype(plan))
+    fresh = state.block_step == 0
+
+    def reset():
+      master = master_of(plan, slot_params)
+      return inner.init(working_params(plan, slot_params, master)), master
+
+    inner_state, master = jax.lax.cond(
+        fresh, reset, lambda: (state.inner_state, state.master)
+    )
+    work = working_params(plan, slot_params, master)
+    inner_updates, inner_state = inner.update(
+        slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
+    )
+    new_master = {
+        g: tuple(m + inner_updates[g][j].astype(jnp.float32)
+                 for m, j in zip(master[g], plan.master_positions[g]))
+        for g in plan.slot
+    }
+    slot_updates = {}
+    for g, values in inner_updates.items():
+      values = list(values)
+      for m, j in zip(new_master[g], plan.master_positions[g]):
+        p = slot_params[g][j]
+        values[j] = (m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
+      slot_updates[g] = tuple(values)
+    new_updates = jax.tree_util.tree_unflatten(
+        treedef, scatter(plan, slot_updates, block, param_leaves)
+    )
+
+    count = optax.safe_increment(state.count)
+    block_step = (state.block_step + 1) % k
+    period = count // k
+    epoch = period // d
+    new_epoch = (block_step == 0) & (period % d == 0)
+    order = jax.lax.cond(
+        new_epoch,
+        lambda: _block_order(switch_mode, d, jnp.int32(first), state.key, epoch),
+        lambda: state.order,
+    )
+    active = jnp.where(block_step == 0, order[period % d], state.active_block)
+    new_state = BlockCoordinateState(
+        count, block_step, active.astype(jnp.int32), order, state.key, inner_state, new_master
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scale_by_learning_rate_on_global_step(learning_rate: optax.ScalarOrSchedule):
+  """``-learning_rate`` scaling whose schedule reads the ``global_step`` extra argument."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    if callable(learning_rate):
+      lr = learning_rate(extra_args[GLOBAL_STEP_ARG])
+    else:
+      lr = learning_rate
+    return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def default_weight_decay_mask(params: Any) -> Any:
+  """True for leaves with two or more dimensions (matrices, kernels), False for norms and biases."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def badam(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    blocks: blocks_lib.BlockSpec = None,
+    switch_every: int = 100,
+    switch_mode: str = "random",
+    start_block: int | None = None,
+    seed: int = 0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = default_weight_decay_mask,
+    master_weights: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  r"""BAdam: block coordinate descent with AdamW on the active block.
+
+  :func:`block_coordinate` with AdamW as the inner solver. On the active block, update :math:`t`
+  (:math:`s` = steps into the block period, restarting at 1 at every switch) is
+
+  .. math::
+    m_s = \beta_1 m_{s-1} + (1-\beta_1) g_t, \quad v_s = \beta_2 v_{s-1} + (1-\beta_2) g_t^2, \\
+    u_t = -\eta_t \left( \frac{m_s / (1-\beta_1^s)}{\sqrt{v_s / (1-\beta_2^s)} + \epsilon}
+          + \lambda \theta_t \right),
+
+  with :math:`m_0 = v_0 = 0` at the start of every block period, and :math:`\eta_t` the learning
+  rate schedule evaluated at the *global* step :math:`t` (it does not restart at a switch). Leaves
+  outside the active block get :math:`u_t = 0`. Optimizer state: AdamW's two moments for one block
+  (plus a float32 master copy of it when params are bf16/fp16), see :func:`block_coordinate`.
+
+  Args:
+    learning_rate: a scalar or an ``optax`` schedule on the global step.
+    blocks: the partition, see :func:`block_coordinate` (default: one block per transformer layer,
+      embedding and head frozen; see :func:`block_labels`).
+    switch_every: Adam steps per block (``K``).
+    switch_mode: ``"random"`` (default), ``"ascending"``, ``"descending"`` or ``"fixed"``.
+    start_block: first block (default 0).
+    seed: seed of the ``random`` order.
+    b1, b2, eps: Adam's coefficients.
+    weight_decay: decoupled weight decay :math:`\lambda` (AdamW).
+    weight_decay_mask: pytree of bools or callable ``params -> bools`` choosing the decayed leaves;
+      by default leaves with ``ndim >= 2`` (not norm scales or biases); ``None`` decays every leaf.
+    master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_memopt
+    >>> params = {'layers': [{'w': jnp.ones((2, 2))} for _ in range(3)]}
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  optax_memopt.badam(1e-2, switch_every=2, switch_mode='ascending'))
+    >>> state = tx.init(params)
+    >>> loss = lambda p: sum(jnp.sum(l['w'] ** 2) for l in p['layers'])
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> [round(float(l['w'][0, 0]), 3) for l in params['layers']]
+    [0.98, 1.0, 1.0]
+
+  References:
+    Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
+    Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
+  """
+  if weight_decay and weight_decay_mask is not None:
+    mask_fn = blocks_lib.as_callable_mask(weight_decay_mask)
+    groups = lambda params: jax.tree.map(lambda m: "decay" if m else "no_decay", mask_fn(params))
+    decay_mask = lambda slot: {g: tuple(g == "decay" for _ in v) for g, v in slot.items()}
+  else:
+    groups, decay_mask = None, None
+  inner = optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, decay_mask) if weight_decay else optax.identity(),
+      _scale_by_learning_rate_on_global_step(learning_rate),
+  )
+  return block_coordinate(
+      inner,
+      blocks=blocks,
+      switch_every=switch_every,
+      switch_mode=switch_mode,
+      start_block=start_block,
+      seed=seed,
+      master_weights=master_weights,
+      groups=groups,
+  )
+
+
+def find_block_state(opt_state: Any) -> list[Any]:
+  """All block-coordinate states (BAdam and its ratio variant) inside any optimizer state."""
+  from optax_memopt._badam_ratio import BAdamRatioState
+
+  kinds = (BlockCoordinateState, BAdamRatioState)
+  found = [
+      s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
+      if isinstance(s, kinds)
+  ]
+  return found
+
+
+def active_block(opt_state: Any) -> jax.Array:
+  """The active block of a :func:`badam` / :func:`block_coordinate` stage inside ``opt_state``.
+
+  Works on the state of the transformation itself or of anything that wraps it (``optax.chain``,
+  ``optax.MultiSteps``, ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...). For
+  :func:`badam_ratio` it is the index of the current selection period.
+
+  Raises:
+    ValueError: ``opt_state`` holds no block-coordinate state, or more than one.
+  """
+  found = find_block_state(opt_state)
+  if len(found) != 1:
+    raise ValueError(
+        f"active_block: expected exactly one block-coordinate state in opt_state, found {len(found)}"
+    )
+  return jnp.asarray(found[0].active_block)
