@@ -1,0 +1,1 @@
+"""Compact Flax NNX models that load and save Hugging Face checkpoints."""
