@@ -1,0 +1,656 @@
+"""AdaRankGrad: Adam on adaptively low-rank projected gradients, with a jitted randomized SVD.
+
+Implementation of "AdaRankGrad: Adaptive Gradient-Rank and Moments for Memory-Efficient LLMs
+Training and Fine-Tuning" (https://arxiv.org/abs/2410.17881) by Refael et al. The paper publishes no
+code; the choices it leaves open are ours and are documented where they are made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib as optax_contrib
+
+from optax_memopt import _tree
+from optax_memopt.linalg import randomized_svd
+
+__all__ = [
+    "AdaRankGradDimensionNumbers",
+    "AdaRankGradState",
+    "adarankgrad",
+    "effective_ranks",
+    "scale_by_adarankgrad",
+]
+
+
+class AdaRankGradDimensionNumbers(NamedTuple):
+  """Which axes of a weight form the rows and the columns of the matrix AdaRankGrad projects.
+
+  Unlike ``optax.contrib.GaLoreDimensionNumbers`` (which is also accepted), axes named in neither
+  field are *batch* axes: a stack of layers ``[L, m, n]`` with ``reduction_axis=1, output_axis=2``
+  is ``L`` independent ``m x n`` matrices, each with its own subspace, rank and refresh clock.
+  Negative axes count from the end.
+
+  Attributes:
+    reduction_axis: Axis or axes forming the input (row) dimension.
+    output_axis: Axis or axes forming the output (column) dimension.
+  """
+
+  reduction_axis: int | Sequence[int] = 0
+  output_axis: int | Sequence[int] = 1
+
+
+_DimNums = AdaRankGradDimensionNumbers | optax_contrib.GaLoreDimensionNumbers
+
+
+def _is_dim_nums(x: Any) -> bool:
+  return isinstance(x, (AdaRankGradDimensionNumbers, optax_contrib.GaLoreDimensionNumbers))
+
+
+class AdaRankGradState(NamedTuple):
+  """State of :func:`scale_by_adarankgrad`.
+
+  Every per-parameter field is a pytree with the structure of the params. For a projected weight
+  seen as a stack of matrices of shape ``[*B, M, N]`` (``*B`` its batch axes, ``M >= N``: the
+  matrix is transposed first if needed) with ``R = min(max_rank, N)``, and ``D`` the storage
+  dtype (``state_dtype``, by default the parameter's dtype), the leaves are as listed. A leaf
+  trained with plain Adam has full-size moments and empty (shape ``(0,)``) projector, rank,
+  reference norm and refresh step.
+
+  Attributes:
+    count: Number of updates taken, shape ``()``, int32. Adam's step for bias correction.
+    mu: First moments. Projected: ``[*B, R, N]``, D; rows at or beyond the effective rank are
+      exactly zero. Plain Adam: the parameter's shape, D.
+    nu: Second moments (non-negative), same shapes and dtype as ``mu``.
+    projector: Orthonormal basis of the current subspace, ``[*B, M, R]``, D; columns at or beyond
+      the effective rank are exactly zero. Plain Adam: ``(0,)``, D.
+    rank: Effective rank of each matrix, ``[*B]``, int32 (read it with :func:`effective_ranks`).
+      Plain Adam: ``(0,)``, int32.
+    reference_norm: ``||Q^T G||_F`` measured right after the last refresh, ``[*B]``, float32.
+      Plain Adam: ``(0,)``, float32.
+    last_refresh: Value of ``count`` at the last refresh, ``[*B]``, int32. Plain Adam: ``(0,)``,
+      int32.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  projector: optax.Updates
+  rank: optax.Updates
+  reference_norm: optax.Updates
+  last_refresh: optax.Updates
+
+
+class _Layout(NamedTuple):
+  """How one projected leaf is seen as a stack of tall matrices ``[*B, M, N]``, ``M >= N``."""
+
+  perm: tuple[int, ...]  # leaf axes -> batch axes, reduction axes, output axes
+  grouped_shape: tuple[int, ...]  # the leaf's shape after ``perm``
+  batch: tuple[int, ...]
+  m: int  # product of the reduction axes
+  n: int  # product of the output axes
+  rank: int  # R = min(max_rank, m, n), the buffer width
+
+  @property
+  def flipped(self) -> bool:
+    return self.m < self.n
+
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    y = x.transpose(self.perm).reshape(self.batch + (self.m, self.n))
+    return jnp.swapaxes(y, -1, -2) if self.flipped else y
+
+  def from_matrix(self, y: jax.Array) -> jax.Array:
+    if self.flipped:
+      y = jnp.swapaxes(y, -1, -2)
+    inv = tuple(sorted(range(len(self.perm)), key=lambda i: self.perm[i]))
+    return y.reshape(self.grouped_shape).transpose(inv)
+
+  @property
+  def tall(self) -> tuple[int, int]:
+    return max(self.m, self.n), min(self.m, self.n)
+
+
+def _axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  for ax in axes:
+    if not -ndim <= ax < ndim:
+      raise ValueError(f"axis {ax} is out of range for an array with {ndim} dimensions.")
+  return tuple(ax % ndim for ax in axes)
+
+
+def _layout(path: str, leaf: Any, dim_nums: _DimNums, max_rank: int) -> _Layout:
+  shape = tuple(leaf.shape)
+  if len(shape) < 2:
+    raise ValueError(
+        f"scale_by_adarankgrad: parameter {path!r} of shape {shape} was given dimension numbers "
+        "but only arrays with at least 2 dimensions can be projected."
+    )
+  red = _axes(dim_nums.reduction_axis, len(shape))
+  out = _axes(dim_nums.output_axis, len(shape))
+  if not red or not out or set(red) & set(out) or len(set(red + out)) != len(red + out):
+    raise ValueError(
+        f"scale_by_adarankgrad: parameter {path!r}: reduction axes {red} and output axes {out} "
+        "must be non-empty, disjoint and without repeats."
+    )
+  batch_axes = tuple(ax for ax in range(len(shape)) if ax not in red + out)
+  perm = batch_axes + red + out
+  m = math.prod(shape[ax] for ax in red)
+  n = math.prod(shape[ax] for ax in out)
+  return _Layout(
+      perm=perm,
+      grouped_shape=tuple(shape[ax] for ax in perm),
+      batch=tuple(shape[ax] for ax in batch_axes),
+      m=m,
+      n=n,
+      rank=min(max_rank, m, n),
+  )
+
+
+def _is_concrete(x: Any) -> bool:
+  """True for Python numbers; hyperparameters injected by ``inject_hyperparams`` are arrays."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _validate(
+    max_rank, min_rank, info_threshold, refresh_threshold, max_refresh_interval, oversample,
+    power_iters,
+) -> None:
+  for name, value in (("max_rank", max_rank), ("min_rank", min_rank)):
+    if _is_concrete(value) and value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}.")
+  if _is_concrete(max_rank) and _is_concrete(min_rank) and min_rank > max_rank:
+    raise ValueError(f"min_rank ({min_rank}) must be <= max_rank ({max_rank}).")
+  for name, value in (("info_threshold", info_threshold), ("refresh_threshold", refresh_threshold)):
+    if _is_concrete(value) and not 0.0 < value <= 1.0:
+      raise ValueError(f"{name} must be in (0, 1], got {value}.")
+  if _is_concrete(max_refresh_interval) and max_refresh_interval < 1:
+    raise ValueError(f"max_refresh_interval must be >= 1, got {max_refresh_interval}.")
+  for name, value in (("oversample", oversample), ("power_iters", power_iters)):
+    if _is_concrete(value) and value < 0:
+      raise ValueError(f"{name} must be >= 0, got {value}.")
+
+
+def _flatten_like(params_treedef, tree: Any, is_leaf: Callable[[Any], bool]) -> list[Any]:
+  """Leaves of ``tree`` (a prefix-compatible tree of specs) in the order of the params' leaves."""
+  leaves = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)[0]
+  if len(leaves) != params_treedef.num_leaves:
+    leaves = params_treedef.flatten_up_to(tree)
+  return leaves
+
+
+def _layouts(
+    params: Any,
+    weight_dimension_numbers: Any,
+    projection_mask: Any,
+    max_rank: int,
+) -> list[_Layout | None]:
+  """One entry per leaf of ``params``: its layout if projected, else ``None`` (plain Adam)."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [leaf for _, leaf in leaves_with_path]
+  if weight_dimension_numbers is None:
+    specs = [AdaRankGradDimensionNumbers() if leaf.ndim == 2 else None for leaf in leaves]
+  elif _is_dim_nums(weight_dimension_numbers):
+    specs = [weight_dimension_numbers if leaf.ndim >= 2 else None for leaf in leaves]
+  else:
+    tree = weight_dimension_numbers
+    if callable(tree):
+      tree = tree(params)
+    specs = _flatten_like(treedef, tree, lambda x: x is None or _is_dim_nums(x))
+  if projection_mask is None:
+    keep = [True] * len(leaves)
+  else:
+    tree = projection_mask(params) if callable(projection_mask) else projection_mask
+    keep = [bool(k) for k in _flatten_like(treedef, tree, lambda x: x is None)]
+  return [
+      _layout(_tree.path_str(path), leaf, spec, max_rank) if spec is not None and k else None
+      for (path, leaf), spec, k in zip(leaves_with_path, specs, keep, strict=True)
+  ]
+
+
+def _mT(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _frobenius(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1)))
+
+
+def _bias_correction(decay: Any, step: jax.Array) -> jax.Array:
+  return 1.0 - jnp.asarray(decay, jnp.float32) ** step.astype(jnp.float32)
+
+
+def scale_by_adarankgrad(
+    *,
+    max_rank: int = 128,
+    min_rank: int = 1,
+    info_threshold: float = 0.9,
+    refresh_threshold: float = 0.5,
+    max_refresh_interval: int = 200,
+    oversample: int = 8,
+    power_iters: int = 1,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    seed: int = 0,
+    moment_transform: bool = True,
+    weight_dimension_numbers: Any = None,
+    projection_mask: Any = None,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescale updates with Adam run on adaptively low-rank projections of the gradients.
+
+  Each projected weight is viewed as a matrix :math:`G \in \mathbb{R}^{M \times N}`, transposed if
+  needed so that :math:`M \ge N`, and carries an orthonormal basis :math:`Q \in \mathbb{R}^{M
+  \times r}`. Adam runs on the projected gradient and its step is mapped back:
+
+  .. math::
+    \tilde G_t = Q^\top G_t,\quad m_t = \beta_1 m_{t-1} + (1-\beta_1)\tilde G_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2)\tilde G_t^{2},\quad
+    u_t = \alpha\, Q \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}.
+
+  Projecting the long side (:math:`Q` is :math:`M \times r`) keeps moments of :math:`r \times N`,
+  :math:`N = \min(m, n)`; the state per matrix is :math:`r(M + 2N)` numbers against
+  :math:`r(N + 2M)` for the other side, so this side is never worse (the same choice as
+  ``optax.contrib.galore``).
+
+  **Subspace refresh.** A matrix's basis is recomputed at the first step, when the optimisation
+  inside it has converged, :math:`\|Q^\top G_t\|_F < \tau\,\|Q^\top G_{t_0}\|_F` (:math:`t_0` the
+  last refresh, :math:`\tau` = ``refresh_threshold``), or after ``max_refresh_interval`` steps,
+  whichever comes first. Each matrix decides on its own inside ``jax.lax.cond``; for a leaf that
+  stacks several matrices (batch axes) the randomized SVD runs for the whole stack when any member
+  needs it, and only the members that need a refresh take it.
+
+  **Adaptive rank.** At a refresh, a randomized SVD :math:`G \approx U \operatorname{diag}(s)
+  V^\top` of width ``max_rank`` (see :func:`optax_memopt.linalg.randomized_svd`) gives the rank
+  :math:`r = \min\{k : \sum_{i \le k} s_i^2 \ge \eta \|G\|_F^2\}` clipped to ``[min_rank,
+  max_rank]`` (:math:`\eta` = ``info_threshold``, :math:`\|G\|_F` computed exactly). Buffers
+  always have width ``R = min(max_rank, N)``, so shapes are static and there is one compilation;
+  columns of :math:`Q` from :math:`r` on are exactly zero, so the matching moment rows stay zero.
+
+  **Moment transformation.** With :math:`P = Q_\text{new}^\top Q_\text{old}` and the
+  bias-corrected moments :math:`\hat m = m / (1-\beta_1^t)`, :math:`\hat v = v / (1-\beta_2^t)`
+  (:math:`t` the steps taken so far), the moments are carried into the new basis as
+
+  .. math::
+    m \leftarrow P m, \qquad
+    \hat v \leftarrow (P \circ P) \max(\hat v - \hat m^2, 0) + (P \hat m)^2,
+
+  i.e. the (clipped, non-negative) variance is mapped with the element-wise square of :math:`P`
+  and the mean's square is added back (the rule of LDAdam; the paper's :math:`v \leftarrow Pv`
+  can turn negative). The result is non-negative by construction; Adam's global step count, and
+  so its bias correction, carries on. With ``moment_transform=False`` the moments of a refreshed
+  matrix are reset to zero and its bias correction restarts from the refresh (per matrix).
+
+  Leaves that are not projected (vectors, scalars, and whatever ``weight_dimension_numbers`` or
+  ``projection_mask`` leaves out) get plain Adam, without ``scale``.
+
+  Defaults that the paper does not publish are our choices: ``info_threshold=0.9`` (keep 90% of
+  the gradient's energy: gradients of trained layers are dominated by a few directions, so this
+  gives small ranks without dropping the bulk of the signal), ``refresh_threshold=0.5`` (refresh
+  once half of the projected gradient norm has been optimised away, well above step-to-step
+  noise), ``oversample=8`` and ``power_iters=1`` (the usual randomized-SVD settings: with one
+  power iteration the leading subspace of a decaying spectrum is found to a few percent).
+
+  Args:
+    max_rank: Largest rank (buffer width) of a projection. Static.
+    min_rank: Smallest rank chosen at a refresh. Static.
+    info_threshold: Fraction :math:`\eta \in (0, 1]` of :math:`\|G\|_F^2` the chosen rank keeps.
+    refresh_threshold: Ratio :math:`\tau \in (0, 1]` of the projected gradient norm to its value
+      at the last refresh below which the subspace is refreshed.
+    max_refresh_interval: A subspace is refreshed at least every this many steps.
+    oversample: Extra columns of the randomized range finder's sketch. Static.
+    power_iters: Power iterations of the randomized range finder. Static.
+    scale: Factor :math:`\alpha` applied to the updates of projected weights (as GaLore's scale).
+    b1: Adam's decay rate for the first moment.
+    b2: Adam's decay rate for the second moment.
+    eps: Adam's term added to the denominator.
+    seed: Seed of the random sketches; the key of each refresh is derived from it, the leaf index
+      and the step count, so runs (and resumed runs) are reproducible.
+    moment_transform: Carry moments into the new basis at a refresh (``True``) or reset them.
+    weight_dimension_numbers: ``None`` (project every 2-D leaf), one
+      :class:`AdaRankGradDimensionNumbers` for every leaf with at least 2 dimensions, a pytree of
+      them (``None`` for a leaf means plain Adam), or a callable from params to such a pytree.
+    projection_mask: ``None``, a pytree of bools with the structure of the params, or a callable
+      returning one; ``False`` leaves get plain Adam.
+    state_dtype: Dtype of the moments and projectors; ``None`` uses each parameter's dtype (the
+      linear algebra always runs in float32).
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose state is an
+    :class:`AdaRankGradState`.
+
+  Raises:
+    ValueError: for ``max_rank < 1``, ``min_rank < 1``, ``min_rank > max_rank``, thresholds
+      outside ``(0, 1]``, or dimension numbers that do not fit a parameter.
+    TypeError: at ``init``, for a non-float parameter (the message names its path).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_memopt.adarankgrad import effective_ranks, scale_by_adarankgrad
+    >>> u = jax.random.normal(jax.random.key(0), (32, 2))
+    >>> v = jax.random.normal(jax.random.key(1), (2, 16))
+    >>> grads = {'w': u @ v, 'b': jnp.ones((16,))}  # the matrix has rank 2
+    >>> tx = scale_by_adarankgrad(max_rank=8)
+    >>> state = tx.init(grads)
+    >>> updates, state = tx.update(grads, state)
+    >>> print(updates['w'].shape, effective_ranks(state))
+    (32, 16) {'w': Array(2, dtype=int32)}
+
+  References:
+    Refael et al., `AdaRankGrad: Adaptive Gradient-Rank and Moments for Memory-Efficient LLMs
+    Training and Fine-Tuning <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
+
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2403.03507>`_, 2024.
+
+    Robert et al., `LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics
+    <https://arxiv.org/abs/2410.16103>`_, 2024.
+  """
+  _validate(
+      max_rank, min_rank, info_threshold, refresh_threshold, max_refresh_interval, oversample,
+      power_iters,
+  )
+
+  def leaf_layouts(tree: Any) -> list[_Layout | None]:
+    return _layouts(tree, weight_dimension_numbers, projection_mask, max_rank)
+
+  def dtype_of(leaf: Any) -> Any:
+    return leaf.dtype if state_dtype is None else jnp.dtype(state_dtype)
+
+  def init_fn(params: optax.Params) -> AdaRankGradState:
+    count = jnp.zeros([], jnp.int32)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:  # e.g. optax.tree.map_params' placeholder
+      return AdaRankGradState(count, params, params, params, params, params, params)
+    _tree.check_float_leaves(params, "scale_by_adarankgrad")
+    fields = []
+    for leaf, lay in zip(leaves, leaf_layouts(params), strict=True):
+      dt = dtype_of(leaf)
+      if lay is None:
+        mu = jnp.zeros(leaf.shape, dt)
+        empty = jnp.zeros((0,), dt)
+        fields.append((mu, mu, empty, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32),
+                       jnp.zeros((0,), jnp.int32)))
+      else:
+        big, small = lay.tall
+        mu = jnp.zeros(lay.batch + (lay.rank, small), dt)
+        fields.append((
+            mu,
+            mu,
+            jnp.zeros(lay.batch + (big, lay.rank), dt),
+            jnp.zeros(lay.batch, jnp.int32),
+            jnp.zeros(lay.batch, jnp.float32),
+            jnp.zeros(lay.batch, jnp.int32),
+        ))
+    columns = [
+        jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*fields, strict=True)
+    ]
+    return AdaRankGradState(count, *columns)
+
+  def plain_adam(g, mu, nu, step):
+    g32 = g.astype(jnp.float32)
+    mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
+    nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * jnp.square(g32)
+    u = (mu32 / _bias_correction(b1, step)) / (jnp.sqrt(nu32 / _bias_correction(b2, step)) + eps)
+    return u.astype(g.dtype), mu32.astype(mu.dtype), nu32.astype(nu.dtype)
+
+  def refresh(key, g, q_old, mu, nu, rank, ref, last, need, count, q_dtype):
+    """New basis, rank, moments and reference norm for the members of ``need``; f32 in and out."""
+    lay_rank = q_old.shape[-1]
+    u, s, _ = randomized_svd(key, g, lay_rank, oversample=oversample, power_iters=power_iters)
+    total = jnp.sum(jnp.square(g), axis=(-2, -1))
+    energy = jnp.cumsum(jnp.square(s), axis=-1)
+    chosen = 1 + jnp.sum(energy < info_threshold * total[..., None], axis=-1)
+    chosen = jnp.clip(chosen, jnp.minimum(min_rank, lay_rank), lay_rank).astype(jnp.int32)
+    q_new = jnp.where(jnp.arange(lay_rank) < chosen[..., None, None], u, 0.0)
+    q_new = q_new.astype(q_dtype).astype(jnp.float32)  # what the next steps will see
+    if moment_transform:
+      p = _mT(q_new) @ q_old
+      taken = jnp.maximum(count, 1)  # at count 0 the moments are zero anyway
+      bc1, bc2 = _bias_correction(b1, taken), _bias_correction(b2, taken)
+      m_hat, v_hat = mu / bc1, nu / bc2
+      variance = jnp.maximum(v_hat - jnp.square(m_hat), 0.0)
+      pm_hat = p @ m_hat
+      new_mu = pm_hat * bc1
+      new_nu = jnp.maximum(jnp.square(p) @ variance + jnp.square(pm_hat), 0.0) * bc2
+    else:
+      new_mu = jnp.zeros_like(mu)
+      new_nu = jnp.zeros_like(nu)
+    low_new = _mT(q_new) @ g
+    sel = need[..., None, None]
+    q = jnp.where(sel, q_new, q_old)
+    low = jnp.where(sel, low_new, _mT(q_old) @ g)
+    return (
+        q,
+        jnp.where(need, chosen, rank),
+        jnp.where(sel, new_mu, mu),
+        jnp.where(sel, new_nu, nu),
+        low,
+        jnp.where(need, _frobenius(low_new), ref),
+        jnp.where(need, count, last),
+    )
+
+  def projected_adam(index, lay, g, mu, nu, q, rank, ref, last, count):
+    g32 = lay.to_matrix(g).astype(jnp.float32)
+    q32, mu32, nu32 = q.astype(jnp.float32), mu.astype(jnp.float32), nu.astype(jnp.float32)
+    low = _mT(q32) @ g32
+    need = (
+        (count == 0)
+        | (_frobenius(low) < refresh_threshold * ref)
+        | (count - last >= max_refresh_interval)
+    )
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
+    q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
+        jnp.any(need),
+        lambda: refresh(key, g32, q32, mu32, nu32, rank, ref, last, need, count, q.dtype),
+        lambda: (q32, rank, mu32, nu32, low, ref, last),
+    )
+    mu32 = b1 * mu32 + (1.0 - b1) * low
+    nu32 = b2 * nu32 + (1.0 - b2) * jnp.square(low)
+    if moment_transform:
+      step = optax.safe_increment(count)
+    else:
+      step = (optax.safe_increment(count) - last)[..., None, None]
+    direction = (mu32 / _bias_correction(b1, step)) / (
+        jnp.sqrt(nu32 / _bias_correction(b2, step)) + eps
+    )
+    u = lay.from_matrix(scale * (q32 @ direction)).astype(g.dtype)
+    return u, mu32.astype(mu.dtype), nu32.astype(nu.dtype), q32.astype(q.dtype), rank, ref, last
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if not leaves:
+      return updates, state._replace(count=optax.safe_increment(state.count))
+    count = state.count
+    step = optax.safe_increment(count)
+    per_field = [treedef.flatten_up_to(f) for f in state[1:]]
+    out_updates, out_fields = [], []
+    for i, (g, lay, mu, nu, q, rank, ref, last) in enumerate(
+        zip(leaves, leaf_layouts(updates), *per_field, strict=True)
+    ):
+      if lay is None:
+        u, mu, nu = plain_adam(g, mu, nu, step)
+      else:
+        u, mu, nu, q, rank, ref, last = projected_adam(i, lay, g, mu, nu, q, rank, ref, last, count)
+      out_updates.append(u)
+      out_fields.append((mu, nu, q, rank, ref, last))
+    columns = [
+        jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*out_fields, strict=True)
+    ]
+    return (
+        jax.tree_util.tree_unflatten(treedef, out_updates),
+        AdaRankGradState(step, *columns),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adarankgrad(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    max_rank: int = 128,
+    min_rank: int = 1,
+    info_threshold: float = 0.9,
+    refresh_threshold: float = 0.5,
+    max_refresh_interval: int = 200,
+    oversample: int = 8,
+    power_iters: int = 1,
+    scale: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    seed: int = 0,
+    moment_transform: bool = True,
+    weight_dimension_numbers: Any = None,
+    projection_mask: Any = None,
+    state_dtype: Any = None,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaRankGrad: memory-efficient Adam(W) on adaptively low-rank projected gradients.
+
+  ``chain(scale_by_adarankgrad(...), add_decayed_weights(weight_decay, mask),
+  scale_by_learning_rate(learning_rate))``: the step of :func:`scale_by_adarankgrad` (Adam on
+  :math:`Q^\top G` mapped back by :math:`Q`, with a rank chosen per matrix to keep a fraction
+  ``info_threshold`` of :math:`\|G\|_F^2`, subspaces refreshed when the projected gradient has
+  shrunk below ``refresh_threshold`` of its value at the last refresh or every
+  ``max_refresh_interval`` steps, and moments carried into the new basis), plus decoupled weight
+  decay applied in the full parameter space as in AdamW:
+
+  .. math::
+    w_{t+1} = w_t - \gamma_t \left(u_t + \lambda w_t\right).
+
+  For the optimizer-state memory, a projected ``m x n`` weight costs :math:`r(\max(m,n) + 2
+  \min(m,n))` numbers at rank ``max_rank`` instead of Adam's :math:`2mn`.
+
+  Args:
+    learning_rate: A fixed learning rate or a schedule.
+    max_rank: Largest rank of a projection (static; see :func:`scale_by_adarankgrad`).
+    min_rank: Smallest rank chosen at a refresh (static).
+    info_threshold: Fraction of the gradient's squared Frobenius norm the chosen rank keeps.
+    refresh_threshold: Projected-gradient norm ratio below which a subspace is refreshed.
+    max_refresh_interval: Maximum number of steps between refreshes.
+    oversample: Extra sketch columns of the randomized SVD (static).
+    power_iters: Power iterations of the randomized SVD (static).
+    scale: Factor applied to the updates of projected weights.
+    b1: Adam's decay rate for the first moment.
+    b2: Adam's decay rate for the second moment.
+    eps: Adam's term added to the denominator.
+    seed: Seed of the random sketches (static).
+    moment_transform: Carry moments into the new basis at a refresh, or reset them (static).
+    weight_dimension_numbers: Which axes of each weight form its matrix (static; see
+      :func:`scale_by_adarankgrad`).
+    projection_mask: Which leaves are projected; the others get plain Adam (static).
+    state_dtype: Dtype of moments and projectors; ``None`` for the parameters' dtype.
+    weight_decay: Strength of the decoupled weight decay.
+    mask: Which leaves get weight decay (a pytree of bools or a callable), as in
+      ``optax.adamw``.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs`.
+
+  Under ``optax.inject_hyperparams`` pass the arguments that fix shapes or Python control flow as
+  ``static_args``, e.g. ``optax.inject_hyperparams(adarankgrad, static_args=('max_rank',
+  'min_rank', 'oversample', 'power_iters', 'seed', 'max_refresh_interval'))``; booleans are
+  static automatically.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_memopt.adarankgrad import adarankgrad, effective_ranks
+    >>> target = jnp.outer(jnp.arange(1.0, 9.0), jnp.ones(6))
+    >>> loss = lambda p: jnp.sum((p['w'] - target) ** 2) + jnp.sum(p['b'] ** 2)
+    >>> params = {'w': jnp.zeros((8, 6)), 'b': jnp.ones((6,))}
+    >>> tx = adarankgrad(0.3, max_rank=4)
+    >>> state = tx.init(params)
+    >>> step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    >>> print(f'{loss(params):.1f}')
+    1230.0
+    >>> for _ in range(200):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(loss(params) < 1e-3, effective_ranks(state))
+    True {'w': Array(1, dtype=int32)}
+
+  References:
+    Refael et al., `AdaRankGrad: Adaptive Gradient-Rank and Moments for Memory-Efficient LLMs
+    Training and Fine-Tuning <https://arxiv.org/abs/2410.17881>`_, ICLR 2025.
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  return optax.chain(
+      scale_by_adarankgrad(
+          max_rank=max_rank,
+          min_rank=min_rank,
+          info_threshold=info_threshold,
+          refresh_threshold=refresh_threshold,
+          max_refresh_interval=max_refresh_interval,
+          oversample=oversample,
+          power_iters=power_iters,
+          scale=scale,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          seed=seed,
+          moment_transform=moment_transform,
+          weight_dimension_numbers=weight_dimension_numbers,
+          projection_mask=projection_mask,
+          state_dtype=state_dtype,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _unwrap(x: Any) -> Any:
+  """The array inside a Flax NNX ``Variable`` (as under ``nnx.Optimizer``), else ``x``."""
+  if hasattr(x, "get_value"):
+    return x.get_value()
+  return x
+
+
+def effective_ranks(opt_state: Any) -> dict[str, jax.Array]:
+  """Current rank of every projected matrix, by dotted parameter path.
+
+  Finds every :class:`AdaRankGradState` inside ``opt_state`` (a bare state, or one nested in
+  ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.apply_if_finite``
+  or ``flax.nnx.Optimizer`` states). Leaves trained with plain Adam are omitted. A leaf holding a
+  stack of matrices gives an int32 array of ranks, one per matrix.
+
+  Args:
+    opt_state: An optimizer state containing AdaRankGrad.
+
+  Returns:
+    A dict from parameter path (as ``optax_memopt._tree.path_str``) to int32 rank arrays.
+
+  Raises:
+    ValueError: if ``opt_state`` contains no :class:`AdaRankGradState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_memopt.adarankgrad import adarankgrad, effective_ranks
+    >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.ones((3,))}
+    >>> state = optax.MultiSteps(adarankgrad(1e-3, max_rank=2), 2).init(params)
+    >>> effective_ranks(state)
+    {'w': Array(0, dtype=int32)}
+  """
+  is_state = lambda x: isinstance(x, AdaRankGradState)
+  found = [
+      x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(x)
+  ]
+  if not found:
+    raise ValueError("effective_ranks: no AdaRankGradState found in the optimizer state.")
+  ranks: dict[str, jax.Array] = {}
+  for state in found:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.rank)[0]:
+      leaf = _unwrap(leaf)
+      if leaf.shape != (0,):
+        ranks[_tree.path_str(path)] = leaf
+  return ranks
