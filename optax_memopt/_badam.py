@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_memopt import _blocks as blocks_lib
-from optax_memopt._tree import check_float_leaves
+from optax_memopt._tree import check_float_leaves, is_params_placeholder
 
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
@@ -89,7 +89,7 @@ class _Plan(NamedTuple):
 
 def _validate_schedule(switch_every, switch_mode, start_block):
   for name, value in (("switch_every", switch_every), ("start_block", start_block)):
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
       raise TypeError(
           f"{name} decides the schedule's Python control flow and must be a Python int; under "
           f"optax.inject_hyperparams pass static_args=({name!r}, ...)"
@@ -304,6 +304,14 @@ def block_coordinate(
     return dtype_of
 
   def init_fn(params):
+    if is_params_placeholder(params):
+      # optax.tree.map_params: mark the params-like parts of the state (the slot's inner state and
+      # master copy) so that its function is applied to them and not to the schedule.
+      zero = jnp.zeros([], jnp.int32)
+      return BlockCoordinateState(
+          zero, zero, zero, jnp.zeros([0], jnp.int32), jnp.zeros([2], jnp.uint32),
+          inner.init(params), params,
+      )
     plan = get_plan(params)
     d = len(plan.members)
     if start_block is not None and start_block >= d:
@@ -465,7 +473,8 @@ def badam(
     Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
   """
-  if weight_decay and weight_decay_mask is not None:
+  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+  if decays and weight_decay_mask is not None:
     mask_fn = blocks_lib.as_callable_mask(weight_decay_mask)
     groups = lambda params: jax.tree.map(lambda m: "decay" if m else "no_decay", mask_fn(params))
     decay_mask = lambda slot: {g: tuple(g == "decay" for _ in v) for g, v in slot.items()}
@@ -473,7 +482,7 @@ def badam(
     groups, decay_mask = None, None
   inner = optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, decay_mask) if weight_decay else optax.identity(),
+      optax.add_decayed_weights(weight_decay, decay_mask) if decays else optax.identity(),
       _scale_by_learning_rate_on_global_step(learning_rate),
   )
   return block_coordinate(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt._tree import check_float_leaves
+from optax_memopt._tree import check_float_leaves, is_params_placeholder
 
 MASK_MODES = ("adjacent", "scatter")
 
@@ -125,7 +125,7 @@ def badam_ratio(
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024 (``BlockOptimizerRatio`` in the
     reference code).
   """
-  if isinstance(update_ratio, jax.core.Tracer) or isinstance(switch_every, jax.core.Tracer):
+  if any(isinstance(x, (jax.Array, jax.core.Tracer)) for x in (update_ratio, switch_every, min_size)):
     raise TypeError(
         "update_ratio and switch_every decide shapes and must be Python numbers; under "
         "optax.inject_hyperparams pass static_args=('update_ratio', 'switch_every', ...)"
@@ -139,6 +139,7 @@ def badam_ratio(
   if not isinstance(min_size, int) or min_size < 0:
     raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
   k = switch_every
+  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def sizes(params):
     leaves = jax.tree_util.tree_leaves(params)
@@ -148,9 +149,9 @@ def badam_ratio(
     return master_weights and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float16)
 
   def select_all(params, key, period):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    treedef = jax.tree_util.tree_structure(params)
     index = []
-    for i, (x, (size, n)) in enumerate(zip(leaves, sizes(params))):
+    for i, (size, n) in enumerate(sizes(params)):
       if n == size:
         index.append(jnp.zeros((0,), jnp.int32))
       else:
@@ -173,6 +174,10 @@ def badam_ratio(
     return pick(0), pick(1), pick(2)
 
   def init_fn(params):
+    if is_params_placeholder(params):  # optax.tree.map_params: the per-leaf parts are params-like
+      zero = jnp.zeros([], jnp.int32)
+      return BAdamRatioState(zero, zero, zero, jnp.zeros([2], jnp.uint32), params, params, params,
+                             params)
     check_float_leaves(params, "badam_ratio")
     key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
     index = select_all(params, key, jnp.int32(0))
@@ -202,7 +207,7 @@ def badam_ratio(
         base = w
       else:
         base = (flat_p[idx] if idx.shape[0] else flat_p).astype(jnp.float32)
-      if weight_decay and p.ndim >= 2:
+      if decays and p.ndim >= 2:
         direction = direction + weight_decay * base
       new_value = base - lr * direction
       if low_precision(p):

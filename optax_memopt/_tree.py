@@ -53,3 +53,8 @@ def check_float_leaves(tree: Any, what: str, only: list[bool] | None = None) -> 
           f"{what}: parameter {path_str(path)!r} has dtype {leaf.dtype}; only floating-point "
           "parameters can be optimized (freeze it or exclude it with a mask)."
       )
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """True for the stand-in object ``optax.tree.map_params`` passes to ``init``."""
+  return type(params).__name__ == "_ParamsPlaceholder"

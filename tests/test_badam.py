@@ -1,0 +1,544 @@
+"""Behavioural tests of BAdam (block_coordinate / badam) and of the block partitioner."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_memopt
+from optax_memopt import _blocks
+
+WIDTH = 8
+
+
+def make_params(n_layers=4, width=WIDTH, dtype=jnp.float32, seed=0):
+  keys = iter(jax.random.split(jax.random.key(seed), 8 * n_layers + 4))
+  normal = lambda shape: (jax.random.normal(next(keys), shape) / np.sqrt(shape[0])).astype(dtype)
+  return {
+      "embed": normal((11, width)),
+      "layers": [
+          {
+              "attn": {"q": normal((width, width)), "o": normal((width, width))},
+              "mlp": {"up": normal((width, 2 * width)), "down": normal((2 * width, width))},
+              "norm": jnp.ones((width,), dtype),
+          }
+          for _ in range(n_layers)
+      ],
+      "final_norm": jnp.ones((width,), dtype),
+      "lm_head": normal((width, 11)),
+  }
+
+
+def loss_fn(params, x):
+  h = params["embed"][x]
+  for layer in params["layers"]:
+    a = jnp.tanh(h @ layer["attn"]["q"]) @ layer["attn"]["o"]
+    h = h + a * layer["norm"]
+    h = h + jnp.tanh(h @ layer["mlp"]["up"]) @ layer["mlp"]["down"]
+  h = h * params["final_norm"]
+  logits = (h @ params["lm_head"]).astype(jnp.float32)
+  return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+
+BATCH = jnp.arange(6) % 11
+
+
+def state_bytes(state):
+  return sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+
+
+# ----------------------------------------------------------------------------- block_labels
+
+
+def test_block_labels_list_paths_and_options():
+  params = make_params(3)
+  labels = optax_memopt.block_labels(params)
+  assert labels["embed"] == -1 and labels["lm_head"] == -1 and labels["final_norm"] == -1
+  assert [layer["attn"]["q"] for layer in labels["layers"]] == [0, 1, 2]
+  assert [layer["norm"] for layer in labels["layers"]] == [0, 1, 2]
+  full = optax_memopt.block_labels(params, include_embedding=True, include_lm_head=True)
+  assert full["embed"] == 0 and full["layers"][2]["mlp"]["up"] == 3
+  assert full["final_norm"] == 4 and full["lm_head"] == 4
+
+
+@pytest.mark.parametrize(
+    "make_tree",
+    [
+        lambda: {"model": {"layers": {str(i): {"mlp": {"kernel": jnp.ones(2)}} for i in range(12)}}},
+        lambda: {f"layers_{i}": {"kernel": jnp.ones(2)} for i in range(12)},
+        lambda: {"h": [{"w": jnp.ones(2)} for _ in range(12)]},
+        lambda: {"blocks": [{"w": jnp.ones(2)} for _ in range(12)]},
+    ],
+    ids=["dotted", "linen_suffix", "h_list", "blocks_list"],
+)
+def test_block_labels_recognises_layer_styles(make_tree):
+  tree = make_tree()
+  labels = jax.tree_util.tree_leaves(optax_memopt.block_labels(tree))
+  # Ordered by layer index (10 after 9, not after 1).
+  paths = optax_memopt._tree.leaf_paths(tree)
+  by_index = {int("".join(c for c in p.split(".")[-2] if c.isdigit()) or p.split(".")[1]): lab
+              for p, lab in zip(paths, labels)} if "layers_" in paths[0] else None
+  assert sorted(labels) == list(range(12))
+  if by_index is not None:
+    assert by_index == {i: i for i in range(12)}
+  else:
+    idx = [int(next(part for part in p.split(".") if part.isdigit())) for p in paths]
+    assert dict(zip(idx, labels)) == {i: i for i in range(12)}
+
+
+def test_block_labels_nnx_state_paths():
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.mlp = nnx.Linear(4, 4, rngs=rngs)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(10, 4, rngs=rngs)
+      self.layers = nnx.List([Block(rngs) for _ in range(11)])
+      self.lm_head = nnx.Linear(4, 10, rngs=rngs)
+
+  state = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
+  labels = optax_memopt.block_labels(state)
+  flat = {optax_memopt._tree.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(labels)}
+  assert flat["layers.10.mlp.kernel"] == 10 and flat["layers.1.mlp.bias"] == 1
+  assert flat["embed.embedding"] == -1 and flat["lm_head.kernel"] == -1
+
+
+def test_block_labels_without_layers():
+  tree = {"a": {"w": jnp.ones(2), "b": jnp.ones(2)}, "c": jnp.ones(3)}
+  assert optax_memopt.block_labels(tree) == {"a": {"w": 0, "b": 0}, "c": 1}
+  assert optax_memopt.block_labels(jnp.ones(3)) == 0
+
+
+def test_regex_blocks_match_whole_components():
+  params = make_params(12)
+  labels = _blocks.resolve_blocks([r"layers\.1", r"layers\.10"], params)
+  paths = optax_memopt._tree.leaf_paths(params)
+  for p, lab in zip(paths, labels):
+    if p.startswith("layers.1."):
+      assert lab == 0
+    elif p.startswith("layers.10."):
+      assert lab == 1
+    else:
+      assert lab == -1
+
+
+def test_callable_and_label_tree_specs_agree():
+  params = make_params(3)
+  tree = optax_memopt.block_labels(params, include_lm_head=True)
+  a = _blocks.resolve_blocks(tree, params)
+  b = _blocks.resolve_blocks(
+      functools.partial(optax_memopt.block_labels, include_lm_head=True), params)
+  assert a == b and max(a) == 3
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"switch_mode": "sideways"}, "switch_mode"),
+        ({"switch_every": 0}, "switch_every"),
+        ({"start_block": -2}, "start_block"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    optax_memopt.badam(1e-3, **kwargs)
+
+
+def test_bad_specs_fail_at_init():
+  params = make_params(3)
+  with pytest.raises(ValueError, match="start_block=3 is out of range"):
+    optax_memopt.badam(1e-3, start_block=3).init(params)
+  with pytest.raises(ValueError, match="matches no parameter"):
+    optax_memopt.badam(1e-3, blocks=[r"layers\.0", r"decoder\.\d+"]).init(params)
+  with pytest.raises(ValueError, match="matches no parameter"):
+    optax_memopt.badam(1e-3, blocks=jax.tree.map(lambda _: -1, params)).init(params)
+  with pytest.raises(ValueError, match="without gaps"):
+    optax_memopt.badam(1e-3, blocks=jax.tree.map(lambda _: 2, params)).init(params)
+  bad = dict(params, layers=[dict(params["layers"][0], step=jnp.zeros((), jnp.int32))])
+  with pytest.raises(TypeError, match="layers.0.step"):
+    optax_memopt.badam(1e-3).init(bad)
+  with pytest.raises(TypeError, match="inner"):
+    optax_memopt.block_coordinate(lambda g: g)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def run_badam(tx, params, steps):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  actives, trajectory = [], []
+  for _ in range(steps):
+    actives.append(int(optax_memopt.active_block(state)))
+    grads = jax.grad(loss_fn)(params, BATCH)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(params)
+  return actives, trajectory, state
+
+
+def reference_badam(params, order, k, lr, wd, labels, eps):
+  """Plain Python BAdam: at each switch a fresh optax.adamw on the active block alone."""
+  trajectory = []
+  grad_fn = jax.jit(jax.grad(loss_fn))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  for block in order:
+    idx = [i for i, lab in enumerate(labels) if lab == block]
+    sub = [leaves[i] for i in idx]
+    opt = optax.adamw(lr, eps=eps, weight_decay=wd, mask=[leaves[i].ndim >= 2 for i in idx])
+    opt_state = opt.init(sub)
+    for _ in range(k):
+      grads = jax.tree_util.tree_leaves(
+          grad_fn(jax.tree_util.tree_unflatten(treedef, leaves), BATCH))
+      u, opt_state = opt.update([grads[i] for i in idx], opt_state, sub)
+      sub = optax.apply_updates(sub, u)
+      for i, s in zip(idx, sub):
+        leaves[i] = s
+      trajectory.append(jax.tree_util.tree_unflatten(treedef, list(leaves)))
+  return trajectory
+
+
+@pytest.mark.parametrize("mode", ["random", "ascending", "descending", "fixed"])
+def test_trajectory_matches_reference(mode):
+  # eps well above float32 rounding of tiny gradients, so that Adam's normalisation does not
+  # amplify the last-bit differences between two correct float32 computations.
+  n_layers, k, lr, wd, eps = 4, 3, 3e-2, 0.1, 1e-4
+  params = make_params(n_layers)
+  start = 2
+  tx = optax_memopt.badam(lr, switch_every=k, switch_mode=mode, start_block=start,
+                          weight_decay=wd, seed=7, eps=eps)
+  steps = 2 * n_layers * k  # two block-epochs
+  actives, trajectory, _ = run_badam(tx, params, steps)
+  # Each block gets exactly k consecutive steps, the first block included.
+  periods = [actives[i * k:(i + 1) * k] for i in range(2 * n_layers)]
+  assert all(len(set(p)) == 1 for p in periods)
+  order = [p[0] for p in periods]
+  assert order[0] == start
+  if mode == "ascending":
+    assert order == [(start + i) % n_layers for i in range(2 * n_layers)]
+  elif mode == "descending":
+    assert order == [(start - i) % n_layers for i in range(2 * n_layers)]
+  elif mode == "fixed":
+    assert order == [start] * (2 * n_layers)
+  else:
+    assert sorted(order[:n_layers]) == list(range(n_layers))
+    assert sorted(order[n_layers:]) == list(range(n_layers))
+  labels = jax.tree_util.tree_leaves(optax_memopt.block_labels(params))
+  expected = reference_badam(params, order, k, lr, wd, labels, eps)
+  for got, want in zip(trajectory, expected):
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+  # Frozen leaves never move.
+  np.testing.assert_array_equal(trajectory[-1]["embed"], params["embed"])
+  np.testing.assert_array_equal(trajectory[-1]["lm_head"], params["lm_head"])
+
+
+def test_random_order_reshuffles_every_epoch():
+  n = 8
+  params = {"layers": [{"w": jnp.ones(2)} for _ in range(n)]}
+  tx = optax_memopt.block_coordinate(optax.sgd(0.1), switch_every=1, seed=3)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  seen = []
+  for _ in range(4 * n):
+    seen.append(int(optax_memopt.active_block(state)))
+    _, state = update(params, state, params)
+  epochs = [seen[i * n:(i + 1) * n] for i in range(4)]
+  assert all(sorted(e) == list(range(n)) for e in epochs)
+  assert len({tuple(e) for e in epochs}) == 4  # a fresh permutation each epoch
+  other = optax_memopt.block_coordinate(optax.sgd(0.1), switch_every=1, seed=4).init(params)
+  assert not np.array_equal(other.order, tx.init(params).order)
+
+
+def test_schedule_runs_on_global_step():
+  params = make_params(2)
+  schedule = optax.linear_schedule(1.0, 0.0, 8)
+  tx = optax_memopt.badam(schedule, switch_every=2, switch_mode="ascending", b1=0.0, b2=0.0,
+                          eps=0.0)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for step in range(4):
+    updates, state = tx.update(grads, state, params)
+    block = [1 if step >= 2 else 0][0]
+    # b1=b2=0: Adam's direction is sign(g) = 1, so the update is -lr(step).
+    np.testing.assert_allclose(updates["layers"][block]["attn"]["q"], -schedule(step), rtol=1e-6)
+    np.testing.assert_array_equal(updates["layers"][1 - block]["attn"]["q"], 0.0)
+
+
+# ----------------------------------------------------------------------------- compile once
+
+
+def test_no_recompilation_across_switches():
+  params = make_params(4)
+  tx = optax_memopt.badam(1e-2, switch_every=2)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def train_step(params, state):
+    grads = jax.grad(loss_fn)(params, BATCH)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  blocks = set()
+  for _ in range(2 * 4 * 2):
+    blocks.add(int(optax_memopt.active_block(state)))
+    params, state = train_step(params, state)
+  assert blocks == {0, 1, 2, 3}
+  assert train_step._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def twelve_layer_params(dtype=jnp.float32):
+  return make_params(12, width=32, dtype=dtype)
+
+
+def test_state_holds_one_block():
+  params = twelve_layer_params()
+  state = optax_memopt.badam(1e-3, weight_decay=0.1).init(params)
+  block = params["layers"][0]
+  adamw_block = state_bytes(optax.adamw(1e-3).init(block))
+  assert state_bytes(state) <= 1.1 * adamw_block + 256
+  full = state_bytes(optax.adamw(1e-3).init(params))
+  assert state_bytes(state) < full / 10
+
+
+def test_state_with_master_copy_for_bf16():
+  params = twelve_layer_params(jnp.bfloat16)
+  state = optax_memopt.badam(1e-3).init(params)
+  block32 = jax.tree.map(lambda x: x.astype(jnp.float32), params["layers"][0])
+  bound = 1.1 * (state_bytes(optax.adamw(1e-3).init(block32)) + state_bytes(block32)) + 256
+  assert state_bytes(state) <= bound
+  assert all(m.dtype == jnp.float32 for m in jax.tree_util.tree_leaves(state.master))
+  # float32 params: no master copy at all.
+  assert jax.tree_util.tree_leaves(optax_memopt.badam(1e-3).init(twelve_layer_params()).master) == []
+
+
+def test_unlike_blocks_bound():
+  params = twelve_layer_params()
+  tx = optax_memopt.badam(1e-3, blocks=functools.partial(
+      optax_memopt.block_labels, include_embedding=True, include_lm_head=True))
+  state = tx.init(params)
+  # Documented bound: the slot holds, per (shape, dtype) class, the largest count used by any one
+  # block; here the largest block (a layer) plus the embedding and head matrices (new shapes).
+  layer = state_bytes(params["layers"][0])
+  extra = params["embed"].nbytes + params["lm_head"].nbytes
+  assert state_bytes(state) <= 2 * (layer + extra) + 256
+  assert state_bytes(state) >= 2 * layer
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def test_bf16_updates_and_master_copy():
+  params = make_params(2, dtype=jnp.bfloat16)
+  tx = optax_memopt.badam(1e-2, switch_every=4, switch_mode="ascending")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  mismatched = total = 0
+  for _ in range(3):
+    grads = jax.grad(loss_fn)(params, BATCH)
+    updates, state = update(grads, state, params)
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    params = optax.apply_updates(params, updates)
+    for j, leaf in enumerate(jax.tree_util.tree_leaves(params["layers"][0])):
+      master = jax.tree_util.tree_leaves(state.master)[j]
+      rounded = master.astype(jnp.bfloat16)
+      mismatched += int(jnp.sum(leaf != rounded))
+      total += leaf.size
+      # Wherever they differ it is by rounding only.
+      # The update is rounded to bf16 before it is added: the error is within the rounding of an
+      # update (|u| <= lr), i.e. lr * 2**-8.
+      np.testing.assert_allclose(np.asarray(leaf, np.float32), np.asarray(rounded, np.float32),
+                                 rtol=2 ** -8, atol=1e-2 * 2 ** -8)
+  print("bf16 elements differing from the rounded master copy:", mismatched, "of", total)
+  assert mismatched / total < 0.02, (mismatched, total)
+  # The master copy moves by less than one bf16 ulp per step, so it must differ from the params.
+  assert any(bool(jnp.any(m != m.astype(jnp.bfloat16).astype(jnp.float32)))
+             for m in jax.tree_util.tree_leaves(state.master))
+
+
+def test_f32_updates_keep_dtype():
+  params = make_params(2)
+  tx = optax_memopt.badam(1e-2)
+  updates, _ = tx.update(jax.grad(loss_fn)(params, BATCH), tx.init(params), params)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+
+
+# ----------------------------------------------------------------------------- optax citizenship
+
+
+def test_extra_args_and_chain():
+  params = make_params(2)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_memopt.badam(1e-2))
+  state = tx.init(params)
+  updates, state = tx.update(jax.grad(loss_fn)(params, BATCH), state, params, value=1.0, foo=2)
+  assert int(optax_memopt.active_block(state)) in (0, 1)
+  assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
+
+
+def test_inject_hyperparams():
+  params = make_params(2)
+  static = ("blocks", "switch_every", "switch_mode", "start_block", "seed",
+            "weight_decay_mask", "master_weights")
+  tx = optax.inject_hyperparams(optax_memopt.badam, static_args=static)(
+      learning_rate=1e-2, switch_every=2, switch_mode="ascending")
+  plain = optax_memopt.badam(1e-2, switch_every=2, switch_mode="ascending")
+  s1, s2 = tx.init(params), plain.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(5):
+    g = jax.grad(loss_fn)(params, BATCH)
+    u1, s1 = update(g, s1, params)
+    u2, s2 = plain.update(g, s2, params)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-4, atol=1e-7)
+    params = optax.apply_updates(params, u1)
+  s1.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  u, _ = update(jax.grad(loss_fn)(params, BATCH), s1, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(u))
+  with pytest.raises(TypeError, match="static_args"):
+    optax.inject_hyperparams(optax_memopt.badam)(learning_rate=1e-2, switch_every=2).init(params)
+
+
+def test_multisteps_averages_gradients():
+  params = make_params(2)
+  k = 3
+  ms = optax.MultiSteps(optax_memopt.badam(1e-2, switch_every=2), every_k_schedule=k)
+  plain = optax_memopt.badam(1e-2, switch_every=2)
+  s_ms, s_plain = ms.init(params), plain.init(params)
+  xs = [jnp.arange(6) % 11, (jnp.arange(6) * 3) % 11, (jnp.arange(6) + 5) % 11]
+  p_ms = p_plain = params
+  for _ in range(4):
+    for x in xs:
+      u, s_ms = ms.update(jax.grad(loss_fn)(p_ms, x), s_ms, p_ms)
+      p_ms = optax.apply_updates(p_ms, u)
+    g = jax.tree.map(lambda *g: sum(g) / k, *[jax.grad(loss_fn)(p_plain, x) for x in xs])
+    u, s_plain = plain.update(g, s_plain, p_plain)
+    p_plain = optax.apply_updates(p_plain, u)
+  chex.assert_trees_all_close(p_ms, p_plain, rtol=1e-5, atol=1e-6)
+  assert int(optax_memopt.active_block(s_ms)) == int(optax_memopt.active_block(s_plain))
+
+
+def test_apply_if_finite_skips_bad_steps():
+  params = make_params(2)
+  tx = optax.apply_if_finite(optax_memopt.badam(1e-2, switch_every=2), max_consecutive_errors=5)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, BATCH)
+  bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+  u, state = tx.update(bad, state, params)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(u))
+  inner = optax_memopt._badam.find_block_state(state)[0]
+  assert int(inner.count) == 0
+  u, state = tx.update(grads, state, params)
+  assert int(optax_memopt._badam.find_block_state(state)[0].count) == 1
+
+
+def test_tree_map_params():
+  params = make_params(2)
+  tx = optax_memopt.badam(1e-2)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, BATCH)
+  _, state = tx.update(grads, state, params)
+  # Maps the params-like arrays of the state (moments, master copy); the schedule is left alone.
+  mapped = optax.tree.map_params(tx, lambda x: x + 1.0, state)
+  assert jax.tree_util.tree_structure(mapped) == jax.tree_util.tree_structure(state)
+  assert int(mapped.count) == 1 and int(mapped.block_step) == 1
+  adam, adam_mapped = state.inner_state[0], mapped.inner_state[0]
+  assert int(adam_mapped.count) == int(adam.count)
+  chex.assert_trees_all_close(adam_mapped.mu, jax.tree.map(lambda x: x + 1.0, adam.mu))
+
+
+def test_state_stable_under_cond():
+  params = make_params(2, dtype=jnp.bfloat16)
+  tx = optax_memopt.badam(1e-2, switch_every=2)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params, BATCH)
+
+  @jax.jit
+  def step(flag, state):
+    return jax.lax.cond(flag, lambda s: tx.update(grads, s, params)[1], lambda s: s, state)
+
+  new = step(True, state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+  assert int(new.count) == 1
+
+
+def test_inside_nnx_optimizer():
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([Block(rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = jnp.tanh(layer.lin(x))
+      return x
+
+  model = Model(nnx.Rngs(0))
+  before = nnx.state(model, nnx.Param)
+  before = jax.tree.map(jnp.copy, before)
+  optimizer = nnx.Optimizer(model, optax_memopt.badam(1e-2, switch_every=2,
+                                                      switch_mode="ascending"), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  x = jnp.ones((2, 4))
+  train_step(model, optimizer, x)
+  after = nnx.state(model, nnx.Param)
+  assert not np.allclose(after["layers"][0]["lin"]["kernel"][...],
+                         before["layers"][0]["lin"]["kernel"][...])
+  np.testing.assert_array_equal(after["layers"][1]["lin"]["kernel"][...],
+                                before["layers"][1]["lin"]["kernel"][...])
+  train_step(model, optimizer, x)
+  train_step(model, optimizer, x)
+  assert int(optax_memopt.active_block(optimizer.opt_state)) == 1
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("save_at", [3, 5])
+def test_orbax_resume_is_exact(tmp_path, save_at):
+  import orbax.checkpoint as ocp
+
+  params = make_params(3)
+  tx = optax_memopt.badam(1e-2, switch_every=2, seed=5)
+  update = jax.jit(tx.update)
+
+  def run(params, state, steps):
+    for _ in range(steps):
+      u, state = update(jax.grad(loss_fn)(params, BATCH), state, params)
+      params = optax.apply_updates(params, u)
+    return params, state
+
+  total = 14
+  want_params, want_state = run(params, tx.init(params), total)
+  p, s = run(params, tx.init(params), save_at)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
+  with ocp.StandardCheckpointer() as ckpt:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
+    restored = ckpt.restore(tmp_path / "ckpt", abstract)
+  restored_state = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(s), jax.tree_util.tree_leaves(restored["opt_state"]))
+  got_params, got_state = run(restored["params"], restored_state, total - save_at)
+  chex.assert_trees_all_equal(got_params, want_params)
+  chex.assert_trees_all_equal(got_state, want_state)
