@@ -59,8 +59,8 @@ class AdaRankGradState(NamedTuple):
   seen as a stack of matrices of shape ``[*B, M, N]`` (``*B`` its batch axes, ``M >= N``: the
   matrix is transposed first if needed) with ``R = min(max_rank, N)``, and ``D`` the storage
   dtype (``state_dtype``, by default the parameter's dtype), the leaves are as listed. A leaf
-  trained with plain Adam has full-size moments and empty (shape ``(0,)``) projector, rank,
-  reference norm and refresh step.
+  trained with plain Adam has full-size moments and ``optax.MaskedNode()`` (no arrays) for the
+  projector, rank, reference norm and refresh step.
 
   Attributes:
     count: Number of updates taken, shape ``()``, int32. Adam's step for bias correction.
@@ -68,13 +68,10 @@ class AdaRankGradState(NamedTuple):
       exactly zero. Plain Adam: the parameter's shape, D.
     nu: Second moments (non-negative), same shapes and dtype as ``mu``.
     projector: Orthonormal basis of the current subspace, ``[*B, M, R]``, D; columns at or beyond
-      the effective rank are exactly zero. Plain Adam: ``(0,)``, D.
+      the effective rank are exactly zero.
     rank: Effective rank of each matrix, ``[*B]``, int32 (read it with :func:`effective_ranks`).
-      Plain Adam: ``(0,)``, int32.
     reference_norm: ``||Q^T G||_F`` measured right after the last refresh, ``[*B]``, float32.
-      Plain Adam: ``(0,)``, float32.
-    last_refresh: Value of ``count`` at the last refresh, ``[*B]``, int32. Plain Adam: ``(0,)``,
-      int32.
+    last_refresh: Value of ``count`` at the last refresh, ``[*B]``, int32.
   """
 
   count: jax.Array
@@ -374,9 +371,8 @@ def scale_by_adarankgrad(
       dt = dtype_of(leaf)
       if lay is None:
         mu = jnp.zeros(leaf.shape, dt)
-        empty = jnp.zeros((0,), dt)
-        fields.append((mu, mu, empty, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32),
-                       jnp.zeros((0,), jnp.int32)))
+        # No arrays at all (not even empty ones, which orbax refuses to save).
+        fields.append((mu, mu) + (optax.MaskedNode(),) * 4)
       else:
         big, small = lay.tall
         mu = jnp.zeros(lay.batch + (lay.rank, small), dt)
@@ -650,7 +646,5 @@ def effective_ranks(opt_state: Any) -> dict[str, jax.Array]:
   ranks: dict[str, jax.Array] = {}
   for state in found:
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.rank)[0]:
-      leaf = _unwrap(leaf)
-      if leaf.shape != (0,):
-        ranks[_tree.path_str(path)] = leaf
+      ranks[_tree.path_str(path)] = _unwrap(leaf)
   return ranks
