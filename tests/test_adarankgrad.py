@@ -488,3 +488,17 @@ def test_orbax_resume_is_exact(tmp_path):
   restored = ckpt.restore(tmp_path / "ckpt", abstract)
   resumed = run(restored["params"], restored["opt_state"], 4)
   chex.assert_trees_all_equal(full, resumed)
+
+
+@pytest.mark.slow
+def test_refresh_benchmark_runs(tmp_path):
+  from benchmarks import adarankgrad_refresh
+
+  out = tmp_path / "bench.json"
+  result = adarankgrad_refresh.main(
+      ["--shapes", "64x48", "--ranks", "4", "--steps", "6", "--repeats", "1", "--out", str(out)]
+  )
+  (row,) = result["rows"]
+  assert out.exists() and row["m"] == 64 and row["rank"] == 4
+  assert row["refresh_s"]["adarankgrad"] > 0 and row["step_s"]["adamw"] > 0
+  assert 1 <= row["adarankgrad_refreshes"] <= 6

@@ -1,0 +1,207 @@
+"""Refresh cost and amortised step time: AdaRankGrad vs optax.contrib.galore vs optax.adamw.
+
+For each gradient shape and rank, measured interleaved in one process (AOT-compiled first, then the
+median of ``--repeats`` timed calls):
+
+* refresh step: one optimizer update that recomputes the subspace. AdaRankGrad (randomized SVD,
+  rank selection, moment transformation; forced with ``max_refresh_interval=1``) against GaLore
+  (full ``jnp.linalg.svd``; forced with ``update_proj_gap=1``). Both include the projection and the
+  Adam step, which cost the same for both.
+* per-step time over ``--steps`` steps (a ``lax.scan`` from a fresh state, cycling four synthetic
+  gradients with a decaying spectrum), each optimizer with its natural schedule: AdaRankGrad's
+  defaults (refresh on convergence, at most every 200 steps), GaLore ``update_proj_gap=200``,
+  AdamW.
+
+Prints a Markdown table and writes JSON to ``benchmarks/results/adarankgrad_refresh.json``.
+
+    python -m benchmarks.adarankgrad_refresh            # full sizes (slow: full SVDs of 4096^2)
+    python -m benchmarks.adarankgrad_refresh --quick    # small sizes, under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib as optax_contrib
+
+from optax_memopt.adarankgrad import AdaRankGradState, adarankgrad
+
+FULL_SHAPES = ((1024, 1024), (2048, 2048), (4096, 1024), (4096, 4096))
+FULL_RANKS = (32, 128)
+QUICK_SHAPES = ((256, 256), (512, 512), (1024, 256))
+QUICK_RANKS = (8, 32)
+RESULTS = pathlib.Path(__file__).parent / "results" / "adarankgrad_refresh.json"
+
+
+def _gradients(m: int, n: int, count: int = 4, spectrum_rank: int = 64) -> jax.Array:
+  """``count`` gradients sharing a decaying low-rank part, with small independent noise."""
+
+  @jax.jit
+  def make(key):
+    ka, kb, kn = jax.random.split(key, 3)
+    decay = 0.9 ** jnp.arange(spectrum_rank, dtype=jnp.float32)
+    a = jax.random.normal(ka, (m, spectrum_rank)) * decay / jnp.sqrt(m)
+    b = jax.random.normal(kb, (spectrum_rank, n)) / jnp.sqrt(n)
+    noise = 0.01 * jax.random.normal(kn, (count, m, n)) / jnp.sqrt(float(m * n))
+    return (a @ b)[None] + noise
+
+  return make(jax.random.key(0))
+
+
+def _compiled(fn: Callable, *args):
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _time_once(compiled, *args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start
+
+
+def _refresh_step(tx: optax.GradientTransformation, grads: jax.Array):
+  """A compiled update that refreshes, and its arguments (state after one ordinary step)."""
+  params = {"w": jnp.zeros_like(grads[0])}
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)({"w": grads[0]}, state, params)
+  fn = lambda g, s, p: tx.update({"w": g}, s, p)
+  args = (grads[1], state, params)
+  return _compiled(fn, *args), args
+
+
+def _scan_steps(tx: optax.GradientTransformation, grads: jax.Array, steps: int):
+  """Compiled ``steps`` updates from a fresh state; returns (params, state, refresh count)."""
+  params = {"w": jnp.zeros_like(grads[0])}
+
+  def run(grads, params):
+    state = tx.init(params)
+
+    def body(carry, t):
+      p, s, refreshes = carry
+      u, s = tx.update({"w": grads[t % grads.shape[0]]}, s, p)
+      inner = s[0]
+      if isinstance(inner, AdaRankGradState):
+        refreshes = refreshes + (inner.last_refresh["w"] == t).astype(jnp.int32)
+      return (optax.apply_updates(p, u), s, refreshes), None
+
+    carry, _ = jax.lax.scan(body, (params, state, jnp.zeros([], jnp.int32)), jnp.arange(steps))
+    return carry
+
+  return _compiled(run, grads, params), (grads, params)
+
+
+def _median_interleaved(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
+  times: dict[str, list[float]] = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, (compiled, args) in cases.items():
+      times[name].append(_time_once(compiled, *args))
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure(m: int, n: int, rank: int, steps: int, repeats: int) -> dict:
+  grads = _gradients(m, n)
+  refresh = _median_interleaved(
+      {
+          "adarankgrad": _refresh_step(adarankgrad(1e-3, max_rank=rank, max_refresh_interval=1),
+                                       grads),
+          "galore": _refresh_step(optax_contrib.galore(1e-3, rank=rank, update_proj_gap=1), grads),
+      },
+      repeats,
+  )
+  scans = {
+      "adarankgrad": _scan_steps(adarankgrad(1e-3, max_rank=rank), grads, steps),
+      "galore": _scan_steps(optax_contrib.galore(1e-3, rank=rank, update_proj_gap=200), grads,
+                            steps),
+      "adamw": _scan_steps(optax.adamw(1e-3), grads, steps),
+  }
+  per_step = {k: v / steps for k, v in _median_interleaved(scans, repeats).items()}
+  _, ari_state, ari_refreshes = scans["adarankgrad"][0](*scans["adarankgrad"][1])
+  return {
+      "m": m,
+      "n": n,
+      "rank": rank,
+      "refresh_s": refresh,
+      "refresh_speedup_vs_galore": refresh["galore"] / refresh["adarankgrad"],
+      "step_s": per_step,
+      "step_ratio_vs_adamw": {
+          "adarankgrad": per_step["adarankgrad"] / per_step["adamw"],
+          "galore": per_step["galore"] / per_step["adamw"],
+      },
+      "adarankgrad_refreshes": int(ari_refreshes),
+      "adarankgrad_final_rank": int(ari_state[0].rank["w"]),
+  }
+
+
+def _table(rows: Sequence[dict], steps: int) -> str:
+  lines = [
+      f"| shape | rank | refresh: adarankgrad | refresh: galore | refresh speedup | "
+      f"step/adamw: adarankgrad | step/adamw: galore | adarankgrad refreshes in {steps} "
+      f"(final rank) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['m']}x{r['n']} | {r['rank']} | {r['refresh_s']['adarankgrad'] * 1e3:.1f} ms | "
+        f"{r['refresh_s']['galore'] * 1e3:.1f} ms | {r['refresh_speedup_vs_galore']:.1f}x | "
+        f"{r['step_ratio_vs_adamw']['adarankgrad']:.2f}x | "
+        f"{r['step_ratio_vs_adamw']['galore']:.2f}x | "
+        f"{r['adarankgrad_refreshes']} ({r['adarankgrad_final_rank']}) |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small sizes and repeats (< 2 min)")
+  parser.add_argument("--steps", type=int, default=None, help="steps per amortised run")
+  parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+  parser.add_argument("--shapes", nargs="+", default=None, help="override shapes, e.g. 64x32")
+  parser.add_argument("--ranks", nargs="+", type=int, default=None, help="override ranks")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="JSON output path")
+  args = parser.parse_args(argv)
+  shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+  if args.shapes:
+    shapes = tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes)
+  ranks = tuple(args.ranks) if args.ranks else (QUICK_RANKS if args.quick else FULL_RANKS)
+  steps = args.steps or (50 if args.quick else 200)
+  repeats = args.repeats or (5 if args.quick else 3)
+
+  rows = []
+  for m, n in shapes:
+    for rank in ranks:
+      row = measure(m, n, rank, steps, repeats)
+      print(f"{m}x{n} rank {rank}: refresh speedup {row['refresh_speedup_vs_galore']:.1f}x, "
+            f"step/adamw {row['step_ratio_vs_adamw']['adarankgrad']:.2f}x", flush=True)
+      rows.append(row)
+  table = _table(rows, steps)
+  print(table)
+  result = {
+      "benchmark": "adarankgrad_refresh",
+      "quick": args.quick,
+      "steps": steps,
+      "repeats": repeats,
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "backend": jax.default_backend(),
+      "cpu_count": os.cpu_count(),
+      "load_average_at_end": os.getloadavg(),
+      "machine": platform.machine(),
+      "rows": rows,
+      "table": table,
+  }
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(result, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()
