@@ -175,31 +175,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
   steps = args.steps or (50 if args.quick else 200)
   repeats = args.repeats or (5 if args.quick else 3)
 
-  rows = []
+  def write(rows: list[dict], complete: bool) -> dict:
+    table = _table(rows, steps)
+    result = {
+        "benchmark": "adarankgrad_refresh",
+        "complete": complete,
+        "quick": args.quick,
+        "steps": steps,
+        "repeats": repeats,
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "machine": platform.machine(),
+        "rows": rows,
+        "table": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+  rows: list[dict] = []
   for m, n in shapes:
     for rank in ranks:
       row = measure(m, n, rank, steps, repeats)
       print(f"{m}x{n} rank {rank}: refresh speedup {row['refresh_speedup_vs_galore']:.1f}x, "
             f"step/adamw {row['step_ratio_vs_adamw']['adarankgrad']:.2f}x", flush=True)
       rows.append(row)
-  table = _table(rows, steps)
-  print(table)
-  result = {
-      "benchmark": "adarankgrad_refresh",
-      "quick": args.quick,
-      "steps": steps,
-      "repeats": repeats,
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "cpu_count": os.cpu_count(),
-      "load_average_at_end": os.getloadavg(),
-      "machine": platform.machine(),
-      "rows": rows,
-      "table": table,
-  }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2))
+      write(rows, complete=False)  # partial results survive an interrupted run
+  result = write(rows, complete=True)
+  print(result["table"])
   return result
 
 
