@@ -50,6 +50,7 @@ _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 # Extra keyword argument names this module passes to, or accepts from, other transformations.
 GLOBAL_STEP_ARG = "global_step"
 STATIC_BLOCK_ARG = "block_coordinate_static_block"
+LABELS_PROBE_ARG = "block_coordinate_labels_probe"
 
 
 class BlockCoordinateState(NamedTuple):
@@ -66,6 +67,8 @@ class BlockCoordinateState(NamedTuple):
     inner_state: the inner transformation's state on the slot (see the module docstring).
     master: dict ``group -> tuple`` of float32 arrays, the master copy of the slot's bf16/fp16
       positions (empty when all parameters are float32).
+    switch_every: int32 scalar, the (constant) block period ``K``; kept so that a host loop can
+      tell from the state alone how many updates remain before the next switch.
   """
 
   count: jax.Array
@@ -75,6 +78,7 @@ class BlockCoordinateState(NamedTuple):
   key: jax.Array
   inner_state: Any
   master: Any
+  switch_every: jax.Array
 
 
 class _Plan(NamedTuple):
@@ -238,6 +242,7 @@ def block_coordinate(
   inner = optax.with_extra_args_support(inner)
   k = switch_every
   first = 0 if start_block is None else start_block
+  token = object()  # identifies this stage to make_block_step's probe
 
   @functools.lru_cache(maxsize=8)
   def plan_for(treedef, shapes):
@@ -310,7 +315,7 @@ def block_coordinate(
       zero = jnp.zeros([], jnp.int32)
       return BlockCoordinateState(
           zero, zero, zero, jnp.zeros([0], jnp.int32), jnp.zeros([2], jnp.uint32),
-          inner.init(params), params,
+          inner.init(params), params, zero,
       )
     plan = get_plan(params)
     d = len(plan.members)
@@ -322,14 +327,19 @@ def block_coordinate(
     slot_params = gather(plan, jax.tree_util.tree_leaves(params), first)
     master = master_of(plan, slot_params)
     inner_state = inner.init(working_params(plan, slot_params, master))
-    zero = jnp.zeros([], jnp.int32)
-    return BlockCoordinateState(zero, zero, active, order, key, inner_state, master)
+    return BlockCoordinateState(
+        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), active, order, key, inner_state, master,
+        jnp.asarray(k, jnp.int32),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("block_coordinate requires params: call tx.update(grads, state, params)")
     static_block = extra_args.pop(STATIC_BLOCK_ARG, None)
+    probe = extra_args.pop(LABELS_PROBE_ARG, None)
     plan = get_plan(params)
+    if probe is not None:
+      probe[token] = plan.labels
     d = len(plan.members)
     param_leaves = jax.tree_util.tree_leaves(params)
     grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
@@ -378,7 +388,8 @@ def block_coordinate(
     )
     active = jnp.where(block_step == 0, order[period % d], state.active_block)
     new_state = BlockCoordinateState(
-        count, block_step, active.astype(jnp.int32), order, state.key, inner_state, new_master
+        count, block_step, active.astype(jnp.int32), order, state.key, inner_state, new_master,
+        state.switch_every,
     )
     return new_updates, new_state
 
@@ -420,7 +431,7 @@ def badam(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    weight_decay_mask: Any = default_weight_decay_mask,
+    weight_decay_mask: Any = "matrices",
     master_weights: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BAdam: block coordinate descent with AdamW on the active block.
@@ -448,8 +459,9 @@ def badam(
     seed: seed of the ``random`` order.
     b1, b2, eps: Adam's coefficients.
     weight_decay: decoupled weight decay :math:`\lambda` (AdamW).
-    weight_decay_mask: pytree of bools or callable ``params -> bools`` choosing the decayed leaves;
-      by default leaves with ``ndim >= 2`` (not norm scales or biases); ``None`` decays every leaf.
+    weight_decay_mask: which leaves are decayed: ``"matrices"`` (default) for leaves with
+      ``ndim >= 2`` (not norm scales or biases), ``None`` for every leaf, or a pytree of bools or a
+      callable ``params -> bools``.
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
 
   Returns:
@@ -475,7 +487,8 @@ def badam(
   """
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
   if decays and weight_decay_mask is not None:
-    mask_fn = blocks_lib.as_callable_mask(weight_decay_mask)
+    mask_fn = (default_weight_decay_mask if weight_decay_mask == "matrices"
+               else blocks_lib.as_callable_mask(weight_decay_mask))
     groups = lambda params: jax.tree.map(lambda m: "decay" if m else "no_decay", mask_fn(params))
     decay_mask = lambda slot: {g: tuple(g == "decay" for _ in v) for g, v in slot.items()}
   else:

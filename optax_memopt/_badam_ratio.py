@@ -162,13 +162,13 @@ def badam_ratio(
     """Zero moments and a master copy for the selection ``index``."""
     def one(x, idx):
       n = idx.shape[0] or x.size
-      zeros = jnp.zeros((n,), jnp.float32)
       if low_precision(x):
         flat = x.reshape(-1)
         master = (flat[idx] if idx.shape[0] else flat).astype(jnp.float32)
       else:
         master = jnp.zeros((0,), jnp.float32)
-      return zeros, zeros, master
+      # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
+      return jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32), master
     out = jax.tree.map(one, params, index)
     pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)
     return pick(0), pick(1), pick(2)
@@ -182,8 +182,8 @@ def badam_ratio(
     key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
     index = select_all(params, key, jnp.int32(0))
     mu, nu, master = fresh(params, index)
-    zero = jnp.zeros([], jnp.int32)
-    return BAdamRatioState(zero, zero, zero, key, index, mu, nu, master)
+    zero = lambda: jnp.zeros([], jnp.int32)
+    return BAdamRatioState(zero(), zero(), zero(), key, index, mu, nu, master)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args

@@ -42,7 +42,7 @@ def test_matches_adam_on_selected_coordinates(mode):
   grad_fn = jax.jit(jax.grad(loss_fn))
   ref = params
   selections = []
-  for period in range(3):
+  for _ in range(3):
     index = jax.tree.map(np.asarray, state.index)
     selections.append(index)
     # Reference: a fresh Adam on the selected coordinates only (small leaves: all coordinates).

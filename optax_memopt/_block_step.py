@@ -1,0 +1,214 @@
+"""The block-gradient training step: differentiate only BAdam's active block.
+
+Used as a drop-in gradient transformation, BAdam saves optimizer memory but ``jax.grad`` still computes
+every weight gradient of the model. :func:`make_block_step` compiles one training step per block in
+which only that block's leaves are differentiated: the other leaves enter the loss as constants, so
+JAX's backward pass skips their weight-gradient matmuls and stops at the lowest active layer, and the
+gradient buffers are one block's. The host knows which compiled step to call from the optimizer state:
+it reads ``(active_block, block_step, switch_every)`` once at a block boundary (one small device read
+per ``switch_every`` steps) and calls the same compiled step until the next possible switch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_memopt import _badam
+from optax_memopt._badam_ratio import BAdamRatioState
+
+
+def _block_state(opt_state):
+  found = _badam.find_block_state(opt_state)
+  ratio = [s for s in found if isinstance(s, BAdamRatioState)]
+  found = [s for s in found if isinstance(s, _badam.BlockCoordinateState)]
+  if ratio and not found:
+    raise TypeError(
+        "make_block_step: badam_ratio trains a fraction of every tensor, so no layer can be left out "
+        "of the backward pass; train it with jax.grad and tx.update instead"
+    )
+  if len(found) != 1:
+    raise TypeError(
+        "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage "
+        f"(alone or inside optax.chain, MultiSteps, inject_hyperparams); its state has {len(found)}"
+    )
+  return found[0]
+
+
+def _distinct_buffers(tree):
+  seen = set()
+
+  def fresh(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, tree)
+
+
+def make_block_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+) -> Callable[..., tuple[Any, Any, Any]]:
+  """A training step that differentiates only BAdam's active block.
+
+  Returns ``step(params, opt_state, *args, **kwargs) -> (params, opt_state, loss)`` (``loss`` is
+  ``(loss, aux)`` with ``has_aux``), which computes ``loss_fn(params, *args, **kwargs)`` and its
+  gradient with respect to the active block's leaves only, feeds the optimizer, and writes back only
+  the active block. It gives the same parameters as the drop-in path
+  (``jax.grad`` of everything, then ``tx.update``) up to float32 rounding, at a fraction of the
+  backward cost and with one block's gradient buffers.
+
+  One function per block is compiled (lazily, the first time the block is active) and cached: over a
+  run at most one compilation per block and none after the first block-epoch. ``loss_fn`` may use
+  ``jax.checkpoint`` / ``nnx.remat``: layers below the active block are never differentiated, so they
+  are not recomputed in the backward pass either.
+
+  Anything before the block-coordinate stage in ``tx`` sees the full gradient tree with zeros outside
+  the active block: a global-norm clip (``optax.clip_by_global_norm``) clips by the active block's norm,
+  as the reference implementation does. ``optax.MultiSteps`` works (its accumulators are full-size, as
+  they are for any optimizer).
+
+  With Flax NNX, split the model and merge it inside the loss::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    def loss_fn(params, rest, batch):
+      model = nnx.merge(graphdef, params, rest)
+      return compute_loss(model, batch)
+    step = optax_memopt.make_block_step(loss_fn, tx)
+    opt_state = tx.init(params)
+    params, opt_state, loss = step(params, opt_state, rest, batch)
+    nnx.update(model, params)  # when the module is needed again
+
+  With Linen, ``params`` is the ``variables['params']`` dict and ``loss_fn`` calls ``model.apply``.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+    tx: an optimizer containing exactly one :func:`badam` / :func:`block_coordinate` stage, alone or
+      inside ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``, ``apply_if_finite``.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    donate: donate ``params`` and ``opt_state`` to the compiled step (their buffers are reused for the
+      outputs; do not use the arrays passed in after the call).
+
+  Returns:
+    The step function. Its attribute ``compiled_blocks`` is the set of blocks compiled so far,
+    ``trace_count`` the number of traces, and ``lower(block, params, opt_state, *args)`` gives the
+    ``jax.stages.Lowered`` step of one block (for XLA's cost and memory analyses).
+
+  Raises:
+    TypeError: ``tx`` has no block-coordinate stage, or ``loss_fn`` does not return a scalar (at the
+      first call).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_memopt
+    >>> params = {'layers': [{'w': jnp.ones((2, 2))} for _ in range(3)]}
+    >>> def loss_fn(params, x):
+    ...   for layer in params['layers']:
+    ...     x = jnp.tanh(x @ layer['w'])
+    ...   return jnp.sum(x ** 2)
+    >>> tx = optax_memopt.badam(1e-2, switch_every=2, switch_mode='ascending')
+    >>> step = optax_memopt.make_block_step(loss_fn, tx)
+    >>> opt_state = tx.init(params)
+    >>> for _ in range(6):
+    ...   params, opt_state, loss = step(params, opt_state, jnp.ones((1, 2)))
+    >>> sorted(step.compiled_blocks)
+    [0, 1, 2]
+  """
+  if not callable(loss_fn):
+    raise TypeError("make_block_step: loss_fn must be callable")
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"make_block_step: tx must be an optax transformation, got {type(tx).__name__}")
+  if isinstance(tx, optax.GradientTransformation):
+    tx = optax.with_extra_args_support(tx)
+  compiled: dict[int, Callable[..., Any]] = {}
+  host = {"block": None, "left": 0}
+
+  def labels_of(params, opt_state, args, kwargs):
+    """The block labels of ``params`` as the block-coordinate stage inside ``tx`` sees them."""
+    probe: dict[Any, list[int]] = {}
+    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    jax.eval_shape(
+        functools.partial(tx.update, **{_badam.LABELS_PROBE_ARG: probe}), grads, opt_state, params
+    )
+    if len(probe) != 1:
+      raise TypeError(
+          "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage"
+      )
+    return next(iter(probe.values()))
+
+  def build(block, labels):
+    index = [i for i, lab in enumerate(labels) if lab == block]
+
+    def one_step(params, opt_state, *args, **kwargs):
+      step.trace_count += 1
+      leaves, treedef = jax.tree_util.tree_flatten(params)
+
+      def block_loss(active):
+        full = list(leaves)
+        for i, a in zip(index, active):
+          full[i] = a
+        out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
+        loss = out[0] if has_aux else out
+        if not (hasattr(loss, "shape") and loss.shape == ()):
+          shape = getattr(loss, "shape", type(loss).__name__)
+          raise TypeError(f"make_block_step: loss_fn must return a scalar loss, got {shape}")
+        return out
+
+      out, block_grads = jax.value_and_grad(block_loss, has_aux=has_aux)(
+          [leaves[i] for i in index]
+      )
+      grads = [jnp.zeros_like(x) for x in leaves]
+      for i, g in zip(index, block_grads):
+        grads[i] = g
+      updates, opt_state = tx.update(
+          jax.tree_util.tree_unflatten(treedef, grads),
+          opt_state,
+          params,
+          **{_badam.STATIC_BLOCK_ARG: block},
+      )
+      update_leaves = jax.tree_util.tree_leaves(updates)
+      new_leaves = list(leaves)
+      for i in index:
+        new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
+      return jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state, out
+
+    return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
+
+  def step(params, opt_state, *args, **kwargs):
+    if donate and host["block"] is None:
+      # A fresh state (from tx.init) may hold one array in two places; donation needs distinct buffers.
+      params, opt_state = _distinct_buffers((params, opt_state))
+    if host["left"] <= 0:
+      state = _block_state(opt_state)
+      block, block_step, period = (int(x) for x in jax.device_get(
+          (state.active_block, state.block_step, state.switch_every)))
+      # Each call advances the block's step by at most one (MultiSteps and apply_if_finite can
+      # hold it back), so the active block cannot change for at least this many calls.
+      host["block"], host["left"] = block, period - block_step
+    block = host["block"]
+    if block not in compiled:
+      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs))
+    host["left"] -= 1
+    return compiled[block](params, opt_state, *args, **kwargs)
+
+  def lower(block, params, opt_state, *args, **kwargs):
+    """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""
+    if block not in compiled:
+      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs))
+    return compiled[block].lower(params, opt_state, *args, **kwargs)
+
+  step.trace_count = 0
+  step.compiled_blocks = compiled.keys()
+  step.lower = lower
+  return step
+

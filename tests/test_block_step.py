@@ -1,0 +1,229 @@
+"""Tests of make_block_step: same results as the drop-in path, and XLA's proof of the saving."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_memopt
+
+# eps=1e-4 in the comparisons: Adam normalises tiny gradient entries, amplifying float32 rounding.
+N_LAYERS, WIDTH, VOCAB = 6, 32, 16
+
+
+def make_params(n_layers=N_LAYERS, width=WIDTH, seed=0):
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * n_layers + 2))
+  normal = lambda shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[0])
+  return {
+      "embed": normal((VOCAB, width)),
+      "layers": [
+          {"up": normal((width, 2 * width)), "down": normal((2 * width, width)),
+           "scale": jnp.ones((width,))}
+          for _ in range(n_layers)
+      ],
+      "head": normal((width, VOCAB)),
+  }
+
+
+def make_loss(remat=False):
+  def layer_fn(layer, h):
+    return h + jnp.tanh(h @ layer["up"]) @ layer["down"] * layer["scale"]
+
+  if remat:
+    layer_fn = jax.checkpoint(layer_fn)
+
+  def loss_fn(params, tokens):
+    h = params["embed"][tokens]
+    for layer in params["layers"]:
+      h = layer_fn(layer, h)
+    logits = h @ params["head"]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, jnp.roll(tokens, -1, axis=-1)[..., None], -1)[..., 0])
+
+  return loss_fn
+
+
+loss_fn = make_loss()
+TOKENS = (jnp.arange(4 * 8).reshape(4, 8) * 7) % VOCAB
+
+
+def drop_in(tx, params, steps, loss=loss_fn, tokens=TOKENS, active_only=False):
+  state = tx.init(params)
+  labels = optax_memopt.block_labels(params)
+
+  @jax.jit
+  def train_step(params, state):
+    grads = jax.grad(loss)(params, tokens)
+    if active_only:  # what any stage before BAdam sees in the block step
+      active = optax_memopt.active_block(state)
+      grads = jax.tree.map(lambda g, lab: jnp.where(lab == active, g, 0.0), grads, labels)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = train_step(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("mode", ["random", "ascending", "descending", "fixed"])
+def test_same_parameters_as_drop_in(mode):
+  k = 2
+  tx = optax_memopt.badam(1e-2, switch_every=k, switch_mode=mode, start_block=1, weight_decay=0.01,
+                          eps=1e-4)
+  params = make_params()
+  steps = 2 * N_LAYERS * k
+  want, want_state = drop_in(tx, params, steps)
+
+  step = optax_memopt.make_block_step(loss_fn, tx)
+  p, s = make_params(), tx.init(params)
+  losses = []
+  for _ in range(steps):
+    p, s, loss = step(p, s, TOKENS)
+    losses.append(float(loss))
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  assert int(s.count) == steps and int(s.active_block) == int(want_state.active_block)
+  # At most one compilation per block, none after the first block-epoch.
+  expected_blocks = 1 if mode == "fixed" else N_LAYERS
+  assert len(step.compiled_blocks) == expected_blocks
+  assert step.trace_count == expected_blocks
+  assert losses[-1] < losses[0]
+
+
+def test_chain_clip_multisteps_and_aux():
+  inner = optax.chain(optax.clip_by_global_norm(0.5),
+                      optax_memopt.badam(1e-2, switch_every=2, switch_mode="ascending", eps=1e-4))
+  tx = optax.MultiSteps(inner, every_k_schedule=2)
+  params = make_params()
+  # The clip sees the active block's gradient only (documented), so the reference masks the rest.
+  want, _ = drop_in(tx, params, 10, active_only=True)
+  unmasked, _ = drop_in(tx, params, 10)
+  assert not np.allclose(unmasked["layers"][0]["up"], want["layers"][0]["up"], rtol=1e-4)
+
+  def loss_with_aux(params, tokens):
+    loss = loss_fn(params, tokens)
+    return loss, {"twice": 2 * loss}
+
+  step = optax_memopt.make_block_step(loss_with_aux, tx, has_aux=True, donate=False)
+  p, s = params, tx.init(params)
+  for _ in range(10):
+    p, s, (loss, aux) = step(p, s, TOKENS)
+    np.testing.assert_allclose(aux["twice"], 2 * loss, rtol=1e-6)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  # 10 mini-steps = 5 optimizer steps with K=2: blocks 0, 1 and 2 were active.
+  assert sorted(step.compiled_blocks) == [0, 1, 2]
+
+
+def test_inject_hyperparams_and_kwargs():
+  tx = optax.inject_hyperparams(optax_memopt.badam, static_args=("switch_every", "switch_mode"))(
+      learning_rate=1e-2, switch_every=3, switch_mode="descending", eps=1e-4)
+  params = make_params()
+  want, _ = drop_in(tx, params, 7)
+  step = optax_memopt.make_block_step(lambda p, tokens: loss_fn(p, tokens), tx)
+  p, s = make_params(), tx.init(params)
+  for _ in range(7):
+    p, s, _ = step(p, s, tokens=TOKENS)
+  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_split_merge():
+  from flax import nnx
+
+  class Layer(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([Layer(rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = jnp.tanh(layer.lin(x))
+      return x
+
+  model = Model(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax_memopt.badam(1e-2, switch_every=1, switch_mode="ascending")
+
+  def nnx_loss(params, rest, x):
+    return jnp.mean(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+  step = optax_memopt.make_block_step(nnx_loss, tx)
+  opt_state = tx.init(params)
+  x = jnp.ones((2, 8))
+  before = float(nnx_loss(params, rest, x))
+  for _ in range(6):
+    params, opt_state, loss = step(params, opt_state, rest, x)
+  nnx.update(model, params)
+  assert float(jnp.mean(model(x) ** 2)) < before
+  assert sorted(step.compiled_blocks) == [0, 1, 2]
+
+
+def test_errors():
+  params = make_params(2)
+  step = optax_memopt.make_block_step(loss_fn, optax.adamw(1e-3))
+  with pytest.raises(TypeError, match="badam / block_coordinate"):
+    step(params, optax.adamw(1e-3).init(params), TOKENS)
+  ratio = optax_memopt.badam_ratio(1e-3)
+  with pytest.raises(TypeError, match="badam_ratio"):
+    optax_memopt.make_block_step(loss_fn, ratio)(params, ratio.init(params), TOKENS)
+  tx = optax_memopt.badam(1e-3)
+  vector_loss = lambda p, t: jnp.sum(p["embed"][t] @ p["layers"][0]["up"], axis=-1)
+  with pytest.raises(TypeError, match="scalar"):
+    optax_memopt.make_block_step(vector_loss, tx)(params, tx.init(params), TOKENS)
+  with pytest.raises(TypeError, match="callable"):
+    optax_memopt.make_block_step("loss", tx)
+
+
+# ----------------------------------------------------------------------------- XLA's account
+
+FLOP_LAYERS, FLOP_WIDTH = 8, 128
+FLOP_TOKENS = (jnp.arange(8 * 64).reshape(8, 64) * 5) % VOCAB
+
+
+def compiled_costs(remat):
+  loss = make_loss(remat)
+  params = make_params(FLOP_LAYERS, FLOP_WIDTH)
+  tx = optax_memopt.badam(1e-3)
+  state = tx.init(params)
+
+  def full_step(params, state, tokens):
+    grads = jax.grad(loss)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  full = jax.jit(full_step, donate_argnums=(0, 1)).lower(params, state, FLOP_TOKENS).compile()
+  step = optax_memopt.make_block_step(loss, tx)
+  blocks = [step.lower(b, params, state, FLOP_TOKENS).compile() for b in range(FLOP_LAYERS)]
+  return full, blocks, params
+
+
+def flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"])
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_block_step_flops(remat):
+  full, blocks, _ = compiled_costs(remat)
+  ratios = [flops(b) / flops(full) for b in blocks]
+  print(f"remat={remat} flops ratio last block {ratios[-1]:.3f} mean {np.mean(ratios):.3f}")
+  assert ratios[-1] <= 0.45
+  assert np.mean(ratios) <= 0.65
+  # Deeper active blocks stop the backward pass earlier.
+  assert ratios[-1] < ratios[0]
+
+
+def test_block_step_gradient_memory():
+  full, blocks, params = compiled_costs(False)
+  layer_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params["layers"][0]))
+  model_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  mem_full, mem_last = full.memory_analysis(), blocks[-1].memory_analysis()
+  temp_full = mem_full.temp_size_in_bytes
+  temp_block = mem_last.temp_size_in_bytes
+  print(f"temp bytes: full {temp_full}, block {temp_block}; model {model_bytes}, layer {layer_bytes}")
+  # The full step materialises a gradient for every layer; the block step only the active layer's.
+  assert temp_full - temp_block >= (FLOP_LAYERS - 1) * layer_bytes * 0.9
