@@ -53,14 +53,14 @@ class TrainConfig:
   """Fields shared by both examples; each script's config extends it."""
 
   optimizer: str = field("badam", f"one of {', '.join(OPTIMIZERS)}")
-  learning_rate: float = field(1e-3, "peak learning rate (warmup, then cosine decay to 10%)")
+  learning_rate: float = field(3e-3, "peak learning rate (warmup, then cosine decay to 10%)")
   warmup_steps: int = field(20, "linear warmup steps")
-  steps: int = field(300, "training steps")
+  steps: int = field(400, "training steps")
   batch_size: int = field(16, "sequences per step")
   seed: int = field(0, "seed of the model init, data order and BAdam's block order")
   weight_decay: float = field(0.0, "decoupled weight decay")
   clip_norm: float = field(1.0, "global gradient-norm clipping (0: off)")
-  switch_every: int = field(25, "BAdam / BAdam-ratio: steps per block before switching")
+  switch_every: int = field(20, "BAdam / BAdam-ratio: steps per block before switching")
   switch_mode: str = field("random", "BAdam block order: random, ascending, descending, fixed")
   update_ratio: float = field(0.1, "BAdam-ratio: fraction of each tensor trained at a time")
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
@@ -395,6 +395,16 @@ def _checkpoint_manager(directory: pathlib.Path):
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def _pack(tree) -> dict[str, jax.Array]:
+  """The non-empty leaves by flat index: orbax cannot save zero-size arrays (badam_ratio has some)."""
+  return {str(i): x for i, x in enumerate(jax.tree.leaves(tree)) if x.size}
+
+
+def _unpack(packed: dict, template):
+  leaves, treedef = jax.tree.flatten(template)
+  return treedef.unflatten([packed.get(str(i), x) for i, x in enumerate(leaves)])
+
+
 def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> dict:
   """Trains ``task`` with ``optimizer``; writes metrics, plot and checkpoints to ``out``."""
   import orbax.checkpoint as ocp
@@ -434,13 +444,15 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
   manager = _checkpoint_manager(ckpt_dir)
   if cfg.resume and manager.latest_step() is not None:
     start = manager.latest_step()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt": opt_state})
+    template = {"params": params, "opt": opt_state}
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pack(template))
     restored = manager.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     if restored["meta"]["optimizer"] != optimizer:
       raise UsageError(f"--resume: {ckpt_dir} holds a {restored['meta']['optimizer']} run, "
                        f"not {optimizer}")
-    params, opt_state = restored["state"]["params"], restored["state"]["opt"]
+    state = _unpack(restored["state"], template)
+    params, opt_state = state["params"], state["opt"]
     print(f"resumed {optimizer} from step {start} ({ckpt_dir})")
   records = []
   if start and metrics_path.exists():
@@ -452,7 +464,7 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
 
   def save(step):
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "opt": opt_state}),
+        state=ocp.args.StandardSave(_pack({"params": params, "opt": opt_state})),
         meta=ocp.args.JsonSave({"step": step, "optimizer": optimizer, "seed": cfg.seed})))
 
   def log(record):

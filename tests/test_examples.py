@@ -1,0 +1,141 @@
+"""End-to-end runs of the fine-tuning examples with tiny configs (offline, a few steps each)."""
+
+import json
+import pathlib
+
+import pytest
+
+from examples import finetune_llama, finetune_roberta
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compilation_cache(tmp_path_factory):
+  """The runs of a test compile the same steps: reuse them across runs (saves most of the time)."""
+  import jax
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0.0)
+  jax.config.update(names[2], 0)
+  yield
+  for n, v in before.items():
+    jax.config.update(n, v)
+
+LLAMA = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--hidden-size", "32",
+         "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
+         "--intermediate-size", "64", "--vocab-size", "300", "--max-examples", "40",
+         "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "2", "--switch-every", "3",
+         "--gen-tokens", "4"]
+ROBERTA = ["--steps", "4", "--batch-size", "4", "--seq-len", "24", "--hidden-size", "32",
+           "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
+           "--vocab-size", "300", "--eval-every", "2", "--checkpoint-every", "2",
+           "--log-every", "2", "--switch-every", "4"]
+
+
+def _losses(out: pathlib.Path) -> dict[int, float]:
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  [summary] = finetune_llama.main(LLAMA + ["--out", str(full)])
+  assert summary["optimizer"] == "badam" and summary["steps"] == 6
+  assert (full / "loss.png").is_file() and (full / "tokenizer.json").is_file()
+  assert "[held-out]" in capsys.readouterr().out  # the generation is printed
+
+  finetune_llama.main(LLAMA + ["--out", str(cut), "--stop-at", "3"])
+  assert sorted(_losses(cut)) == [1, 2, 3]
+  finetune_llama.main(LLAMA + ["--out", str(cut), "--resume"])
+  assert "resumed badam from step 3" in capsys.readouterr().out
+  assert _losses(cut) == _losses(full)  # bit-identical, step by step
+
+
+def test_llama_from_a_checkpoint_directory(tmp_path):
+  """--model DIR: HF weights and the checkpoint's own tokenizer."""
+  from flax import nnx
+  from transformers import PreTrainedTokenizerFast
+
+  from examples import common
+  from examples.models import llama
+
+  tok_file = tmp_path / "tok.json"
+  tok = common.bpe_tokenizer(["def f(x): return x + 1"] * 20, tok_file, vocab_size=280,
+                             special=finetune_llama.SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
+  ckpt = tmp_path / "ckpt"
+  cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  llama.Llama(cfg, rngs=nnx.Rngs(0)).save_pretrained(ckpt)
+  PreTrainedTokenizerFast(tokenizer_file=str(tok_file), bos_token="<s>", eos_token="</s>",
+                          pad_token="<pad>").save_pretrained(ckpt)
+  data = tmp_path / "alpaca.jsonl"
+  data.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
+                                        "output": f"{i + 1}"}) for i in range(12)))
+  [summary] = finetune_llama.main(LLAMA + ["--model", str(ckpt), "--data", str(data),
+                                           "--optimizer", "lora", "--out", str(tmp_path / "r")])
+  assert summary["final_loss"] == summary["final_loss"]  # not NaN
+
+
+def test_roberta_compare_and_resume(tmp_path, capsys):
+  out = tmp_path / "cmp"
+  summaries = finetune_roberta.main(ROBERTA + ["--out", str(out),
+                                               "--compare", "adamw,badam,badam_ratio,galore,lora"])
+  assert [s["optimizer"] for s in summaries] == ["adamw", "badam", "badam_ratio", "galore", "lora"]
+  assert all(0.0 <= s["eval_accuracy"] <= 1.0 for s in summaries)
+  assert (out / "compare.png").is_file() and (out / "compare.md").is_file()
+  assert "| eval accuracy |" in capsys.readouterr().out
+  by_name = {s["optimizer"]: s for s in summaries}
+  assert by_name["lora"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"]
+  assert by_name["badam"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"]
+
+  cut = tmp_path / "cut"
+  finetune_roberta.main(ROBERTA + ["--out", str(cut), "--optimizer", "lora", "--stop-at", "2"])
+  finetune_roberta.main(ROBERTA + ["--out", str(cut), "--optimizer", "lora", "--resume"])
+  assert _losses(cut) == _losses(out / "lora")
+
+
+def test_roberta_local_jsonl_pairs(tmp_path):
+  rows = [{"premise": f"the number {i}", "hypothesis": "is even", "label": i % 2 == 0}
+          for i in range(20)]
+  train = tmp_path / "train.jsonl"
+  train.write_text("\n".join(map(json.dumps, rows)))
+  [summary] = finetune_roberta.main(ROBERTA + ["--train", str(train), "--optimizer", "adamw",
+                                               "--out", str(tmp_path / "r")])
+  assert "eval_accuracy" in summary
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (finetune_llama, ["--optimizer", "sgdd"], "unknown optimizer 'sgdd'"),
+    (finetune_llama, ["--compare", "adamw,foo"], "--compare: unknown optimizer 'foo'"),
+    (finetune_llama, ["--data", "no/such/file.json"], "not found"),
+    (finetune_llama, ["--model", "."], "has no config.json"),
+    (finetune_roberta, ["--train", "missing.jsonl"], "not found"),
+    (finetune_roberta, ["--model", "."], "has no config.json"),
+    (finetune_roberta, ["--task", "squad"], "unknown --task 'squad'"),
+])
+def test_bad_input_is_one_line(script, argv, message, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    script.main(argv + ["--out", str(tmp_path)])
+  text = str(e.value.code)
+  assert message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("content", ["{not json", '[{"instruction": "x"}]', "[]"])
+def test_malformed_data_file(tmp_path, content):
+  path = tmp_path / "data.json"
+  path.write_text(content)
+  with pytest.raises(SystemExit) as e:
+    finetune_llama.main(["--data", str(path), "--out", str(tmp_path)])
+  assert str(path) in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_checkpoint_of_another_model_type(tmp_path):
+  fixtures = pathlib.Path(__file__).parent / "fixtures"
+  with pytest.raises(SystemExit) as e:
+    finetune_llama.main(LLAMA + ["--model", str(fixtures / "roberta"), "--out", str(tmp_path)])
+  assert "'roberta' model" in str(e.value.code) or "tokenizer" in str(e.value.code)
