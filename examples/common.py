@@ -57,6 +57,7 @@ class TrainConfig:
   warmup_steps: int = field(20, "linear warmup steps")
   steps: int = field(400, "training steps")
   batch_size: int = field(16, "sequences per step")
+  max_examples: int | None = field(None, "use at most this many examples (before the eval split)")
   seed: int = field(0, "seed of the model init, data order and BAdam's block order")
   weight_decay: float = field(0.0, "decoupled weight decay")
   clip_norm: float = field(1.0, "global gradient-norm clipping (0: off)")
@@ -395,6 +396,20 @@ def _checkpoint_manager(directory: pathlib.Path):
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def _distinct_buffers(tree, *others):
+  """Copies leaves that share a buffer with an earlier leaf or with ``others``: the train step
+  donates params and optimizer state, and one buffer cannot be donated twice."""
+  seen = {id(x) for x in jax.tree.leaves(others)}
+
+  def fresh(x):
+    if id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, tree)
+
+
 def _pack(tree) -> dict[str, jax.Array]:
   """The non-empty leaves by flat index: orbax cannot save zero-size arrays (badam_ratio has some)."""
   return {str(i): x for i, x in enumerate(jax.tree.leaves(tree)) if x.size}
@@ -422,17 +437,15 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
   split = _Trainable(model, trainable)
   tx = make_optimizer(cfg, optimizer, split.params, task)
   params, rest = split.params, split.rest
-  # Own buffers per leaf: the step donates its inputs, and an init that returns one array object in
-  # two leaves (badam's count/block_step do) would be donated twice.
-  opt_state = jax.tree.map(jnp.copy, tx.init(params))
+  opt_state = _distinct_buffers(tx.init(params), params)
   train_step, eval_step = _make_steps(split, task.loss_fn, tx, optimizer)
 
   n_train = len(task.train_data["weight"])
   if n_train < cfg.batch_size:
     raise UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
                      "lower the batch size or add data")
-  eval_data = pad_rows({k: v for k, v in task.eval_data.items() if k != "weight"},
-                       cfg.batch_size)
+  eval_batch = 4 * cfg.batch_size  # no gradients: bigger batches fit
+  eval_data = pad_rows({k: v for k, v in task.eval_data.items() if k != "weight"}, eval_batch)
 
   # Checkpoints: params, optimizer state (with BAdam's block order and RNG) and the step, which
   # is also the data position (see batch_indices).
@@ -501,7 +514,7 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
       bar.update(len(pending))
       pending, tokens, first_interval, t_last = [], 0, False, time.perf_counter()
     if done % cfg.eval_every == 0 or done == cfg.steps:
-      log({"step": done, **_evaluate(eval_step, params, rest, eval_data, cfg.batch_size)})
+      log({"step": done, **_evaluate(eval_step, params, rest, eval_data, eval_batch)})
       t_last = time.perf_counter()
     if done % cfg.checkpoint_every == 0 or done == end:
       save(done)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from examples import common
 from examples.common import field
-from examples.models import llama
+from examples.models import base, llama
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -43,7 +43,6 @@ class Config(common.TrainConfig):
   model: str | None = field(None, "HF Llama checkpoint directory (weights + tokenizer); "
                             "default: a small random-init Llama")
   seq_len: int = field(128, "tokens per example (prompt + response), longer ones are cut")
-  max_examples: int | None = field(None, "use at most this many examples")
   eval_fraction: float = field(0.1, "held-out fraction of the examples")
   vocab_size: int = field(1024, "BPE vocabulary of the default tokenizer")
   hidden_size: int = field(128, "random-init model: hidden size")
@@ -155,6 +154,10 @@ def build_task(cfg: Config) -> common.Task:
   options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
                  scan_layers=cfg.scan_layers)
   if cfg.model:
+    try:
+      base.read_hf_config(cfg.model, ["llama"])
+    except ValueError as e:
+      raise common.UsageError(f"--model: {e}") from None
     tok = common.pretrained_tokenizer(cfg.model)
 
     def make_model():

@@ -29,7 +29,7 @@ from flax import nnx
 
 from examples import common
 from examples.common import field
-from examples.models import roberta
+from examples.models import base, roberta
 
 SPECIAL = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4 (pad = 1)
 # SuperGLUE tasks with one or two text fields and a label (hub dataset "aps/super_glue").
@@ -155,6 +155,9 @@ def classification_loss(model: roberta.Roberta, batch: dict):
 def build_task(cfg: Config) -> common.Task:
   out = pathlib.Path(cfg.out or pathlib.Path("runs") / cfg.name)
   train_rows, eval_rows = load_rows(cfg)
+  if cfg.max_examples:  # a random subset: the default rows are grouped by label
+    keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[:cfg.max_examples]
+    train_rows = [train_rows[i] for i in sorted(keep)]
   if eval_rows is None:
     order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
     n_eval = max(1, int(round(cfg.eval_fraction * len(train_rows))))
@@ -168,6 +171,10 @@ def build_task(cfg: Config) -> common.Task:
   options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
                  scan_layers=cfg.scan_layers)
   if cfg.model:
+    try:
+      base.read_hf_config(cfg.model, ["roberta"])
+    except ValueError as e:
+      raise common.UsageError(f"--model: {e}") from None
     tok = common.pretrained_tokenizer(cfg.model)
 
     def make_model():

@@ -28,11 +28,12 @@ def _compilation_cache(tmp_path_factory):
 LLAMA = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--hidden-size", "32",
          "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
          "--intermediate-size", "64", "--vocab-size", "300", "--max-examples", "40",
-         "--eval-every", "3", "--checkpoint-every", "3", "--log-every", "2", "--switch-every", "3",
+         "--eval-every", "6", "--checkpoint-every", "3", "--log-every", "2", "--switch-every", "3",
          "--gen-tokens", "4"]
 ROBERTA = ["--steps", "4", "--batch-size", "4", "--seq-len", "24", "--hidden-size", "32",
            "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
-           "--vocab-size", "300", "--eval-every", "2", "--checkpoint-every", "2",
+           "--vocab-size", "300", "--max-examples", "80", "--eval-every", "4",
+           "--checkpoint-every", "2",
            "--log-every", "2", "--switch-every", "4"]
 
 
@@ -48,9 +49,9 @@ def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
   assert (full / "loss.png").is_file() and (full / "tokenizer.json").is_file()
   assert "[held-out]" in capsys.readouterr().out  # the generation is printed
 
-  finetune_llama.main(LLAMA + ["--out", str(cut), "--stop-at", "3"])
+  finetune_llama.main(LLAMA + ["--out", str(cut), "--stop-at", "3", "--gen-tokens", "0"])
   assert sorted(_losses(cut)) == [1, 2, 3]
-  finetune_llama.main(LLAMA + ["--out", str(cut), "--resume"])
+  finetune_llama.main(LLAMA + ["--out", str(cut), "--resume", "--gen-tokens", "0"])
   assert "resumed badam from step 3" in capsys.readouterr().out
   assert _losses(cut) == _losses(full)  # bit-identical, step by step
 
@@ -77,36 +78,65 @@ def test_llama_from_a_checkpoint_directory(tmp_path):
   data.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
                                         "output": f"{i + 1}"}) for i in range(12)))
   [summary] = finetune_llama.main(LLAMA + ["--model", str(ckpt), "--data", str(data),
-                                           "--optimizer", "lora", "--out", str(tmp_path / "r")])
+                                           "--optimizer", "lora", "--out", str(tmp_path / "r"),
+                                           "--steps", "2", "--gen-tokens", "0"])
   assert summary["final_loss"] == summary["final_loss"]  # not NaN
 
 
-def test_roberta_compare_and_resume(tmp_path, capsys):
+def test_roberta_compare(tmp_path, capsys):
+  import optax_memopt
+
   out = tmp_path / "cmp"
-  summaries = finetune_roberta.main(ROBERTA + ["--out", str(out),
-                                               "--compare", "adamw,badam,badam_ratio,galore,lora"])
-  assert [s["optimizer"] for s in summaries] == ["adamw", "badam", "badam_ratio", "galore", "lora"]
+  names = ["adamw", "lora", "badam_ratio"] + (
+      ["adarankgrad"] if hasattr(optax_memopt, "adarankgrad") else [])
+  summaries = finetune_roberta.main(ROBERTA + ["--out", str(out), "--compare", ",".join(names)])
+  assert [s["optimizer"] for s in summaries] == names
   assert all(0.0 <= s["eval_accuracy"] <= 1.0 for s in summaries)
   assert (out / "compare.png").is_file() and (out / "compare.md").is_file()
   assert "| eval accuracy |" in capsys.readouterr().out
   by_name = {s["optimizer"]: s for s in summaries}
-  assert by_name["lora"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"]
-  assert by_name["badam"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"]
-
-  cut = tmp_path / "cut"
-  finetune_roberta.main(ROBERTA + ["--out", str(cut), "--optimizer", "lora", "--stop-at", "2"])
-  finetune_roberta.main(ROBERTA + ["--out", str(cut), "--optimizer", "lora", "--resume"])
-  assert _losses(cut) == _losses(out / "lora")
+  assert by_name["lora"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"] / 2
+  assert by_name["lora"]["trainable_params"] < by_name["adamw"]["trainable_params"] / 2
 
 
-def test_roberta_local_jsonl_pairs(tmp_path):
-  rows = [{"premise": f"the number {i}", "hypothesis": "is even", "label": i % 2 == 0}
-          for i in range(20)]
-  train = tmp_path / "train.jsonl"
-  train.write_text("\n".join(map(json.dumps, rows)))
-  [summary] = finetune_roberta.main(ROBERTA + ["--train", str(train), "--optimizer", "adamw",
-                                               "--out", str(tmp_path / "r")])
-  assert "eval_accuracy" in summary
+@pytest.mark.parametrize("name", ["galore", "badam", "badam_ratio"])
+def test_optimizers_step(name):
+  import jax
+  import jax.numpy as jnp
+
+  from examples import common
+
+  params = {"embed_tokens": {"embedding": jnp.ones((8, 4))},
+            "layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(2)}}
+  task = common.Task("t", lambda: None, lambda m, b: None, {}, {}, from_scratch=False)
+  tx = common.make_optimizer(finetune_roberta.Config(switch_every=1), name, params, task)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):  # the warmup's first learning rate is 0
+    updates, state = tx.update(grads, state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert any(float(jnp.abs(u).sum()) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_roberta_pair_encoding():
+  from examples import common
+
+  class Chars:
+    def get_vocab_size(self):
+      return 300
+
+    def encode(self, text):
+      return type("E", (), {"ids": [5 + ord(c) % 250 for c in text]})()
+
+  tok = common.Tokenizer(Chars(), bos=0, eos=2, pad=1)
+  rows = [{"premise": "a" * 30, "hypothesis": "bb", "label": True},
+          {"text": "hello", "label": False}]
+  data = finetune_roberta.encode(rows, tok, 16, {False: 0, True: 1})
+  first = list(data["input_ids"][0])
+  assert first[0] == 0 and first[-1] == 2 and first.count(2) == 3  # <s> a </s></s> b </s>
+  assert first[-3:-1] == [5 + ord("b") % 250] * 2
+  assert list(data["attention_mask"][1]) == [1] * 7 + [0] * 9
+  assert list(data["labels"]) == [1, 0]
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -138,4 +168,4 @@ def test_checkpoint_of_another_model_type(tmp_path):
   fixtures = pathlib.Path(__file__).parent / "fixtures"
   with pytest.raises(SystemExit) as e:
     finetune_llama.main(LLAMA + ["--model", str(fixtures / "roberta"), "--out", str(tmp_path)])
-  assert "'roberta' model" in str(e.value.code) or "tokenizer" in str(e.value.code)
+  assert "'roberta' model" in str(e.value.code)
