@@ -1,0 +1,257 @@
+"""What the benchmark scripts share: environment header, timing, tables, JSON, optimizer setups.
+
+Optimizer construction, the model split and the training steps are the examples' own
+(``examples/common.py``); this module only names the benchmark variants on top of them:
+
+* ``badam_dropin``: ``optax_memopt.badam`` used as an ordinary optax transformation
+  (``jax.grad`` of every parameter, then ``tx.update``);
+* ``badam_block``: the same optimizer through ``optax_memopt.make_block_step``, which
+  differentiates only the active block (what ``examples/common.py`` uses for ``badam``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_memopt
+from examples import common
+from examples.models import llama
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+# Benchmark variant -> the examples' optimizer name.
+VARIANTS = {
+    "adamw": "adamw",
+    "badam_dropin": "badam",
+    "badam_block": "badam",
+    "badam_ratio": "badam_ratio",
+    "adarankgrad": "adarankgrad",
+    "galore": "galore",
+    "lora": "lora",
+}
+
+LLAMA_SHAPES = {
+    # name: LlamaConfig fields (vocab, hidden, layers, heads, kv heads, intermediate)
+    "micro": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=128),
+    "tiny": dict(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=384),
+    "small": dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, intermediate_size=1536),
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, intermediate_size=5632),  # TinyLlama-1.1B
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                      rope_theta=500000.0),
+}
+
+
+def _export_adarankgrad() -> None:
+  # optax_memopt/__init__.py does not export adarankgrad yet, and importing the submodule binds the
+  # *module* to optax_memopt.adarankgrad, which examples.common.make_optimizer would then call.
+  # Bind the factory (and effective_ranks) until the package exports them itself.
+  from optax_memopt import adarankgrad as module
+
+  if not callable(getattr(optax_memopt, "adarankgrad", None)) or isinstance(
+      optax_memopt.adarankgrad, type(module)):
+    optax_memopt.adarankgrad = module.adarankgrad
+  if not hasattr(optax_memopt, "effective_ranks"):
+    optax_memopt.effective_ranks = module.effective_ranks
+
+
+_export_adarankgrad()
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, tables, JSON.
+
+
+def environment() -> dict:
+  """Machine, date and library versions, recorded with every result."""
+  import flax
+
+  return {
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "platform": platform.platform(),
+      "machine": platform.machine(),
+      "processor": platform.processor() or platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "load_average": [round(x, 2) for x in os.getloadavg()],
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "flax": flax.__version__,
+      "backend": jax.default_backend(),
+  }
+
+
+def environment_header(env: dict) -> str:
+  return (f"Machine: {env['platform']} ({env['processor']}), {env['cpu_count']} CPUs, "
+          f"backend {env['backend']}, load average {env['load_average'][0]:.1f} at start. "
+          f"Date: {env['date']}. Versions: jax {env['jax']}, optax {env['optax']}, "
+          f"flax {env['flax']}, python {env['python']}.")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def gb(n: float) -> str:
+  """Bytes as decimal gigabytes (the papers' GB), or MB below 1 GB."""
+  return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def write_json(path: pathlib.Path, result: dict) -> None:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1, default=float))
+
+
+def add_output_args(parser, default_name: str) -> None:
+  parser.add_argument("--quick", action="store_true", help="small settings, under 2 minutes")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS / f"{default_name}.json",
+                      help="JSON output path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def interleaved_median(cases: dict[str, Callable[[], Any]], repeats: int,
+                       warmup: int = 1) -> dict[str, float]:
+  """Median seconds of each zero-argument callable, timed round-robin so that load drifts hit all.
+
+  Each call's result is waited for (``jax.block_until_ready``) inside the timed region.
+  """
+  for _ in range(warmup):
+    for fn in cases.values():
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, fn in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and optimizer setups, on the examples' machinery.
+
+
+def tree_bytes(tree) -> int:
+  """Exact bytes of a tree of arrays or ``ShapeDtypeStruct`` (sum of size * itemsize)."""
+  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def tree_size(tree) -> int:
+  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def llama_config(shape: str | dict, *, seq_len: int, param_dtype: str = "float32",
+                 dtype: str = "float32") -> llama.LlamaConfig:
+  fields = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
+  return llama.LlamaConfig(**fields, max_position_embeddings=max(seq_len, 16),
+                           param_dtype=param_dtype, dtype=dtype, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+
+
+def llama_task(model_cfg: llama.LlamaConfig, *, from_scratch: bool, seed: int = 0) -> common.Task:
+  """A Task for ``make_optimizer`` (no data): the instruction-tuning loss of the Llama example."""
+  from examples import finetune_llama
+
+  empty = {"weight": np.zeros(0, np.float32)}
+  return common.Task(name="bench", make_model=lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(seed)),
+                     loss_fn=finetune_llama.lm_loss, train_data=empty, eval_data=empty,
+                     from_scratch=from_scratch)
+
+
+def llama_batch(batch: int, seq_len: int, vocab: int, *, abstract: bool, seed: int = 0) -> dict:
+  if abstract:
+    ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    return {"input_ids": ids, "attention_mask": ids, "loss_mask": ids,
+            "weight": jax.ShapeDtypeStruct((batch,), jnp.float32)}
+  rng = np.random.default_rng(seed)
+  ones = np.ones((batch, seq_len), np.int32)
+  return {"input_ids": rng.integers(3, vocab, (batch, seq_len), dtype=np.int32),
+          "attention_mask": ones, "loss_mask": ones, "weight": np.ones(batch, np.float32)}
+
+
+@dataclasses.dataclass
+class Setup:
+  """One optimizer variant on one model: trainable params, frozen rest, optimizer, step."""
+
+  variant: str
+  params: Any  # trainable parameters (nested dict; ShapeDtypeStruct leaves when abstract)
+  rest: Any  # frozen part of the model (LoRA bases)
+  tx: optax.GradientTransformation
+  opt_state: Any
+  step: Any  # step(params, opt_state, rest, batch) -> (params, opt_state, (loss, aux))
+  labels: Any = None  # BAdam block labels of params
+
+  def lower(self, batch, block: int = 0):
+    if self.variant == "badam_block":
+      return self.step.lower(block, self.params, self.opt_state, self.rest, batch)
+    return self.step.lower(self.params, self.opt_state, self.rest, batch)
+
+
+def make_setup(variant: str, task: common.Task, cfg: common.TrainConfig, *,
+               abstract: bool) -> Setup:
+  """The examples' model split, optimizer and training step for ``variant``.
+
+  ``abstract``: build the model with ``nnx.eval_shape`` and the optimizer state with
+  ``jax.eval_shape(tx.init, params)``: nothing is allocated.
+  """
+  name = VARIANTS[variant]
+
+  def build():
+    model = task.make_model()
+    if name == "lora":
+      common.apply_lora(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1), skip=task.head)
+    return model
+
+  model = nnx.eval_shape(build) if abstract else build()
+  trainable = (nnx.Any(nnx.LoRAParam, *[nnx.PathContains(h) for h in task.head])
+               if name == "lora" else nnx.Param)
+  split = common._Trainable(model, trainable)
+  tx = common.make_optimizer(cfg, name, split.params, task)
+  if abstract:
+    opt_state = jax.eval_shape(tx.init, split.params)
+  else:
+    opt_state = jax.tree.map(jnp.copy, tx.init(split.params))
+  # The examples' step for "badam" is the block step; any other name gives jax.grad + tx.update.
+  step, _ = common._make_steps(split, task.loss_fn, tx,
+                               "badam" if variant == "badam_block" else "adamw")
+  labels = None
+  if name == "badam":
+    labels = optax_memopt.block_labels(split.params, include_embedding=task.from_scratch,
+                                       include_lm_head=task.from_scratch or bool(task.head))
+  return Setup(variant, split.params, split.rest, tx, opt_state, step, labels)
+
+
+def block_sizes(labels, params) -> dict[int, int]:
+  """Parameter count of each BAdam block (frozen leaves, label -1, left out)."""
+  sizes: dict[int, int] = {}
+  for lab, x in zip(jax.tree.leaves(labels), jax.tree.leaves(params), strict=True):
+    if lab >= 0:
+      sizes[lab] = sizes.get(lab, 0) + int(np.prod(x.shape))
+  return sizes

@@ -1,0 +1,201 @@
+"""Training-step memory of each optimizer on Llama shapes, from tiny up to Llama 2-7B and Llama 3-8B.
+
+Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer states with
+``jax.eval_shape(tx.init, params)``. Two tables:
+
+* **Mixed-precision account (headline)**, exact from the abstract trees: bf16 weights; the
+  BAdam family (``badam``, ``badam_ratio``) runs on the bf16 weights directly, so its optimizer
+  state is the library's own state on bf16 params (for ``badam`` that includes the float32 master
+  copy of the active block) and its gradients are bf16 (all of them for the drop-in and the ratio
+  variant, one block's for the block step); the other optimizers use the usual fp32-master mixed
+  precision (fp32 master copy, fp32 gradients and fp32 optimizer state of what they train, the
+  convention behind the papers' "Adam 18 bytes per parameter"). Activations are not counted; the
+  papers' totals include them.
+* **XLA compiled step (float32 configs)**: one training step per optimizer compiled by XLA for
+  this backend, batch 1 and a short sequence, with ``compiled.memory_analysis()``: arguments
+  (params + optimizer state + batch), outputs, aliased (donated) bytes, temporaries, and a peak
+  estimate ``arguments + outputs - aliased + temporaries``. Only float32 configs are compiled:
+  XLA on CPU widens bf16 matmul operands to f32, which would inflate bf16 temporaries. For
+  ``badam_block`` the step of block 0 (the lowest layer: backpropagation through every layer) is
+  compiled, the worst case over blocks.
+
+    python -m benchmarks.memory            # every shape (7B/8B compiles take ~30 s each)
+    python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+from benchmarks import _common as bc
+from examples import common
+
+VARIANTS = tuple(bc.VARIANTS)
+FULL_XLA_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
+QUICK_XLA_SHAPES = ("tiny",)
+QUICK_ACCOUNT_SHAPES = ("tiny", "llama2-7b")
+ACCOUNT_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
+
+# BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
+PAPER_GB = {
+    ("llama2-7b", "badam_block"): "21.8 GB",
+    ("llama2-7b", "adamw"): "120 GB+",
+    ("llama3-8b", "badam_block"): "23.5 GB (params 16.1, grads 0.9, states 2.6)",
+    ("llama3-8b", "adamw"): "144.8 GB+",
+    ("llama3-8b", "lora"): "22.3 GB",
+}
+
+
+def _train_config(args) -> common.TrainConfig:
+  return common.TrainConfig(optimizer="adamw", steps=1000, rank=args.rank, lora_rank=args.lora_rank,
+                            switch_every=100)
+
+
+def mixed_precision_account(shape: str, args) -> list[dict]:
+  """Exact bytes of weights, master copy, gradients and optimizer state per optimizer."""
+  cfg = _train_config(args)
+  rows = []
+  setups = {}
+  for dtype in ("float32", "bfloat16"):
+    model_cfg = bc.llama_config(shape, seq_len=args.seq_len, param_dtype=dtype)
+    task = bc.llama_task(model_cfg, from_scratch=False)
+    for variant in VARIANTS:
+      if variant == "badam_block":  # same optimizer state as the drop-in
+        continue
+      setups[variant, dtype] = bc.make_setup(variant, task, cfg, abstract=True)
+  full = setups["adamw", "float32"]
+  n_model = bc.tree_size(full.params)
+  for variant in VARIANTS:
+    key = "badam_dropin" if variant == "badam_block" else variant
+    s32, s16 = setups[key, "float32"], setups[key, "bfloat16"]
+    trained = bc.tree_size(s32.params)
+    weights = 2 * (n_model + (trained if variant == "lora" else 0))
+    if variant.startswith("badam"):
+      master = 0  # inside the optimizer state (badam keeps the active block's f32 copy)
+      state = bc.tree_bytes(s16.opt_state)
+      if variant == "badam_block":
+        grad_params = max(bc.block_sizes(s16.labels, s16.params).values())
+      else:
+        grad_params = trained
+      grads = 2 * grad_params
+    else:
+      master, grads = 4 * trained, 4 * trained
+      state = bc.tree_bytes(s32.opt_state)
+    rows.append({
+        "shape": shape, "optimizer": variant, "model_params": n_model, "trained_params": trained,
+        "weights_bytes": weights, "master_bytes": master, "grad_bytes": grads,
+        "opt_state_bytes": state, "total_bytes": weights + master + grads + state,
+        "opt_state_bytes_f32_params": bc.tree_bytes(s32.opt_state),
+        "paper": PAPER_GB.get((shape, variant), ""),
+    })
+  return rows
+
+
+def xla_step(shape: str, variant: str, args) -> dict:
+  """Compiles one float32 training step abstractly and reads XLA's memory analysis."""
+  cfg = _train_config(args)
+  model_cfg = bc.llama_config(shape, seq_len=args.seq_len)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  setup = bc.make_setup(variant, task, cfg, abstract=True)
+  batch = bc.llama_batch(1, args.seq_len, model_cfg.vocab_size, abstract=True)
+  start = time.perf_counter()
+  lowered = setup.lower(batch, block=0)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  row = {
+      "shape": shape, "optimizer": variant, "seq_len": args.seq_len, "batch": 1,
+      "params_bytes": bc.tree_bytes(setup.params) + bc.tree_bytes(setup.rest),
+      "opt_state_bytes": bc.tree_bytes(setup.opt_state),
+      "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+      "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+      "compile_s": compile_s,
+  }
+  row["peak_bytes"] = (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"]
+                       + row["temp_bytes"])
+  return row
+
+
+def account_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "optimizer", "trained params", "weights (bf16)", "fp32 master", "gradients",
+       "optimizer state", "total (no activations)", "paper (incl. activations)"],
+      [[r["shape"], r["optimizer"], f"{r['trained_params'] / 1e6:,.1f} M", bc.gb(r["weights_bytes"]),
+        bc.gb(r["master_bytes"]) if r["master_bytes"] else "in state",
+        bc.gb(r["grad_bytes"]), bc.gb(r["opt_state_bytes"]), bc.gb(r["total_bytes"]),
+        r["paper"]] for r in rows])
+
+
+def xla_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "optimizer", "params", "optimizer state (exact)", "arguments", "outputs",
+       "aliased", "temporaries", "peak estimate", "compile"],
+      [[r["shape"], r["optimizer"], bc.gb(r["params_bytes"]), bc.gb(r["opt_state_bytes"]),
+        bc.gb(r["argument_bytes"]), bc.gb(r["output_bytes"]), bc.gb(r["alias_bytes"]),
+        bc.gb(r["temp_bytes"]), bc.gb(r["peak_bytes"]), f"{r['compile_s']:.1f} s"]
+       for r in rows])
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  bc.add_output_args(parser, "memory")
+  parser.add_argument("--xla-shapes", nargs="*", default=None, choices=tuple(bc.LLAMA_SHAPES),
+                      help="shapes to compile (default: all; --quick: tiny)")
+  parser.add_argument("--account-shapes", nargs="*", default=None, choices=tuple(bc.LLAMA_SHAPES),
+                      help="shapes of the mixed-precision account (default: all; --quick: tiny, llama2-7b)")
+  parser.add_argument("--optimizers", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+  parser.add_argument("--seq-len", type=int, default=64, help="sequence length of the XLA steps")
+  parser.add_argument("--rank", type=int, default=128, help="GaLore rank / AdaRankGrad max rank")
+  parser.add_argument("--lora-rank", type=int, default=8)
+  args = parser.parse_args(argv)
+  xla_shapes = args.xla_shapes if args.xla_shapes is not None else (
+      QUICK_XLA_SHAPES if args.quick else FULL_XLA_SHAPES)
+  account_shapes = args.account_shapes if args.account_shapes is not None else (
+      QUICK_ACCOUNT_SHAPES if args.quick else ACCOUNT_SHAPES)
+  env = bc.environment()
+  start = time.perf_counter()
+  result = {"benchmark": "memory", "quick": args.quick, "environment": env,
+            "seq_len": args.seq_len, "rank": args.rank, "lora_rank": args.lora_rank,
+            "account": [], "xla": [], "skipped": []}
+  for shape in account_shapes:
+    rows = [r for r in mixed_precision_account(shape, args) if r["optimizer"] in args.optimizers]
+    result["account"] += rows
+    print(f"account {shape}: done", flush=True)
+  for what, chosen in (("XLA compile", xla_shapes), ("mixed-precision account", account_shapes)):
+    left_out = [s for s in bc.LLAMA_SHAPES if s not in chosen]
+    if left_out:
+      why = "--quick" if args.quick else "not selected on the command line"
+      result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
+  for shape in xla_shapes:
+    for variant in args.optimizers:
+      try:
+        row = xla_step(shape, variant, args)
+      except Exception as e:  # report a failed cell instead of losing the table
+        msg = f"XLA {shape}/{variant}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(msg, flush=True)
+        result["skipped"].append(msg)
+        continue
+      print(f"xla {shape}/{variant}: peak {bc.gb(row['peak_bytes'])}, "
+            f"compile {row['compile_s']:.1f} s", flush=True)
+      result["xla"].append(row)
+      bc.write_json(args.out, result | {"complete": False})
+  result["wall_s"] = time.perf_counter() - start
+  result["complete"] = True
+  result["table"] = "\n\n".join([
+      bc.environment_header(env),
+      "Mixed-precision account (exact, from the abstract trees; bf16 weights; GB = 1e9 bytes):",
+      account_table(result["account"]),
+      f"XLA compiled training step, float32 configs, batch 1, sequence {args.seq_len}, "
+      f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
+      "operands to f32 and would inflate the temporaries):",
+      xla_table(result["xla"]),
+  ] + (["Not computed: " + "; ".join(result["skipped"])] if result["skipped"] else []))
+  bc.write_json(args.out, result)
+  print(result["table"])
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,166 @@
+"""Per-step time of each optimizer relative to AdamW on a CPU-sized Llama, and the refresh speedup.
+
+Every optimizer trains its own copy of the same model on the same batch. Timing is interleaved in
+one process: after a warm-up (compilation, and for the BAdam block step one full block-epoch so
+that every block's step is compiled), each timed call runs one block-epoch worth of steps
+(``D`` steps, ``D`` = number of BAdam blocks) for every optimizer in turn, repeated ``--repeats``
+times; the figure is the median per-step time. BAdam switches block every step here
+(``switch_every=1``), so each timed call of the block step visits every block once: the lower
+blocks (long backward) and the upper ones (short backward) are all counted. AdaRankGrad's steps
+include its subspace refreshes as they occur (the table counts the matrices refreshed
+during the timed steps).
+
+The refresh ratio is one optimizer update that recomputes the projection, AdaRankGrad (randomized
+SVD) against ``optax.contrib.galore`` (full SVD), for the model's largest weight matrix, measured with
+``benchmarks/adarankgrad_refresh.py``'s functions.
+
+    python -m benchmarks.speed            # 8 layers, width 512
+    python -m benchmarks.speed --quick    # 2 layers, width 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from optax import contrib as optax_contrib
+
+from benchmarks import _common as bc
+from benchmarks import adarankgrad_refresh as refresh_bench
+from examples import common
+from optax_memopt.adarankgrad import AdaRankGradState, adarankgrad
+
+VARIANTS = tuple(bc.VARIANTS)
+TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup)
+    "badam_dropin": ("<=", 1.0),
+    "badam_block": ("<=", 0.7),
+    "adarankgrad": ("<=", 1.3),
+    "refresh_speedup": (">=", 10.0),
+}
+
+
+def _met(key: str, value: float) -> str:
+  op, bound = TARGETS[key]
+  ok = value <= bound if op == "<=" else value >= bound
+  return f"{op} {bound:g}: {'met' if ok else 'missed'}"
+
+
+def _last_refresh(opt_state) -> list[np.ndarray]:
+  """AdaRankGrad's per-matrix step of the last subspace refresh (empty for other optimizers)."""
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AdaRankGradState))
+            if isinstance(s, AdaRankGradState)]
+  return [np.asarray(x) for s in states for x in jax.tree.leaves(s.last_refresh)]
+
+
+def _runner(setup: bc.Setup, batch: dict, steps: int):
+  """A callable running ``steps`` training steps in place; returns the last loss."""
+  state = {"params": setup.params, "opt": setup.opt_state}
+
+  def run():
+    loss = None
+    for _ in range(steps):
+      state["params"], state["opt"], (loss, _) = setup.step(state["params"], state["opt"],
+                                                            setup.rest, batch)
+    return loss
+
+  return run, state
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  bc.add_output_args(parser, "speed")
+  parser.add_argument("--shape", default=None, choices=tuple(bc.LLAMA_SHAPES),
+                      help="model (default: small = 8 layers, width 512; --quick: micro)")
+  parser.add_argument("--seq-len", type=int, default=None, help="default 128 (--quick: 64)")
+  parser.add_argument("--batch-size", type=int, default=None, help="default 4 (--quick: 2)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed block-epochs (default 5)")
+  parser.add_argument("--rank", type=int, default=32, help="GaLore rank / AdaRankGrad max rank")
+  parser.add_argument("--optimizers", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+  args = parser.parse_args(argv)
+  shape = args.shape or ("micro" if args.quick else "small")
+  seq_len = args.seq_len or (64 if args.quick else 128)
+  batch_size = args.batch_size or (2 if args.quick else 4)
+  repeats = args.repeats or (3 if args.quick else 5)
+  variants = ["adamw"] + [v for v in args.optimizers if v != "adamw"]
+  env = bc.environment()
+  start = time.perf_counter()
+
+  model_cfg = bc.llama_config(shape, seq_len=seq_len)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  cfg = common.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, rank=args.rank,
+                           switch_every=1, switch_mode="ascending")
+  batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=False)
+  setups = {v: bc.make_setup(v, task, cfg, abstract=False) for v in variants}
+  labels = setups.get("badam_block", setups.get("badam_dropin"))
+  n_blocks = (len(bc.block_sizes(labels.labels, labels.params)) if labels is not None
+              else model_cfg.num_hidden_layers)
+  runners = {v: _runner(s, batch, n_blocks) for v, s in setups.items()}
+  compile_start = time.perf_counter()
+  for v, (run, _) in runners.items():  # warm-up: compile (every block of the block step)
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    print(f"{v}: warm-up {time.perf_counter() - t:.1f} s", flush=True)
+  warmup_s = time.perf_counter() - compile_start
+  before = {v: _last_refresh(st["opt"]) for v, (_, st) in runners.items()}
+  seconds = bc.interleaved_median({v: run for v, (run, _) in runners.items()}, repeats, warmup=0)
+  per_step = {v: s / n_blocks for v, s in seconds.items()}
+  rows = []
+  for v in variants:
+    after = _last_refresh(runners[v][1]["opt"])
+    refreshes = int(sum(np.sum(a != b) for a, b in zip(after, before[v], strict=True)))
+    rows.append({"optimizer": v, "step_s": per_step[v], "ratio_vs_adamw": per_step[v] / per_step["adamw"],
+                 "refreshes_in_timed_steps": refreshes if v == "adarankgrad" else None,
+                 "target": _met(v, per_step[v] / per_step["adamw"]) if v in TARGETS else ""})
+
+  # Subspace refresh of the largest weight matrix (MLP: hidden x intermediate).
+  m, n = model_cfg.hidden_size, model_cfg.intermediate_size
+  grads = refresh_bench._gradients(m, n)
+  refresh_cases = {
+      "adarankgrad": refresh_bench._refresh_step(
+          adarankgrad(1e-3, max_rank=args.rank, max_refresh_interval=1), grads),
+      "galore": refresh_bench._refresh_step(
+          optax_contrib.galore(1e-3, rank=args.rank, update_proj_gap=1), grads),
+  }
+  refresh = bc.interleaved_median(
+      {k: (lambda c=c, a=a: c(*a)) for k, (c, a) in refresh_cases.items()}, max(repeats, 3))
+  speedup = refresh["galore"] / refresh["adarankgrad"]
+  refresh_row = {"shape": [m, n], "rank": args.rank, "refresh_s": refresh,
+                 "speedup_vs_galore": speedup, "target": _met("refresh_speedup", speedup)}
+
+  result = {
+      "benchmark": "speed", "quick": args.quick, "environment": env, "shape": shape,
+      "model": {k: getattr(model_cfg, k) for k in bc.LLAMA_SHAPES[shape]},
+      "seq_len": seq_len, "batch_size": batch_size, "repeats": repeats,
+      "steps_per_timed_call": n_blocks, "rank": args.rank, "warmup_s": warmup_s,
+      "rows": rows, "refresh": refresh_row,
+  }
+  table = bc.markdown_table(
+      ["optimizer", "step time", "ratio to adamw", "target"],
+      [[r["optimizer"], f"{1e3 * r['step_s']:.1f} ms", f"{r['ratio_vs_adamw']:.2f}x",
+        r["target"] + (f" ({r['refreshes_in_timed_steps']} matrices refreshed in "
+                       f"{repeats * n_blocks} timed steps)"
+                       if r["refreshes_in_timed_steps"] is not None else "")] for r in rows])
+  refresh_table = bc.markdown_table(
+      ["matrix", "rank", "refresh: adarankgrad", "refresh: galore", "speedup", "target"],
+      [[f"{m}x{n}", args.rank, f"{1e3 * refresh['adarankgrad']:.1f} ms",
+        f"{1e3 * refresh['galore']:.1f} ms", f"{speedup:.1f}x", refresh_row["target"]]])
+  result["wall_s"] = time.perf_counter() - start
+  result["table"] = "\n\n".join([
+      bc.environment_header(env),
+      f"Llama {shape} ({model_cfg.num_hidden_layers} layers, width {model_cfg.hidden_size}, "
+      f"vocab {model_cfg.vocab_size}), float32, batch {batch_size} x {seq_len} tokens; median of "
+      f"{repeats} interleaved block-epochs of {n_blocks} steps; BAdam switches block every step:",
+      table,
+      "Subspace refresh (one update that recomputes the projection):",
+      refresh_table,
+  ])
+  bc.write_json(args.out, result)
+  print(result["table"])
+  return result
+
+
+if __name__ == "__main__":
+  main()
