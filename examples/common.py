@@ -308,8 +308,8 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    if not hasattr(optax_memopt, "adarankgrad"):
-      raise UsageError("this optax_memopt has no adarankgrad yet")
+    if not callable(getattr(optax_memopt, "adarankgrad", None)):
+      raise UsageError("this optax_memopt has no adarankgrad yet; update the package")
     tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay)
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -324,7 +324,7 @@ def optimizer_probe(name: str, opt_state) -> dict:
 
   if name == "badam":
     return {"block": int(optax_memopt.active_block(opt_state))}
-  if name == "adarankgrad" and hasattr(optax_memopt, "effective_ranks"):
+  if name == "adarankgrad" and callable(getattr(optax_memopt, "effective_ranks", None)):
     ranks = [np.ravel(np.asarray(r)) for r in jax.tree.leaves(optax_memopt.effective_ranks(opt_state))]
     return {"rank": round(float(np.mean(np.concatenate(ranks))), 2)} if ranks else {}
   return {}
