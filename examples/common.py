@@ -268,11 +268,9 @@ class Task:
 # Optimizers.
 
 
-def apply_lora(module: nnx.Module, rank: int, rngs: nnx.Rngs, skip: Sequence[str] = ()) -> None:
-  """Wraps every ``nnx.Linear`` below ``module`` (attention and MLP projections) in ``nnx.LoRA``."""
+def apply_lora(module: nnx.Module, rank: int, rngs: nnx.Rngs) -> None:
+  """Wraps every ``nnx.Linear`` below ``module`` in ``nnx.LoRA`` (``lora_b`` starts at zero)."""
   for name, value in list(vars(module).items()):
-    if name in skip:
-      continue
     if isinstance(value, nnx.Linear):
       lora = nnx.LoRA(value.in_features, rank, value.out_features, base_module=value,
                       param_dtype=value.param_dtype, rngs=rngs)
@@ -430,7 +428,9 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
   if optimizer == "lora":
     if getattr(model.config, "scan_layers", False):
       raise UsageError("--optimizer lora needs the layers as a list (no --scan-layers)")
-    apply_lora(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1), skip=task.head)
+    rngs = nnx.Rngs(cfg.seed + 1)
+    for layer in model.layers:  # the attention and MLP projections; not lm_head or a task head
+      apply_lora(layer, cfg.lora_rank, rngs)
     trainable = nnx.Any(nnx.LoRAParam, *[nnx.PathContains(h) for h in task.head])
   else:
     trainable = nnx.Param
