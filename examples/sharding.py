@@ -182,3 +182,46 @@ def shard_params(params_state: Any, mesh: Mesh,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Inputs ``[batch, ...]``: the batch split over ``data``, replicated over ``model``."""
   return NamedSharding(mesh, P(DATA if DATA in mesh.shape else None))
+
+
+def explicit_mesh(mesh: Mesh) -> Mesh:
+  """``mesh`` with every axis ``Explicit`` (sharding in types), same devices and names."""
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names))
+
+
+def state_shardings(tx: Any, params: Any, mesh: Mesh) -> Any:
+  """The ``NamedSharding`` (on ``mesh``) of every leaf of ``tx.init(params)``, as the optimizer types it.
+
+  ``params`` are sharded arrays or ShapeDtypeStructs with shardings. The init is traced abstractly
+  (``jax.eval_shape``, nothing is computed or allocated) under the explicit-axes version of ``mesh``,
+  where every array's type carries its sharding, so each state leaf gets the sharding the optimizer
+  derives from the parameter it stands for (BAdam's slot: the block's leaves' shardings; AdamW's
+  moments: their parameter's); leaves built from shapes alone (counters) are replicated.
+  """
+  exp = explicit_mesh(mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(exp, x.sharding.spec)),
+      params,
+  )
+  specs = {}
+
+  def init_types(p):
+    state = tx.init(p)
+    specs["state"] = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state)
+    return state
+
+  with jax.set_mesh(exp):
+    jax.eval_shape(init_types, abstract)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs["state"],
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def init_state(tx: Any, params: Any, mesh: Mesh) -> Any:
+  """``tx.init(params)`` computed on the mesh, each leaf born with its :func:`state_shardings` sharding.
+
+  Under automatic sharding (the default mesh of :func:`make_mesh`) ``jax.jit(tx.init)`` alone would
+  replicate every state leaf made from a shape (``jnp.zeros``) rather than from a parameter: this
+  pins the output shardings instead.
+  """
+  return jax.jit(tx.init, out_shardings=state_shardings(tx, params, mesh))(params)

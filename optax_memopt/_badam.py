@@ -91,6 +91,16 @@ class _Plan(NamedTuple):
   master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
 
 
+def zeros_like_placed(x: jax.Array) -> jax.Array:
+  """Zeros shaped, typed and (under ``jax.jit`` on a device mesh) sharded like ``x``.
+
+  ``jnp.zeros_like`` inside ``jax.jit`` is a constant with no tie to ``x``, so automatic sharding
+  replicates it; selecting against ``x`` lets the partitioner give it ``x``'s sharding (XLA folds the
+  select away).
+  """
+  return jnp.where(False, x, jnp.zeros((), x.dtype))
+
+
 def _validate_schedule(switch_every, switch_mode, start_block):
   for name, value in (("switch_every", switch_every), ("start_block", start_block)):
     if isinstance(value, (jax.Array, jax.core.Tracer)):
@@ -278,11 +288,11 @@ def block_coordinate(
     for i, leaf in enumerate(like):
       w = plan.where[i]
       if w is None:
-        out.append(jnp.zeros_like(leaf))
+        out.append(zeros_like_placed(leaf))
         continue
       value = slot_values[w[0]][w[1]].astype(leaf.dtype)
       if isinstance(block, int):
-        out.append(value if plan.labels[i] == block else jnp.zeros_like(leaf))
+        out.append(value if plan.labels[i] == block else zeros_like_placed(leaf))
       else:
         out.append(jnp.where(block == plan.labels[i], value, jnp.zeros_like(value)))
     return out
