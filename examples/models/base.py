@@ -159,9 +159,10 @@ def load_weights(model: nnx.Module, tensors: dict, weight_map: WeightMap, *, bas
   the bare base model (``layers.0...`` instead of ``model.layers.0...``) load too.
   """
   state = nnx.state(model, nnx.Param)
-  current = nnx.to_pure_dict(state)
+  current = nnx.to_pure_dict(state)  # shapes and dtypes (the model may be abstract)
   if scan:
-    current = unstack_layers(current, num_layers)
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), current["layers"])
+    current = {**current, "layers": dict.fromkeys(range(num_layers), one)}
   new: dict = {}
   for path, hf_name, transpose in weight_map:
     name = hf_name

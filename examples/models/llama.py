@@ -234,7 +234,7 @@ class Llama(nnx.Module):
     """Reads a local HF Llama checkpoint (``config.json`` + ``*.safetensors``)."""
     cfg = LlamaConfig.from_hf(base.read_hf_config(path, ["llama"]), **options)
     tensors = base.read_safetensors(path)
-    model = cls(cfg, rngs=nnx.Rngs(seed))
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))  # every weight is loaded below
     base.load_weights(model, tensors, model.weight_map(), base_prefix="model.",
                       num_layers=cfg.num_hidden_layers, scan=cfg.scan_layers)
     return model

@@ -193,10 +193,11 @@ class Roberta(nnx.Module):
     if num_labels is not None:
       cfg = dataclasses.replace(cfg, num_labels=num_labels)
     tensors = base.read_safetensors(path)
-    model = cls(cfg, rngs=nnx.Rngs(seed))
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))  # no random init to overwrite
     wm = model.weight_map()
     head = tensors.get("classifier.out_proj.weight")
     if head is None or head.shape[0] != cfg.num_labels:
+      model.classifier = ClassificationHead(cfg, rngs=nnx.Rngs(seed))
       wm = [w for w in wm if w[0][0] != "classifier"]
     base.load_weights(model, tensors, wm, base_prefix="roberta.",
                       num_layers=cfg.num_hidden_layers, scan=cfg.scan_layers)
