@@ -16,19 +16,37 @@ stacked, scanned layer: a leaf with more dimensions than its spec gets leading `
 the stack axis stays whole). A dimension not divisible by its mesh axes is left unsharded rather
 than padded.
 
-The optimizers of ``optax_memopt`` need nothing more: called under ``jax.jit`` on sharded params,
-their states take the parameters' shardings (BAdam's slot one block's, AdaRankGrad's projectors and
-moments the parameter's sharded axis), and an update moves about one block (BAdam) or the projected
-sizes (AdaRankGrad) across devices, never whole parameters (``tests/test_sharding.py`` measures it).
+The mesh is *automatic* by default (``AxisType.Auto``): the example models carry no sharding
+annotations, so XLA's partitioner propagates the parameters' shardings through the model. Optimizer
+states are made with :func:`init_state`, which pins each state leaf to the sharding the optimizer
+gives it (:func:`state_shardings`, read from an abstract trace on the explicit-axes version of the
+mesh); a plain ``jax.jit(tx.init)`` would replicate every leaf built from a shape. What that gives,
+measured by ``tests/test_sharding.py`` on a data=2 x model=4 mesh:
+
+* ``badam`` / ``block_coordinate``: the slot (and its Adam moments / master copy) is sharded exactly
+  like the block's parameters; an update moves no bytes between devices (it is elementwise on
+  co-sharded arrays), and ``make_block_step`` returns params and state with their input shardings.
+* ``badam_ratio``: the ``[n]``-vectors of selected entries are replicated (they are
+  ``update_ratio`` of a tensor); an update gathers the selected entries of the gradient and the
+  parameter by coordinates, about ``4 x update_ratio`` of the parameter bytes, never a whole tensor.
+* ``optax.adamw``: moments sharded like the parameters, no collectives in the update.
+* ``adarankgrad``: its moments and projectors are built from shapes, so they are replicated, and the
+  update all-gathers whole gradient matrices for the randomized SVD (the QR of the sketch needs its
+  rows unsharded). Correct, but not memory- or bandwidth-scalable yet; pin its state's shardings in
+  the train step (``jax.jit(..., out_shardings=...)``) so that they do not drift.
 
 Usage (one host)::
 
     from examples import sharding
     mesh = sharding.make_mesh("data=2,model=4")
     params = sharding.shard_params(params, mesh)          # trainable params dict (or nnx.State)
-    opt_state = jax.jit(tx.init)(params)                   # state sharded like the params
+    opt_state = sharding.init_state(tx, params, mesh)      # state sharded like the params
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     params, opt_state, loss = train_step(params, opt_state, batch)   # jax.jit'ed as usual
+    # or: step = optax_memopt.make_block_step(loss_fn, tx); step(params, opt_state, rest, batch)
+
+``shard_params`` may alias the buffers of single-device leaves into replicated ones: do not reuse
+the unsharded tree after a step that donates its inputs.
 
 Multi-host (several machines, each with its own accelerators):
 
@@ -84,6 +102,10 @@ LLAMA_RULES: list[tuple[str, P]] = [
 def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None, *,
               explicit: bool = False) -> Mesh:
   """A mesh from ``"data=2,model=4"`` (axis names and sizes, outermost first).
+
+  The axes are ``Auto`` (sharding propagated by XLA), which the example models need; ``explicit=True``
+  makes them ``Explicit`` (sharding in types, ``jax.make_mesh``'s default), under which the models
+  would need sharding annotations of their own.
 
   One size may be ``-1``: it takes the devices left over (``"data=-1,model=4"``). The product of
   the sizes must equal the number of devices (by default all of ``jax.devices()``, every host's).

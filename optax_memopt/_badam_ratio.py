@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_memopt._badam import zeros_like_placed
 from optax_memopt._tree import check_float_leaves, is_params_placeholder
 
 MASK_MODES = ("adjacent", "scatter")
@@ -62,6 +63,32 @@ def _selection(mode, size, n, key, leaf_id, period):
     return (start + jnp.arange(n, dtype=jnp.int32)) % size
   k = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), leaf_id), period)
   return jnp.sort(jax.random.choice(k, size, (n,), replace=False)).astype(jnp.int32)
+
+
+def _explicit(x) -> bool:
+  """Whether ``x`` is typed with a sharding on an ``Explicit`` mesh (sharding in types)."""
+  mesh = jax.typeof(x).sharding.mesh
+  return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+
+
+def _take(x, idx):
+  """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
+  empty. Indexes by coordinates: flattening a sharded array first would all-gather it whole, while a
+  gather by coordinates moves only the selected entries. On an explicit mesh the result is typed
+  replicated, like the state's ``[n]``-vectors."""
+  if not idx.shape[0]:
+    return x.reshape(-1)
+  coords = jnp.unravel_index(idx, x.shape) if x.ndim > 1 else idx
+  return x.at[coords].get(out_sharding=jax.P() if _explicit(x) else None)
+
+
+def _put(like, idx, values):
+  """Zeros like ``like`` (and sharded like it) with ``values`` at flat indices ``idx``."""
+  if not idx.shape[0]:
+    return values.reshape(like.shape)
+  coords = jnp.unravel_index(idx, like.shape) if like.ndim > 1 else idx
+  out_sharding = jax.typeof(like).sharding if _explicit(like) else None
+  return zeros_like_placed(like).at[coords].set(values, out_sharding=out_sharding)
 
 
 def badam_ratio(
@@ -163,8 +190,7 @@ def badam_ratio(
     def one(x, idx):
       n = idx.shape[0] or x.size
       if low_precision(x):
-        flat = x.reshape(-1)
-        master = (flat[idx] if idx.shape[0] else flat).astype(jnp.float32)
+        master = _take(x, idx).astype(jnp.float32)
       else:
         master = jnp.zeros((0,), jnp.float32)
       # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
@@ -198,28 +224,23 @@ def badam_ratio(
     s = (state.block_step + 1).astype(jnp.float32)
 
     def one(g, p, idx, m, v, w):
-      flat_p = p.reshape(-1)
-      g_sel = (g.reshape(-1)[idx] if idx.shape[0] else g.reshape(-1)).astype(jnp.float32)
+      g_sel = _take(g, idx).astype(jnp.float32)
+      current = _take(p, idx).astype(jnp.float32)
       m = b1 * m + (1 - b1) * g_sel
       v = b2 * v + (1 - b2) * g_sel * g_sel
       direction = (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps)
       if low_precision(p):
         base = w
       else:
-        base = (flat_p[idx] if idx.shape[0] else flat_p).astype(jnp.float32)
+        base = current
       if decays and p.ndim >= 2:
         direction = direction + weight_decay * base
       new_value = base - lr * direction
       if low_precision(p):
         w = new_value
         new_value = new_value.astype(p.dtype)
-      current = (flat_p[idx] if idx.shape[0] else flat_p).astype(jnp.float32)
       delta = (new_value.astype(jnp.float32) - current).astype(p.dtype)
-      if idx.shape[0]:
-        u = jnp.zeros_like(flat_p).at[idx].set(delta)
-      else:
-        u = delta
-      return u.reshape(p.shape), m, v, w
+      return _put(p, idx, delta), m, v, w
 
     out = jax.tree.map(one, updates, params, state.index, mu, nu, master)
     pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)

@@ -52,6 +52,23 @@ def _distinct_buffers(tree):
   return jax.tree.map(fresh, tree)
 
 
+def _mesh_shardings(tree):
+  """Per leaf, its ``NamedSharding`` when it is placed on a device mesh, else ``None``."""
+  def one(x):
+    sh = getattr(x, "sharding", None)
+    return sh if isinstance(sh, jax.sharding.NamedSharding) else None
+  return [one(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _keep_shardings(tree, shardings):
+  """``tree`` with each leaf constrained to the matching sharding (``None``: left to XLA)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return jax.tree_util.tree_unflatten(treedef, [
+      x if s is None else jax.lax.with_sharding_constraint(x, s)
+      for x, s in zip(leaves, shardings, strict=True)
+  ])
+
+
 def make_block_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -69,7 +86,11 @@ def make_block_step(
   backward cost and with one block's gradient buffers.
 
   One function per block is compiled (lazily, the first time the block is active) and cached: over a
-  run at most one compilation per block and none after the first block-epoch. ``loss_fn`` may use
+  run at most one compilation per block and none after the first block-epoch.
+
+  Sharded training works as with any jitted step: pass params and state placed on a device mesh
+  (``NamedSharding``); each block's step returns them with the shardings they had when that block was
+  compiled, and only the active block's gradients and updates are computed. ``loss_fn`` may use
   ``jax.checkpoint`` / ``nnx.remat``: layers below the active block are never differentiated, so they
   are not recomputed in the backward pass either.
 
@@ -146,7 +167,7 @@ def make_block_step(
       )
     return next(iter(probe.values()))
 
-  def build(block, labels):
+  def build(block, labels, shardings):
     index = [i for i, lab in enumerate(labels) if lab == block]
 
     def one_step(params, opt_state, *args, **kwargs):
@@ -180,7 +201,13 @@ def make_block_step(
       new_leaves = list(leaves)
       for i in index:
         new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
-      return jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state, out
+      # On a device mesh, hand back params and state sharded as they came in: left alone, the
+      # partitioner may pick another layout for a few outputs (e.g. a norm scale split over the
+      # batch axis its gradient was reduced over).
+      new_params, opt_state = _keep_shardings(
+          (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
+      )
+      return new_params, opt_state, out
 
     return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
 
@@ -197,14 +224,16 @@ def make_block_step(
       host["block"], host["left"] = block, period - block_step
     block = host["block"]
     if block not in compiled:
-      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs))
+      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs),
+                              _mesh_shardings((params, opt_state)))
     host["left"] -= 1
     return compiled[block](params, opt_state, *args, **kwargs)
 
   def lower(block, params, opt_state, *args, **kwargs):
     """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""
     if block not in compiled:
-      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs))
+      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs),
+                              _mesh_shardings((params, opt_state)))
     return compiled[block].lower(params, opt_state, *args, **kwargs)
 
   step.trace_count = 0
