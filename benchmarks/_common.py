@@ -226,7 +226,10 @@ def make_setup(variant: str, task: common.Task, cfg: common.TrainConfig, *,
   def build():
     model = task.make_model()
     if name == "lora":
-      common.apply_lora(model, cfg.lora_rank, nnx.Rngs(cfg.seed + 1), skip=task.head)
+      # As examples.common.train does (inline there): adapters on the decoder layers' projections.
+      rngs = nnx.Rngs(cfg.seed + 1)
+      for layer in model.layers:
+        common.apply_lora(layer, cfg.lora_rank, rngs)
     return model
 
   model = nnx.eval_shape(build) if abstract else build()

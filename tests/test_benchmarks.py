@@ -1,0 +1,74 @@
+"""The benchmark scripts end to end, in their smallest settings: JSON content and tables."""
+
+import json
+
+import pytest
+
+from benchmarks import convergence, memory, speed
+
+pytestmark = pytest.mark.slow
+
+
+def _read(path):
+  result = json.loads(path.read_text())
+  assert result["complete"]
+  env = result["environment"]
+  assert env["cpu_count"] >= 1 and env["jax"] and env["optax"] and env["flax"]
+  assert "| optimizer |" in result["table"] and env["date"] in result["table"]
+  return result
+
+
+def test_memory(tmp_path):
+  out = tmp_path / "memory.json"
+  memory.main(["--quick", "--out", str(out), "--account-shapes", "micro", "llama2-7b",
+               "--xla-shapes", "micro"])
+  result = _read(out)
+  account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
+  assert {o for _, o in account} == set(memory.VARIANTS)
+  for r in account.values():
+    assert r["total_bytes"] == (r["weights_bytes"] + r["master_bytes"] + r["grad_bytes"]
+                                + r["opt_state_bytes"]) > 0
+  big = {o: r for (s, o), r in account.items() if s == "llama2-7b"}
+  # Adam in mixed precision: 18 bytes per parameter (bf16 weights; fp32 master, grads, m and v).
+  assert abs(big["adamw"]["total_bytes"] - 18 * big["adamw"]["model_params"]) < 100  # + counters
+  assert big["badam_block"]["opt_state_bytes"] < big["adamw"]["opt_state_bytes"] / 10
+  assert big["badam_block"]["total_bytes"] < 20e9 < big["badam_dropin"]["total_bytes"]
+  assert big["lora"]["trained_params"] < big["adamw"]["trained_params"] / 100
+  xla = {r["optimizer"]: r for r in result["xla"]}
+  assert set(xla) == set(memory.VARIANTS) and not any("XLA micro" in s for s in result["skipped"])
+  for r in xla.values():
+    assert r["argument_bytes"] > 0 and r["peak_bytes"] > 0 and r["compile_s"] > 0
+  assert xla["badam_block"]["opt_state_bytes"] < xla["adamw"]["opt_state_bytes"]
+  assert xla["badam_block"]["peak_bytes"] < xla["adamw"]["peak_bytes"]
+  assert any("XLA compile of" in s for s in result["skipped"])  # nothing left out silently
+
+
+def test_speed(tmp_path):
+  out = tmp_path / "speed.json"
+  speed.main(["--quick", "--out", str(out), "--repeats", "2",
+              "--optimizers", "adamw", "badam_dropin", "badam_block", "adarankgrad"])
+  result = _read(out)
+  rows = {r["optimizer"]: r for r in result["rows"]}
+  assert set(rows) == {"adamw", "badam_dropin", "badam_block", "adarankgrad"}
+  assert rows["adamw"]["ratio_vs_adamw"] == 1.0
+  assert all(r["step_s"] > 0 for r in rows.values())
+  assert rows["badam_block"]["target"].startswith("<= 0.7")
+  refresh = result["refresh"]
+  assert refresh["refresh_s"]["adarankgrad"] > 0 and refresh["speedup_vs_galore"] > 0
+
+
+def test_convergence(tmp_path):
+  out = tmp_path / "convergence.json"
+  convergence.main(["--quick", "--out", str(out), "--steps", "6", "--tasks", "roberta",
+                    "--optimizers", "adamw", "badam", "lora", "--runs-dir", str(tmp_path / "runs")])
+  result = _read(out)
+  (task,) = result["tasks"]
+  assert task["task"] == "roberta" and task["steps"] == 6
+  s = task["summaries"]
+  assert set(s) == {"adamw", "badam", "lora"}
+  for summary in s.values():
+    assert summary["final_loss"] > 0 and 0 <= summary["eval_accuracy"] <= 1
+  assert s["badam"]["opt_state_bytes"] < s["adamw"]["opt_state_bytes"]
+  assert {t["target"] for t in task["targets"]} == {"badam within 5% of adamw's final loss",
+                                                    "badam better than lora"}
+  assert (tmp_path / "convergence_roberta.png").stat().st_size > 0
