@@ -266,6 +266,10 @@ def test_state_sharding_init_update_and_results(name):
 
   # Collectives of one compiled update.
   total = report(f"{name} update", step.as_text())
+  whole = whole_matrices(collective_shapes(step.as_text()))
+  print(f"[collectives] {name} update: {len(whole)} collectives return a whole weight matrix")
+  if name != "adarankgrad":
+    assert not whole
   if name in ("badam", "block_coordinate", "adamw"):
     assert total == 0  # elementwise on co-sharded arrays: nothing to communicate
   if name == "badam_ratio":
@@ -276,8 +280,17 @@ def test_state_sharding_init_update_and_results(name):
     assert total <= 4 * selected + 1024, (total, selected)
     assert total < nbytes(params()), total
   if name == "adarankgrad":
-    # Q^T G and Q D contract over sharded axes and the randomized SVD works on replicated panels.
-    # Measured bound on this model (see the report): below two copies of the parameters.
+    # No whole matrix moves, but the partitioner replicates the thin panels: the sketch A @ Omega
+    # and A^T Q ([M, l], [N, l] with l = rank + oversample), Q^T G ([R, N]) and the projector
+    # ([M, R]). Bound the bytes by a small multiple of those panels' bytes over all matrices.
+    rank, sketch = 8, 8 + 8  # max_rank, max_rank + oversample (defaults: oversample 8)
+    panels = 0
+    for x in jax.tree.leaves(params()):
+      if x.ndim == 2:
+        big, small = max(x.shape), min(x.shape)
+        panels += 4 * (big * sketch + small * sketch + rank * small + big * rank)
+    print(f"[collectives] adarankgrad update: {total / panels:.2f} x the panel bytes ({panels} B)")
+    assert total <= 4 * panels, (total, panels)
     assert total <= 2 * nbytes(params()), total
 
 
@@ -343,23 +356,14 @@ def test_block_step_keeps_params_sharded():
   adamw_state = sharding.init_state(adamw, p, m)
   adamw_text = jax.jit(adamw_step).lower(p, adamw_state, ids).compile().as_text()
 
-  # The drop-in path: jax.grad of everything, then badam's update.
-  def drop_in_step(params, state, ids):
-    grads = jax.grad(loss_fn)(params, ids)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  drop_in_text = jax.jit(drop_in_step).lower(p, state, ids).compile().as_text()
-
   block = report("badam block step (forward + block backward + update)", block_text)
   full = report("adamw train step (forward + backward + update)", adamw_text)
-  drop_in = report("badam drop-in train step (forward + full backward + update)", drop_in_text)
   # The block step moves no more than a full step, and nothing in it is a whole weight matrix:
   # no collective rebuilds a replicated copy of a parameter (FSDP's per-layer all-gathers return
   # the 'model'-sharded slice).
-  assert block <= full and block <= drop_in
-  for text in (block_text, drop_in_text):
-    assert not whole_matrices(collective_shapes(text)), whole_matrices(collective_shapes(text))
+  assert block <= full
+  assert not whole_matrices(collective_shapes(block_text)), whole_matrices(
+      collective_shapes(block_text))
 
 
 @pytest.mark.parametrize("name", ["badam", "block_coordinate", "badam_ratio", "adarankgrad",
