@@ -37,6 +37,10 @@ FULL_XLA_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
 QUICK_XLA_SHAPES = ("tiny",)
 QUICK_ACCOUNT_SHAPES = ("tiny", "llama2-7b")
 ACCOUNT_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
+# AdaRankGrad's step (a randomized SVD, rank selection and moment transformation per matrix inside
+# lax.cond) compiles slowly on CPU: 213 s for the 1B shape, 362 s for Llama 2-7B on
+# this machine. Left out of the default run (--all-cells compiles them).
+SLOW_CELLS = {("llama3-8b", "adarankgrad")}
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
 PAPER_GB = {
@@ -149,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--seq-len", type=int, default=64, help="sequence length of the XLA steps")
   parser.add_argument("--rank", type=int, default=128, help="GaLore rank / AdaRankGrad max rank")
   parser.add_argument("--lora-rank", type=int, default=8)
+  parser.add_argument("--all-cells", action="store_true",
+                      help="also compile the slow cells (AdaRankGrad at 8B, over 6 minutes)")
   args = parser.parse_args(argv)
   xla_shapes = args.xla_shapes if args.xla_shapes is not None else (
       QUICK_XLA_SHAPES if args.quick else FULL_XLA_SHAPES)
@@ -170,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
       result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
   for shape in xla_shapes:
     for variant in args.optimizers:
+      if (shape, variant) in SLOW_CELLS and not args.all_cells:
+        result["skipped"].append(f"XLA {shape}/{variant}: compiles for many minutes on CPU "
+                                 "(1B took 213 s, 7B 362 s); run with --all-cells")
+        continue
       try:
         row = xla_step(shape, variant, args)
       except Exception as e:  # report a failed cell instead of losing the table

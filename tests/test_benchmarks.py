@@ -20,7 +20,7 @@ def _read(path):
 
 def test_memory(tmp_path):
   out = tmp_path / "memory.json"
-  memory.main(["--quick", "--out", str(out), "--account-shapes", "micro", "llama2-7b",
+  memory.main(["--quick", "--out", str(out), "--account-shapes", "micro",
                "--xla-shapes", "micro"])
   result = _read(out)
   account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
@@ -28,12 +28,13 @@ def test_memory(tmp_path):
   for r in account.values():
     assert r["total_bytes"] == (r["weights_bytes"] + r["master_bytes"] + r["grad_bytes"]
                                 + r["opt_state_bytes"]) > 0
-  big = {o: r for (s, o), r in account.items() if s == "llama2-7b"}
+  acc = {o: r for (s, o), r in account.items() if s == "micro"}
   # Adam in mixed precision: 18 bytes per parameter (bf16 weights; fp32 master, grads, m and v).
-  assert abs(big["adamw"]["total_bytes"] - 18 * big["adamw"]["model_params"]) < 100  # + counters
-  assert big["badam_block"]["opt_state_bytes"] < big["adamw"]["opt_state_bytes"] / 10
-  assert big["badam_block"]["total_bytes"] < 20e9 < big["badam_dropin"]["total_bytes"]
-  assert big["lora"]["trained_params"] < big["adamw"]["trained_params"] / 100
+  assert abs(acc["adamw"]["total_bytes"] - 18 * acc["adamw"]["model_params"]) < 100  # + counters
+  assert acc["badam_block"]["opt_state_bytes"] < acc["adamw"]["opt_state_bytes"] / 2
+  assert acc["badam_block"]["total_bytes"] < acc["badam_dropin"]["total_bytes"]
+  assert acc["badam_dropin"]["total_bytes"] < acc["adamw"]["total_bytes"]
+  assert acc["lora"]["trained_params"] < acc["adamw"]["trained_params"] / 5
   xla = {r["optimizer"]: r for r in result["xla"]}
   assert set(xla) == set(memory.VARIANTS) and not any("XLA micro" in s for s in result["skipped"])
   for r in xla.values():
