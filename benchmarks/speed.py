@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "speedup_vs_galore": speedup, "target": _met("refresh_speedup", speedup)}
 
   result = {
-      "benchmark": "speed", "quick": args.quick, "environment": env, "shape": shape,
+      "benchmark": "speed", "complete": True, "quick": args.quick, "environment": env, "shape": shape,
       "model": {k: getattr(model_cfg, k) for k in bc.LLAMA_SHAPES[shape]},
       "seq_len": seq_len, "batch_size": batch_size, "repeats": repeats,
       "steps_per_timed_call": n_blocks, "rank": args.rank, "warmup_s": warmup_s,
