@@ -63,22 +63,6 @@ LLAMA_SHAPES = {
 }
 
 
-def _export_adarankgrad() -> None:
-  # optax_memopt/__init__.py does not export adarankgrad yet, and importing the submodule binds the
-  # *module* to optax_memopt.adarankgrad, which examples.common.make_optimizer would then call.
-  # Bind the factory (and effective_ranks) until the package exports them itself.
-  from optax_memopt import adarankgrad as module
-
-  if not callable(getattr(optax_memopt, "adarankgrad", None)) or isinstance(
-      optax_memopt.adarankgrad, type(module)):
-    optax_memopt.adarankgrad = module.adarankgrad
-  if not hasattr(optax_memopt, "effective_ranks"):
-    optax_memopt.effective_ranks = module.effective_ranks
-
-
-_export_adarankgrad()
-
-
 # ---------------------------------------------------------------------------------------------
 # Environment, tables, JSON.
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
-from optax_memopt.adarankgrad import AdaRankGradState, adarankgrad
+from optax_memopt import AdaRankGradState, adarankgrad
 
 FULL_SHAPES = ((1024, 1024), (2048, 2048), (4096, 1024), (4096, 4096))
 FULL_RANKS = (32, 128)

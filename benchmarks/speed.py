@@ -31,7 +31,7 @@ from optax import contrib as optax_contrib
 from benchmarks import _common as bc
 from benchmarks import adarankgrad_refresh as refresh_bench
 from examples import common
-from optax_memopt.adarankgrad import AdaRankGradState, adarankgrad
+from optax_memopt import AdaRankGradState, adarankgrad
 
 VARIANTS = tuple(bc.VARIANTS)
 TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup)

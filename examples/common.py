@@ -312,8 +312,6 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    if not callable(getattr(optax_memopt, "adarankgrad", None)):
-      raise UsageError("this optax_memopt has no adarankgrad yet; update the package")
     tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay)
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -328,7 +326,7 @@ def optimizer_probe(name: str, opt_state) -> dict:
 
   if name == "badam":
     return {"block": int(optax_memopt.active_block(opt_state))}
-  if name == "adarankgrad" and callable(getattr(optax_memopt, "effective_ranks", None)):
+  if name == "adarankgrad":
     ranks = [np.ravel(np.asarray(r)) for r in jax.tree.leaves(optax_memopt.effective_ranks(opt_state))]
     return {"rank": round(float(np.mean(np.concatenate(ranks))), 2)} if ranks else {}
   return {}
@@ -362,7 +360,7 @@ def _make_steps(split: _Trainable, loss_fn, tx, optimizer: str):
   def loss(params, rest, batch):
     return loss_fn(split.merge(params, rest), batch)
 
-  if optimizer == "badam" and hasattr(optax_memopt, "make_block_step"):
+  if optimizer == "badam":
     train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
   else:
 

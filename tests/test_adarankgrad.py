@@ -1,4 +1,4 @@
-"""Behavioural tests for optax_memopt.adarankgrad."""
+"""Behavioural tests for optax_memopt.adarankgrad / scale_by_adarankgrad."""
 
 import chex
 import jax
@@ -8,7 +8,7 @@ import optax
 import pytest
 from optax import contrib as optax_contrib
 
-from optax_memopt.adarankgrad import (
+from optax_memopt import (
     AdaRankGradDimensionNumbers,
     AdaRankGradState,
     adarankgrad,

@@ -84,11 +84,8 @@ def test_llama_from_a_checkpoint_directory(tmp_path):
 
 
 def test_roberta_compare(tmp_path, capsys):
-  import optax_memopt
-
   out = tmp_path / "cmp"
-  has_adarankgrad = callable(getattr(optax_memopt, "adarankgrad", None))
-  names = ["adamw", "lora", "adarankgrad" if has_adarankgrad else "badam_ratio"]
+  names = ["adamw", "lora", "adarankgrad"]
   summaries = finetune_roberta.main(ROBERTA + ["--out", str(out), "--compare", ",".join(names)])
   assert [s["optimizer"] for s in summaries] == names
   assert all(0.0 <= s["eval_accuracy"] <= 1.0 for s in summaries)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 import optax_memopt
 from examples import sharding
 from examples.models.llama import Llama, LlamaConfig
-from optax_memopt.adarankgrad import adarankgrad
+from optax_memopt import adarankgrad
 
 CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)

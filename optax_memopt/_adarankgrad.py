@@ -264,7 +264,7 @@ def scale_by_adarankgrad(
   needs it, and only the members that need a refresh take it.
 
   **Adaptive rank.** At a refresh, a randomized SVD :math:`G \approx U \operatorname{diag}(s)
-  V^\top` of width ``max_rank`` (see :func:`optax_memopt.linalg.randomized_svd`) gives the rank
+  V^\top` of width ``max_rank`` (see :func:`optax_memopt.randomized_svd`) gives the rank
   :math:`r = \min\{k : \sum_{i \le k} s_i^2 \ge \eta \|G\|_F^2\}` clipped to ``[min_rank,
   max_rank]`` (:math:`\eta` = ``info_threshold``, :math:`\|G\|_F` computed exactly). Buffers
   always have width ``R = min(max_rank, N)``, so shapes are static and there is one compilation;
@@ -329,7 +329,7 @@ def scale_by_adarankgrad(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
-    >>> from optax_memopt.adarankgrad import effective_ranks, scale_by_adarankgrad
+    >>> from optax_memopt import effective_ranks, scale_by_adarankgrad
     >>> u = jax.random.normal(jax.random.key(0), (32, 2))
     >>> v = jax.random.normal(jax.random.key(1), (2, 16))
     >>> grads = {'w': u @ v, 'b': jnp.ones((16,))}  # the matrix has rank 2
@@ -559,7 +559,7 @@ def adarankgrad(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
-    >>> from optax_memopt.adarankgrad import adarankgrad, effective_ranks
+    >>> from optax_memopt import adarankgrad, effective_ranks
     >>> target = jnp.outer(jnp.arange(1.0, 9.0), jnp.ones(6))
     >>> loss = lambda p: jnp.sum((p['w'] - target) ** 2) + jnp.sum(p['b'] ** 2)
     >>> params = {'w': jnp.zeros((8, 6)), 'b': jnp.ones((6,))}
@@ -631,7 +631,7 @@ def effective_ranks(opt_state: Any) -> dict[str, jax.Array]:
 
   Examples:
     >>> import jax.numpy as jnp, optax
-    >>> from optax_memopt.adarankgrad import adarankgrad, effective_ranks
+    >>> from optax_memopt import adarankgrad, effective_ranks
     >>> params = {'w': jnp.ones((4, 3)), 'b': jnp.ones((3,))}
     >>> state = optax.MultiSteps(adarankgrad(1e-3, max_rank=2), 2).init(params)
     >>> effective_ranks(state)
