@@ -70,6 +70,8 @@ class TrainConfig:
   switch_mode: str = field("random", "BAdam block order: random, ascending, descending, fixed")
   update_ratio: float = field(0.1, "BAdam-ratio: fraction of each tensor trained at a time")
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
+  info_threshold: float | None = field(None, "AdaRankGrad: fraction of each gradient's energy "
+                                       "the adaptive rank keeps (default: the library's)")
   galore_update_gap: int = field(50, "GaLore: steps between projection updates")
   lora_rank: int = field(8, "LoRA adapter rank")
   eval_every: int = field(100, "evaluate every this many steps (and at the end)")
@@ -80,6 +82,11 @@ class TrainConfig:
   compare: str = field("", "comma-separated optimizers to run on the same data and seed, "
                        "e.g. adamw,badam,adarankgrad")
   out: str | None = field(None, "run directory (default runs/<name>)")
+  mesh: str | None = field(None, "shard over a device mesh, e.g. 'data=2,model=4' (FSDP over "
+                           "'data', tensor parallel over 'model'; sizes multiply to the device "
+                           "count, one may be -1); default: one device")
+  cpu_devices: int | None = field(None, "simulate this many CPU devices (to try --mesh on a "
+                                  "machine without accelerators)")
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -95,10 +102,14 @@ class TrainConfig:
         raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < self.update_ratio <= 1:
       raise UsageError("--update-ratio must be in (0, 1]")
+    if self.info_threshold is not None and not 0 < self.info_threshold <= 1:
+      raise UsageError("--info-threshold must be in (0, 1]")
     if self.switch_mode not in ("random", "ascending", "descending", "fixed"):
       raise UsageError("--switch-mode must be random, ascending, descending or fixed")
     if self.learning_rate is not None and self.learning_rate <= 0:
       raise UsageError("--learning-rate must be positive")
+    if self.cpu_devices is not None and self.cpu_devices < 1:
+      raise UsageError("--cpu-devices must be at least 1")
     if self.warmup_steps >= self.steps:
       self.warmup_steps = max(0, self.steps // 10)
 
@@ -130,7 +141,14 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str):
     else:
       parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text,
                           metavar=f.name.upper())
-  return cls(**vars(parser.parse_args(argv)))
+  cfg = cls(**vars(parser.parse_args(argv)))
+  if cfg.cpu_devices:
+    try:
+      jax.config.update("jax_num_cpu_devices", cfg.cpu_devices)
+    except RuntimeError:
+      raise UsageError("--cpu-devices must be set before JAX starts (it cannot change the devices "
+                       "of a running process)") from None
+  return cfg
 
 
 def main_guard(main: Callable[[Sequence[str] | None], Any]):
@@ -267,6 +285,9 @@ class Task:
   head: tuple[str, ...] = ()  # top-level names of a new task head: trained by every optimizer
   from_scratch: bool = True  # random-init model: BAdam also trains the embedding and head
   after_training: Callable[[nnx.Module], None] | None = None  # e.g. print a generation
+  # (path regex, PartitionSpec) rules for --mesh (see examples/sharding.py); None: params are
+  # replicated and only the batch is split (data parallelism).
+  sharding_rules: Sequence[tuple[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +333,9 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay)
+    extra = {} if cfg.info_threshold is None else {"info_threshold": cfg.info_threshold}
+    tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay,
+                                  **extra)
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if cfg.clip_norm > 0:
@@ -377,18 +400,63 @@ def _make_steps(split: _Trainable, loss_fn, tx, optimizer: str):
   return train_step, eval_step
 
 
-def _evaluate(eval_step, params, rest, data: dict, batch_size: int) -> dict:
+def _evaluate(eval_step, params, rest, data: dict, batch_size: int, place) -> dict:
   n = len(data["weight"])
   totals: dict[str, float] = {}
   for i in range(0, n, batch_size):
-    stats = jax.device_get(eval_step(params, rest, {k: v[i:i + batch_size]
-                                                    for k, v in data.items()}))
+    batch = place.batch({k: v[i:i + batch_size] for k, v in data.items()})
+    stats = jax.device_get(eval_step(params, rest, batch))
     for k, v in stats.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   out = {"eval_loss": totals["nll_sum"] / max(totals["count"], 1.0)}
   if "correct" in totals:
     out["eval_accuracy"] = totals["correct"] / max(totals["count"], 1.0)
   return out
+
+
+class _Placement:
+  """Where arrays live: the default device, or a device mesh (``--mesh``).
+
+  On a mesh the params are placed by the task's partition rules (FSDP over ``data``, tensor
+  parallelism over ``model``), the optimizer state is born sharded like them
+  (``sharding.init_state``), the frozen rest is replicated and each batch is split over ``data``.
+  The jitted steps then run as one SPMD program over the mesh.
+  """
+
+  def __init__(self, cfg: TrainConfig, task: Task):
+    self.mesh = None
+    if not cfg.mesh:
+      return
+    from examples import sharding
+
+    try:
+      self.mesh = sharding.make_mesh(cfg.mesh)
+    except ValueError as e:
+      raise UsageError(f"--mesh: {e} (jax sees {jax.device_count()} devices; on a CPU use "
+                       "--cpu-devices N to simulate N)") from None
+    data = self.mesh.shape.get(sharding.DATA, 1)
+    if cfg.batch_size % data:
+      raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the mesh's data axis "
+                       f"({data})")
+    self._sharding = sharding
+    self._rules = task.sharding_rules or [(r".*", jax.sharding.PartitionSpec())]
+
+  def params(self, params):
+    return params if self.mesh is None else self._sharding.shard_params(params, self.mesh,
+                                                                        self._rules)
+
+  def replicated(self, tree):
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+  def opt_state(self, tx, params):
+    return tx.init(params) if self.mesh is None else self._sharding.init_state(tx, params,
+                                                                               self.mesh)
+
+  def batch(self, batch: dict) -> dict:
+    return batch if self.mesh is None else jax.device_put(
+        batch, self._sharding.batch_sharding(self.mesh))
 
 
 def _checkpoint_manager(directory: pathlib.Path):
@@ -441,7 +509,9 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
   split = _Trainable(model, trainable)
   tx = make_optimizer(cfg, optimizer, split.params, task)
   params, rest = split.params, split.rest
-  opt_state = _distinct_buffers(tx.init(params), params)
+  place = _Placement(cfg, task)
+  params, rest = place.params(params), place.replicated(rest)
+  opt_state = _distinct_buffers(place.opt_state(tx, params), params)
   train_step, eval_step = _make_steps(split, task.loss_fn, tx, optimizer)
 
   n_train = len(task.train_data["weight"])
@@ -501,6 +571,7 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
     idx = batch_indices(n_train, cfg.batch_size, cfg.seed, step)
     batch = {k: v[idx] for k, v in task.train_data.items()}
     tokens += int(batch[task.tokens_key].sum())
+    batch = place.batch(batch)
     params, opt_state, (loss, _) = train_step(params, opt_state, rest, batch)
     pending.append((step + 1, loss))
     done = step + 1
@@ -518,7 +589,7 @@ def train(cfg: TrainConfig, task: Task, optimizer: str, out: pathlib.Path) -> di
       bar.update(len(pending))
       pending, tokens, first_interval, t_last = [], 0, False, time.perf_counter()
     if done % cfg.eval_every == 0 or done == cfg.steps:
-      log({"step": done, **_evaluate(eval_step, params, rest, eval_data, eval_batch)})
+      log({"step": done, **_evaluate(eval_step, params, rest, eval_data, eval_batch, place)})
       t_last = time.perf_counter()
     if done % cfg.checkpoint_every == 0 or done == end:
       save(done)

@@ -8,6 +8,7 @@ instruction set built from the Python reference manual that ships with Python (`
   python examples/finetune_llama.py --optimizer lora --lora-rank 8
   python examples/finetune_llama.py --compare adamw,badam,adarankgrad
   python examples/finetune_llama.py --model DIR --data alpaca.json   # an HF Llama checkpoint
+  python examples/finetune_llama.py --mesh data=2,model=4 --cpu-devices 8   # sharded, simulated
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from examples import common
+from examples import common, sharding
 from examples.common import field
 from examples.models import base, llama
 
@@ -190,7 +191,8 @@ def build_task(cfg: Config) -> common.Task:
   return common.Task(
       name=cfg.name, make_model=make_model, loss_fn=lm_loss,
       train_data=encode(train_ex, tok, cfg.seq_len), eval_data=encode(eval_ex, tok, cfg.seq_len),
-      from_scratch=cfg.model is None, after_training=show_generations)
+      from_scratch=cfg.model is None, after_training=show_generations,
+      sharding_rules=sharding.LLAMA_RULES)
 
 
 @common.main_guard

@@ -56,6 +56,22 @@ def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
   assert _losses(cut) == _losses(full)  # bit-identical, step by step
 
 
+def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path):
+  """--mesh data=2,model=4 on the 8 simulated CPU devices (conftest.py): same losses as one device;
+  a sharded run resumes from its checkpoint."""
+  args = LLAMA + ["--gen-tokens", "0", "--stop-at", "4"]
+  finetune_llama.main(args + ["--out", str(tmp_path / "one")])
+  finetune_llama.main(args + ["--out", str(tmp_path / "mesh"), "--mesh", "data=2,model=4"])
+  one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+  assert sorted(mesh) == [1, 2, 3, 4]
+  for step, loss in one.items():
+    assert abs(mesh[step] - loss) <= 1e-4 * abs(loss), (step, mesh[step], loss)
+  # Resuming the sharded run restores sharded arrays and continues.
+  finetune_llama.main(args[:-2] + ["--out", str(tmp_path / "mesh"), "--mesh", "data=2,model=4",
+                                   "--resume"])
+  assert sorted(_losses(tmp_path / "mesh")) == list(range(1, 7))
+
+
 def test_llama_from_a_checkpoint_directory(tmp_path):
   """--model DIR: HF weights and the checkpoint's own tokenizer."""
   from flax import nnx
@@ -139,6 +155,8 @@ def test_roberta_pair_encoding():
 @pytest.mark.parametrize("script, argv, message", [
     (finetune_llama, ["--optimizer", "sgdd"], "unknown optimizer 'sgdd'"),
     (finetune_llama, ["--compare", "adamw,foo"], "--compare: unknown optimizer 'foo'"),
+    (finetune_llama, ["--mesh", "data=3,model=4"], "--mesh: mesh spec 'data=3,model=4'"),
+    (finetune_llama, ["--mesh", "data=8", "--batch-size", "4"], "must be divisible by the mesh"),
     (finetune_llama, ["--data", "no/such/file.json"], "not found"),
     (finetune_llama, ["--model", "."], "has no config.json"),
     (finetune_roberta, ["--train", "missing.jsonl"], "not found"),

@@ -1,0 +1,147 @@
+"""Writes ``benchmarks/RESULTS.md`` and the README's benchmark section from the JSON results.
+
+Every figure comes from ``benchmarks/results/*.json`` as the scripts wrote them; nothing is typed
+in by hand. Run it after any benchmark script:
+
+    python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+from collections.abc import Sequence
+
+from benchmarks import _common as bc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS_MD = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+# (JSON name, section title, command that reproduces it)
+SECTIONS = (
+    ("memory", "Memory of one training step", "python -m benchmarks.memory"),
+    ("speed", "Step time relative to AdamW", "python -m benchmarks.speed"),
+    ("adarankgrad_refresh", "AdaRankGrad's subspace refresh against GaLore's SVD",
+     "python -m benchmarks.adarankgrad_refresh"),
+    ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
+)
+# Shapes of the memory account that the README shows (the papers' models).
+README_MEMORY_SHAPES = ("llama2-7b", "llama3-8b")
+
+NOTES = """\
+## Notes
+
+- All timings are on 2 CPU cores: ratios measured interleaved in one run are the figures to read;
+  absolute times say little about an accelerator. The load average at the start of each run is in
+  its header.
+- Memory: the mixed-precision account (bf16 weights, fp32 master copy, gradients and optimizer
+  state) is exact and counts model states only; the paper's totals also hold activations (seq 728,
+  batch 2). BAdam's block-step gradients are bf16 (the step differentiates the bf16 weights) where
+  the paper's 0.9 GB are fp32. The XLA table compiles float32 configs (XLA on CPU widens bf16 matmul
+  operands to f32, which would inflate the temporaries), batch 1, sequence 64; its badam_block row
+  is block 0's step (backward through every layer, the worst case).
+- AdaRankGrad's optimizer-only step time (the refresh table's step/adamw columns) times the update
+  alone on one matrix: projecting costs about ``4 m n r`` flops per step where Adam costs about
+  ``10 m n``, so no projected optimizer (GaLore included) can be within 1.3x of AdamW there; in a
+  training step, where the forward and backward passes dominate, the ratio is the speed table's.
+- Convergence on the Llama task compares final *train* loss, as specified: the small offline
+  instruction set is memorised by full AdamW within 200 steps (its eval loss shows it), so the
+  eval-loss row is the fairer comparison.
+"""
+
+
+def _load(name: str) -> dict | None:
+  path = bc.RESULTS / f"{name}.json"
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _wall(result: dict) -> str:
+  wall = result.get("wall_s")
+  return f" (wall time {wall / 60:.1f} min)" if wall else ""
+
+
+def results_markdown() -> str:
+  parts = ["# Benchmark results", "",
+           "Produced by the scripts in `benchmarks/` on this project's 2-core CPU machine and "
+           "assembled by `python -m benchmarks.report`; the JSON and PNGs are in "
+           "`benchmarks/results/`. Targets that are missed are reported as measured.", ""]
+  for name, title, command in SECTIONS:
+    result = _load(name)
+    if result is None:
+      continue
+    parts += [f"## {title}", "", f"Reproduce: `{command}`{_wall(result)}", "", result["table"]]
+    if result.get("note"):
+      parts += ["", result["note"]]
+    if name == "convergence":
+      parts += [""] + [f"![{t['task']}](results/{t['plot']})" for t in result["tasks"]]
+    parts.append("")
+  parts.append(NOTES)
+  return "\n".join(parts)
+
+
+def readme_section() -> str:
+  """The README's benchmark tables: headline rows of each result, with machine and date."""
+  from benchmarks import convergence as convergence_lib
+  from benchmarks import memory as memory_lib
+
+  parts = [START, ""]
+
+  def block(title: str, result: dict, tables: list[str]) -> None:
+    parts.extend([title, ""])
+    for table in tables:
+      parts.extend([table, ""])
+    parts.extend([f"<sub>{bc.environment_header(result['environment'])}</sub>", ""])
+
+  memory = _load("memory")
+  if memory:
+    rows = [r for r in memory["account"] if r["shape"] in README_MEMORY_SHAPES]
+    block("**Memory** of the model states (exact mixed-precision account: bf16 weights, fp32 "
+          "master copy and optimizer states; activations not counted), `python -m "
+          "benchmarks.memory`:", memory, [memory_lib.account_table(rows)])
+  speed = _load("speed")
+  if speed:
+    block("**Step time** relative to AdamW, one training step of a Llama, `python -m "
+          "benchmarks.speed`:", speed, [_strip_header(speed["table"])])
+  refresh = _load("adarankgrad_refresh")
+  if refresh:
+    block("**Subspace refresh**: AdaRankGrad's randomized SVD against `optax.contrib.galore`'s "
+          "full SVD, one refreshing update per matrix, and the optimizer-only step time over 200 "
+          "steps, `python -m benchmarks.adarankgrad_refresh`:", refresh,
+          [_strip_header(refresh["table"])])
+  convergence = _load("convergence")
+  if convergence:
+    block("**Convergence** on the examples' tasks (same data, seed and steps), `python -m "
+          "benchmarks.convergence`:", convergence,
+          [f"*{t['task']}*, {t['steps']} steps, batch {t['batch_size']}:\n\n"
+           + convergence_lib.task_table(t) for t in convergence["tasks"]])
+  parts += ["The XLA memory analysis of the compiled steps, the curves and the notes: "
+            "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).", "", END]
+  return "\n".join(parts)
+
+
+def _strip_header(table: str) -> str:
+  """A result's table without its leading ``Machine: ...`` paragraph."""
+  return re.sub(r"\AMachine: [^\n]*\n\n", "", table)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--readme", type=pathlib.Path, default=README)
+  parser.add_argument("--results-md", type=pathlib.Path, default=RESULTS_MD)
+  args = parser.parse_args(argv)
+  args.results_md.write_text(results_markdown())
+  readme = args.readme.read_text()
+  if START not in readme or END not in readme:
+    raise SystemExit(f"{args.readme} has no {START} ... {END} section to fill")
+  head, rest = readme.split(START, 1)
+  tail = rest.split(END, 1)[1]
+  args.readme.write_text(head + readme_section() + tail)
+  print(f"wrote {args.results_md} and the benchmark section of {args.readme}")
+
+
+if __name__ == "__main__":
+  main()
