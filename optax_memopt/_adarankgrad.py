@@ -7,6 +7,7 @@ code; the choices it leaves open are ours and are documented where they are made
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -87,6 +88,8 @@ class _Layout(NamedTuple):
   """How one projected leaf is seen as a stack of tall matrices ``[*B, M, N]``, ``M >= N``."""
 
   perm: tuple[int, ...]  # leaf axes -> batch axes, reduction axes, output axes
+  reduction: tuple[int, ...]  # the leaf's reduction axes, in the order given
+  output: tuple[int, ...]  # the leaf's output axes, in the order given
   grouped_shape: tuple[int, ...]  # the leaf's shape after ``perm``
   batch: tuple[int, ...]
   m: int  # product of the reduction axes
@@ -110,6 +113,21 @@ class _Layout(NamedTuple):
   @property
   def tall(self) -> tuple[int, int]:
     return max(self.m, self.n), min(self.m, self.n)
+
+  def matrix_spec(self, spec: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, Any]:
+    """The mesh axes of ``[*B, M, N]`` (batch entries, M's, N's) from the leaf's ``spec`` entries.
+
+    A merged dimension keeps the mesh axes of its leading leaf axis when that is its only sharded
+    axis (then the reshape moves no data); any other sharding of it is dropped (replicated).
+    """
+
+    def merged(axes):
+      sharded = [ax for ax in axes if spec[ax] is not None]
+      return spec[axes[0]] if sharded == [axes[0]] else None
+
+    batch = tuple(spec[ax] for ax in self.perm[: len(self.batch)])
+    rows, cols = merged(self.reduction), merged(self.output)
+    return (batch, cols, rows) if self.flipped else (batch, rows, cols)
 
 
 def _axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -140,6 +158,8 @@ def _layout(path: str, leaf: Any, dim_nums: _DimNums, max_rank: int) -> _Layout:
   n = math.prod(shape[ax] for ax in out)
   return _Layout(
       perm=perm,
+      reduction=red,
+      output=out,
       grouped_shape=tuple(shape[ax] for ax in perm),
       batch=tuple(shape[ax] for ax in batch_axes),
       m=m,
@@ -211,6 +231,58 @@ def _layouts(
 
 def _mT(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
+
+
+class _Where(NamedTuple):
+  """Where a parameter lives on a device mesh: the mesh and one spec entry per axis."""
+
+  mesh: Any
+  spec: tuple[Any, ...]
+  in_types: bool  # an Explicit mesh axis: the sharding is part of the array's type
+
+  def zeros(self, shape: tuple[int, ...], dtype: Any, spec: Sequence[Any]) -> jax.Array:
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+    if self.in_types:
+      return jnp.zeros(shape, dtype, out_sharding=sharding)
+    return jnp.zeros(shape, dtype, device=sharding)
+
+
+def _keep_placement(new: Any, old: Any) -> Any:
+  """``new`` constrained to the sharding of the concrete array ``old`` (an update run outside
+  ``jax.jit``); under a trace the placement is the partitioner's (or the types') business."""
+  sharding = getattr(old, "sharding", None)
+  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer) and isinstance(
+      sharding, jax.sharding.NamedSharding
+  ) and isinstance(new, jax.Array):
+    return jax.lax.with_sharding_constraint(new, sharding)
+  return new
+
+
+def _where(x: Any) -> _Where | None:
+  """The mesh placement of ``x`` when it is known at trace time, else ``None``.
+
+  Known for a concrete array with a ``NamedSharding`` and, under sharding in types (an Explicit mesh,
+  e.g. inside ``jax.set_mesh``), for tracers too. Under ``jax.jit`` on an automatic mesh the
+  placement of a tracer is decided later by the partitioner: ``None``.
+  """
+  def entries(spec):
+    spec = tuple(spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+  if not isinstance(x, jax.core.Tracer):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return _Where(sharding.mesh, entries(sharding.spec), False)
+  try:
+    sharding = jax.typeof(x).sharding
+  except TypeError:
+    return None
+  if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.empty:
+    return None
+  spec = entries(sharding.spec)
+  if all(e is None for e in spec):
+    return None
+  return _Where(sharding.mesh, spec, True)
 
 
 def _frobenius(x: jax.Array) -> jax.Array:
@@ -369,20 +441,33 @@ def scale_by_adarankgrad(
     fields = []
     for leaf, lay in zip(leaves, leaf_layouts(params), strict=True):
       dt = dtype_of(leaf)
+      where = _where(leaf)
+      if where is None:  # unsharded, or placed later by the partitioner
+        zeros = lambda shape, dtype, spec: jnp.zeros(shape, dtype)
+      else:
+        zeros = where.zeros
       if lay is None:
-        mu = jnp.zeros(leaf.shape, dt)
+        if where is None and isinstance(leaf, jax.core.Tracer):
+          # Tied to the parameter, so that automatic sharding places it like the parameter (XLA
+          # folds the select away).
+          mu = jnp.where(False, leaf, 0).astype(dt)
+        else:
+          mu = zeros(leaf.shape, dt, where and where.spec)
         # No arrays at all (not even empty ones, which orbax refuses to save).
         fields.append((mu, mu) + (optax.MaskedNode(),) * 4)
       else:
+        # Moments [*B, R, N] and projector [*B, M, R] are sharded like the parameter's batch axes
+        # and its N (resp. M) dimension; R is never sharded.
         big, small = lay.tall
-        mu = jnp.zeros(lay.batch + (lay.rank, small), dt)
+        b, rows, cols = lay.matrix_spec(where.spec) if where else ((), None, None)
+        mu = zeros(lay.batch + (lay.rank, small), dt, b + (None, cols))
         fields.append((
             mu,
             mu,
-            jnp.zeros(lay.batch + (big, lay.rank), dt),
-            jnp.zeros(lay.batch, jnp.int32),
-            jnp.zeros(lay.batch, jnp.float32),
-            jnp.zeros(lay.batch, jnp.int32),
+            zeros(lay.batch + (big, lay.rank), dt, b + (rows, None)),
+            zeros(lay.batch, jnp.int32, b),
+            zeros(lay.batch, jnp.float32, b),
+            zeros(lay.batch, jnp.int32, b),
         ))
     columns = [
         jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*fields, strict=True)
@@ -472,9 +557,19 @@ def scale_by_adarankgrad(
         zip(leaves, leaf_layouts(updates), *per_field, strict=True)
     ):
       if lay is None:
-        u, mu, nu = plain_adam(g, mu, nu, step)
+        u, mu, nu = map(_keep_placement, plain_adam(g, mu, nu, step), (g, mu, nu))
       else:
-        u, mu, nu, q, rank, ref, last = projected_adam(i, lay, g, mu, nu, q, rank, ref, last, count)
+        args = (g, mu, nu, q, rank, ref, last)
+        fn = functools.partial(projected_adam, i, lay)
+        if any(w is not None and w.in_types for w in map(_where, args)):
+          # Sharding in types (an Explicit mesh): the linear algebra (matrix products contracting
+          # sharded dimensions, the QR of the sketch) has no typed sharding rule, so it runs with
+          # the mesh axes automatic, where the partitioner moves panels rather than whole matrices;
+          # every output gets the type of the input it replaces.
+          fn = jax.sharding.auto_axes(
+              fn, out_sharding=tuple(jax.typeof(x).sharding for x in args))
+        outs = fn(*args, count)
+        u, mu, nu, q, rank, ref, last = map(_keep_placement, outs, args)
       out_updates.append(u)
       out_fields.append((mu, nu, q, rank, ref, last))
     columns = [

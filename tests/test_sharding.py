@@ -183,6 +183,32 @@ def test_partition_rules():
 
 # --- optimizer states on sharded params -------------------------------------------------------
 
+def assert_adarankgrad_specs(inner, params_tree, spec_of):
+  """AdaRankGrad's state follows its parameters: a matrix seen as ``[M, N]``, ``M >= N`` (transposed
+  if it is wide), has its projector ``[M, R]`` sharded like the parameter's M axis and its moments
+  ``[R, N]`` like its N axis, R unsharded; a vector's moments are sharded like the vector."""
+  flat = {sharding.leaf_path(path): x for path, x in jax.tree_util.tree_leaves_with_path(params_tree)}
+  got = {field: {sharding.leaf_path(path): spec_of(x)
+                 for path, x in jax.tree_util.tree_leaves_with_path(getattr(inner, field))}
+         for field in ("mu", "nu", "projector")}
+  for path, x in flat.items():
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    if x.ndim != 2:
+      assert got["mu"][path] == got["nu"][path] == P(*spec), (path, spec, got["mu"][path])
+      assert path not in got["projector"]
+      continue
+    rows, cols = spec if x.shape[0] >= x.shape[1] else spec[::-1]
+    assert got["projector"][path] == P(rows, None), (path, spec, got["projector"][path])
+    assert got["mu"][path] == got["nu"][path] == P(None, cols), (path, spec, got["mu"][path])
+  # Spelled out: q_proj [64, 64] P('data', 'model') is M=64 rows on 'data', N=64 columns on
+  # 'model'; o_proj P('model', 'data') the other way round; gate_proj [64, 128] P('data', 'model') is
+  # wide, so M is its 128 columns ('model') and N its 64 rows ('data').
+  for path, proj, mom in (("layers.0.self_attn.q_proj.kernel", P("data", None), P(None, "model")),
+                          ("layers.1.self_attn.o_proj.kernel", P("model", None), P(None, "data")),
+                          ("layers.0.mlp.gate_proj.kernel", P("model", None), P(None, "data"))):
+    assert (got["projector"][path], got["mu"][path]) == (proj, mom), path
+
+
 def assert_same_shardings(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert x.shape == y.shape
@@ -228,7 +254,7 @@ def test_state_sharding_init_update_and_results(name):
     moments = [x for x in jax.tree.leaves(slot_leaves(name, state)) if x.ndim]
     assert sorted(str(x.sharding.spec) for x in moments) == sorted(param_specs * 2)
   if name == "adarankgrad":
-    # Report (the library gives no sharding to these today; see the report in the module docs).
+    assert_adarankgrad_specs(state[0], sharded, lambda x: x.sharding.spec)
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(slot_leaves(name, state))}
     print(f"\n[state shardings] adarankgrad moments/projectors: {specs}")
   if name == "badam_ratio":
@@ -237,14 +263,7 @@ def test_state_sharding_init_update_and_results(name):
 
   # Three updates (one crosses a block / selection switch): shardings and shapes never change, and
   # the results equal the unsharded run.
-  if name == "adarankgrad":
-    # Its state is made from shapes (jnp.zeros), so it is born replicated, and left alone the
-    # partitioner gives the updated moments/projectors layouts of its own: pin them, as a train
-    # step on an automatic mesh should (see the report in examples/sharding.py).
-    step = jax.jit(tx.update, out_shardings=(sharding.param_shardings(sharded, m), expected))
-  else:
-    step = jax.jit(tx.update)
-  step = step.lower(grads, state, sharded).compile()
+  step = jax.jit(tx.update).lower(grads, state, sharded).compile()
   ref_state = tx.init(params())
   ref_params, ref_grads = params(), grads_like(params())
   ref_step = jax.jit(tx.update)
@@ -268,8 +287,7 @@ def test_state_sharding_init_update_and_results(name):
   total = report(f"{name} update", step.as_text())
   whole = whole_matrices(collective_shapes(step.as_text()))
   print(f"[collectives] {name} update: {len(whole)} collectives return a whole weight matrix")
-  if name != "adarankgrad":
-    assert not whole
+  assert not whole, whole
   if name in ("badam", "block_coordinate", "adamw"):
     assert total == 0  # elementwise on co-sharded arrays: nothing to communicate
   if name == "badam_ratio":
@@ -382,9 +400,12 @@ def test_explicit_sharding_types(name):
     except Exception as e:  # jax's ShardingTypeError; reported, see examples/sharding.py
       assert type(e).__name__ == "ShardingTypeError", e
       print(f"\n[explicit mesh] {name}: update needs sharding annotations: {str(e)[:120]}")
-      assert name in ("badam_ratio", "adarankgrad")
+      assert name == "badam_ratio"
       return
   assert jax.tree.map(jax.typeof, state0) == jax.tree.map(jax.typeof, state1)
+  if name == "adarankgrad":
+    assert_adarankgrad_specs(state0[0], p, lambda x: jax.typeof(x).sharding.spec)
+    return
   moments = [x for x in jax.tree.leaves(slot_leaves(name, state0)) if x.ndim]
   if name == "badam_ratio":  # [n]-vectors of selected entries: replicated by design
     assert {str(jax.typeof(x).sharding.spec) for x in moments} == {"P(None,)"}
