@@ -40,6 +40,10 @@ def _targets(summaries: dict[str, dict]) -> list[dict]:
     gap = loss["badam"] / loss["adamw"] - 1
     out.append({"target": "badam within 5% of adamw's final loss", "value": f"{100 * gap:+.1f}%",
                 "met": gap <= 0.05})
+    evals = {k: s.get("eval_loss") for k, s in summaries.items()}
+    gap = evals["badam"] / evals["adamw"] - 1
+    out.append({"target": "badam within 5% of adamw's eval loss (held-out)",
+                "value": f"{100 * gap:+.1f}%", "met": gap <= 0.05})
   if {"badam", "lora"} <= loss.keys():
     out.append({"target": "badam better than lora",
                 "value": f"{loss['badam']:.3f} vs {loss['lora']:.3f}",

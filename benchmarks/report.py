@@ -28,6 +28,8 @@ SECTIONS = (
     ("adarankgrad_refresh", "AdaRankGrad's subspace refresh against GaLore's SVD",
      "python -m benchmarks.adarankgrad_refresh"),
     ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
+    ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
+     "python -m benchmarks.adarankgrad_ablation"),
 )
 # Shapes of the memory account that the README shows (the papers' models).
 README_MEMORY_SHAPES = ("llama2-7b", "llama3-8b")
@@ -54,8 +56,8 @@ NOTES = """\
 """
 
 
-def _load(name: str) -> dict | None:
-  path = bc.RESULTS / f"{name}.json"
+def _load(name: str, results: pathlib.Path) -> dict | None:
+  path = results / f"{name}.json"
   return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -64,13 +66,13 @@ def _wall(result: dict) -> str:
   return f" (wall time {wall / 60:.1f} min)" if wall else ""
 
 
-def results_markdown() -> str:
+def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
   parts = ["# Benchmark results", "",
            "Produced by the scripts in `benchmarks/` on this project's 2-core CPU machine and "
            "assembled by `python -m benchmarks.report`; the JSON and PNGs are in "
            "`benchmarks/results/`. Targets that are missed are reported as measured.", ""]
   for name, title, command in SECTIONS:
-    result = _load(name)
+    result = _load(name, results)
     if result is None:
       continue
     parts += [f"## {title}", "", f"Reproduce: `{command}`{_wall(result)}", "", result["table"]]
@@ -83,7 +85,7 @@ def results_markdown() -> str:
   return "\n".join(parts)
 
 
-def readme_section() -> str:
+def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
   """The README's benchmark tables: headline rows of each result, with machine and date."""
   from benchmarks import convergence as convergence_lib
   from benchmarks import memory as memory_lib
@@ -96,28 +98,33 @@ def readme_section() -> str:
       parts.extend([table, ""])
     parts.extend([f"<sub>{bc.environment_header(result['environment'])}</sub>", ""])
 
-  memory = _load("memory")
+  memory = _load("memory", results)
   if memory:
     rows = [r for r in memory["account"] if r["shape"] in README_MEMORY_SHAPES]
     block("**Memory** of the model states (exact mixed-precision account: bf16 weights, fp32 "
           "master copy and optimizer states; activations not counted), `python -m "
           "benchmarks.memory`:", memory, [memory_lib.account_table(rows)])
-  speed = _load("speed")
+  speed = _load("speed", results)
   if speed:
     block("**Step time** relative to AdamW, one training step of a Llama, `python -m "
           "benchmarks.speed`:", speed, [_strip_header(speed["table"])])
-  refresh = _load("adarankgrad_refresh")
+  refresh = _load("adarankgrad_refresh", results)
   if refresh:
     block("**Subspace refresh**: AdaRankGrad's randomized SVD against `optax.contrib.galore`'s "
           "full SVD, one refreshing update per matrix, and the optimizer-only step time over 200 "
           "steps, `python -m benchmarks.adarankgrad_refresh`:", refresh,
           [_strip_header(refresh["table"])])
-  convergence = _load("convergence")
+  convergence = _load("convergence", results)
   if convergence:
     block("**Convergence** on the examples' tasks (same data, seed and steps), `python -m "
           "benchmarks.convergence`:", convergence,
           [f"*{t['task']}*, {t['steps']} steps, batch {t['batch_size']}:\n\n"
            + convergence_lib.task_table(t) for t in convergence["tasks"]])
+  ablation = _load("adarankgrad_ablation", results)
+  if ablation:
+    block("**AdaRankGrad ablation** of its unpublished defaults (information threshold eta, "
+          "refresh threshold, moment transformation) on the same tasks, `python -m "
+          "benchmarks.adarankgrad_ablation`:", ablation, [_strip_header(ablation["table"])])
   parts += ["The XLA memory analysis of the compiled steps, the curves and the notes: "
             "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).", "", END]
   return "\n".join(parts)
@@ -132,14 +139,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--readme", type=pathlib.Path, default=README)
   parser.add_argument("--results-md", type=pathlib.Path, default=RESULTS_MD)
+  parser.add_argument("--results", type=pathlib.Path, default=bc.RESULTS,
+                      help="folder of the benchmark JSON files")
   args = parser.parse_args(argv)
-  args.results_md.write_text(results_markdown())
+  args.results_md.write_text(results_markdown(args.results))
   readme = args.readme.read_text()
   if START not in readme or END not in readme:
     raise SystemExit(f"{args.readme} has no {START} ... {END} section to fill")
   head, rest = readme.split(START, 1)
   tail = rest.split(END, 1)[1]
-  args.readme.write_text(head + readme_section() + tail)
+  args.readme.write_text(head + readme_section(args.results) + tail)
   print(f"wrote {args.results_md} and the benchmark section of {args.readme}")
 
 

@@ -72,6 +72,11 @@ class TrainConfig:
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
   info_threshold: float | None = field(None, "AdaRankGrad: fraction of each gradient's energy "
                                        "the adaptive rank keeps (default: the library's)")
+  refresh_threshold: float | None = field(None, "AdaRankGrad: refresh a subspace once its "
+                                          "projected gradient norm falls below this fraction of "
+                                          "its value at the last refresh (default: the library's)")
+  moment_transform: bool = field(True, "AdaRankGrad: carry the Adam moments into a refreshed "
+                                 "subspace (--no-moment-transform resets them)")
   galore_update_gap: int = field(50, "GaLore: steps between projection updates")
   lora_rank: int = field(8, "LoRA adapter rank")
   eval_every: int = field(100, "evaluate every this many steps (and at the end)")
@@ -102,8 +107,10 @@ class TrainConfig:
         raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < self.update_ratio <= 1:
       raise UsageError("--update-ratio must be in (0, 1]")
-    if self.info_threshold is not None and not 0 < self.info_threshold <= 1:
-      raise UsageError("--info-threshold must be in (0, 1]")
+    for name in ("info_threshold", "refresh_threshold"):
+      value = getattr(self, name)
+      if value is not None and not 0 < value <= 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
     if self.switch_mode not in ("random", "ascending", "descending", "fixed"):
       raise UsageError("--switch-mode must be random, ascending, descending or fixed")
     if self.learning_rate is not None and self.learning_rate <= 0:
@@ -134,7 +141,7 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str):
   for f in dataclasses.fields(cls):
     kind, is_bool = _arg_type(f.type)
     flag = "--" + f.name.replace("_", "-")
-    help_text = f.metadata.get("help", "")
+    help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
     if is_bool:
       parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                           default=f.default, help=help_text)
@@ -333,9 +340,10 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    extra = {} if cfg.info_threshold is None else {"info_threshold": cfg.info_threshold}
+    extra = {k: getattr(cfg, k) for k in ("info_threshold", "refresh_threshold")
+             if getattr(cfg, k) is not None}
     tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay,
-                                  **extra)
+                                  moment_transform=cfg.moment_transform, **extra)
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if cfg.clip_norm > 0:

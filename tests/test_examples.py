@@ -170,6 +170,16 @@ def test_bad_input_is_one_line(script, argv, message, tmp_path):
   assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize("script", [finetune_llama, finetune_roberta])
+def test_help_lists_every_option(script, capsys):
+  with pytest.raises(SystemExit) as e:
+    script.main(["--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  for option in ("--optimizer", "--learning-rate", "--mesh", "--resume", "--compare", "--model"):
+    assert option in text
+
+
 @pytest.mark.parametrize("content", ["{not json", '[{"instruction": "x"}]', "[]"])
 def test_malformed_data_file(tmp_path, content):
   path = tmp_path / "data.json"
