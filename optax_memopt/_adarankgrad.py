@@ -359,6 +359,16 @@ def scale_by_adarankgrad(
   Leaves that are not projected (vectors, scalars, and whatever ``weight_dimension_numbers`` or
   ``projection_mask`` leaves out) get plain Adam, without ``scale``.
 
+  **Sharding.** On a device mesh the state follows the parameters: the projector ``[*B, M, R]`` is
+  sharded like the parameter's batch axes and its M dimension, the moments ``[*B, R, N]`` like its
+  batch axes and N, R never (a dimension merged from several axes keeps the mesh axes of its leading
+  axis if that is the only sharded one, else it is replicated); plain-Adam moments are sharded like
+  their parameter. ``init`` reads the placement from concrete sharded arrays or from the types
+  under an Explicit mesh (``jax.set_mesh``); under ``jax.jit`` on an automatic mesh pass the state's
+  shardings as ``out_shardings``. An update keeps them and moves no whole matrix between devices:
+  the randomized SVD of a refresh communicates thin ``[M, l]`` / ``[N, l]`` / ``[l, N]`` panels
+  (``l = max_rank + oversample``), a step without refresh only all-reduces :math:`Q^\top G`.
+
   Defaults that the paper does not publish are our choices: ``info_threshold=0.9`` (keep 90% of
   the gradient's energy: gradients of trained layers are dominated by a few directions, so this
   gives small ranks without dropping the bulk of the signal), ``refresh_threshold=0.5`` (refresh
@@ -562,10 +572,10 @@ def scale_by_adarankgrad(
         args = (g, mu, nu, q, rank, ref, last)
         fn = functools.partial(projected_adam, i, lay)
         if any(w is not None and w.in_types for w in map(_where, args)):
-          # Sharding in types (an Explicit mesh): the linear algebra (matrix products contracting
-          # sharded dimensions, the QR of the sketch) has no typed sharding rule, so it runs with
-          # the mesh axes automatic, where the partitioner moves panels rather than whole matrices;
-          # every output gets the type of the input it replaces.
+          # Sharding in types (an Explicit mesh): typed matrix products contracting a sharded
+          # dimension need an output sharding, and the QR of the sketch needs unsharded rows, so
+          # the linear algebra runs with the mesh axes automatic (the partitioner then moves thin
+          # panels, never a whole matrix) and every output gets the type of the input it replaces.
           fn = jax.sharding.auto_axes(
               fn, out_sharding=tuple(jax.typeof(x).sharding for x in args))
         outs = fn(*args, count)
