@@ -63,13 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "steps": steps, "tasks": []}
   for name in args.tasks:
     module = convergence.TASKS[name]
-    base = ["--steps", str(steps), "--batch-size", "8" if args.quick else "16",
-            "--eval-every", str(steps), "--checkpoint-every", str(steps),
-            "--log-every", str(min(10, steps))]
-    if args.quick:
-      base += convergence.QUICK_MODEL + (convergence.QUICK_LLAMA if name == "llama" else [])
-    if name == "llama":
-      base += ["--gen-tokens", "0"]
+    base = convergence.task_options(name, steps, 8 if args.quick else 16, args.quick)
     task = None
     rows = []
     for variant in args.variants:

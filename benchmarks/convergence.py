@@ -55,6 +55,20 @@ def _targets(summaries: dict[str, dict]) -> list[dict]:
   return out
 
 
+def task_options(name: str, steps: int, batch_size: int, quick: bool) -> list[str]:
+  """The example options of a benchmark run of task ``name``: one eval and checkpoint at the end."""
+  options = ["--steps", str(steps), "--batch-size", str(batch_size),
+             "--eval-every", str(steps), "--checkpoint-every", str(steps),
+             "--log-every", str(min(10, steps)),
+             # quick: few block switches, so that few BAdam block steps are compiled
+             "--switch-every", str(max(steps // 2, 1) if quick else 20)]
+  if quick:
+    options += QUICK_MODEL + (QUICK_LLAMA if name == "llama" else [])
+  if name == "llama":
+    options += ["--gen-tokens", "0"]
+  return options
+
+
 def run_task(name: str, overrides: list[str], optimizers: Sequence[str], runs_dir: pathlib.Path,
              png: pathlib.Path) -> dict:
   module = TASKS[name]
@@ -107,19 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   env = bc.environment()
   start = time.perf_counter()
   runs_dir = args.runs_dir or pathlib.Path(tempfile.mkdtemp(prefix="convergence_"))
-  common_args = ["--steps", str(steps), "--batch-size", str(batch_size),
-                 "--eval-every", str(steps), "--checkpoint-every", str(steps),
-                 "--log-every", str(min(10, steps)),
-                 # quick: few block switches, so that few BAdam block steps are compiled
-                 "--switch-every", str(max(steps // 2, 1) if args.quick else 20)]
   result = {"benchmark": "convergence", "quick": args.quick, "environment": env, "tasks": []}
   for name in args.tasks:
-    overrides = list(common_args)
-    if args.quick:
-      overrides += QUICK_MODEL + (QUICK_LLAMA if name == "llama" else [])
-    overrides += args.task_args.split()
-    if name == "llama":
-      overrides += ["--gen-tokens", "0"]
+    overrides = task_options(name, steps, batch_size, args.quick) + args.task_args.split()
     png = args.out.with_name(f"{args.out.stem}_{name}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     result["tasks"].append(run_task(name, overrides, args.optimizers, runs_dir, png))
