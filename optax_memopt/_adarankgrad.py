@@ -375,6 +375,13 @@ def scale_by_adarankgrad(
   once half of the projected gradient norm has been optimised away, well above step-to-step
   noise), ``oversample=8`` and ``power_iters=1`` (the usual randomized-SVD settings: with one
   power iteration the leading subspace of a decaying spectrum is found to a few percent).
+  ``benchmarks/adarankgrad_ablation.py`` measures them on the examples' tasks. Instruction tuning
+  of a small Llama: every setting beats GaLore at the same maximum rank, and the defaults give the
+  lowest eval loss. Three-class classification with RoBERTa from scratch: the gradients are so
+  concentrated that ``info_threshold=0.9`` keeps a rank of about 1.6 and training stalls at the
+  majority class, where ``info_threshold=1.0`` learns. When gradients are this concentrated, raise
+  ``info_threshold`` or ``min_rank``. The state is ``max_rank`` wide whatever the effective rank,
+  so a higher rank costs no memory.
 
   Args:
     max_rank: Largest rank (buffer width) of a projection. Static.
