@@ -498,8 +498,11 @@ def scale_by_adarankgrad(
     u = (mu32 / _bias_correction(b1, step)) / (jnp.sqrt(nu32 / _bias_correction(b2, step)) + eps)
     return u.astype(g.dtype), mu32.astype(mu.dtype), nu32.astype(nu.dtype)
 
-  def refresh(key, g, q_old, mu, nu, rank, ref, last, need, count, q_dtype):
-    """New basis, rank, moments and reference norm for the members of ``need``; f32 in and out."""
+  def refresh(key, g, q_old, low_old, mu, nu, rank, ref, last, need, count, q_dtype):
+    """New basis, rank, moments and reference norm for the members of ``need``; f32 in and out.
+
+    ``low_old`` is the gradient projected on the old basis, ``Q_old^T G``.
+    """
     lay_rank = q_old.shape[-1]
     u, s, _ = randomized_svd(key, g, lay_rank, oversample=oversample, power_iters=power_iters)
     total = jnp.sum(jnp.square(g), axis=(-2, -1))
@@ -520,10 +523,12 @@ def scale_by_adarankgrad(
     else:
       new_mu = jnp.zeros_like(mu)
       new_nu = jnp.zeros_like(nu)
+    # Computed as every later step computes it (not as diag(s) V^T, equal in exact arithmetic):
+    # Adam amplifies the rounding differences of near-zero entries.
     low_new = _mT(q_new) @ g
     sel = need[..., None, None]
     q = jnp.where(sel, q_new, q_old)
-    low = jnp.where(sel, low_new, _mT(q_old) @ g)
+    low = jnp.where(sel, low_new, low_old)
     return (
         q,
         jnp.where(need, chosen, rank),
@@ -546,7 +551,7 @@ def scale_by_adarankgrad(
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
     q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
         jnp.any(need),
-        lambda: refresh(key, g32, q32, mu32, nu32, rank, ref, last, need, count, q.dtype),
+        lambda: refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
         lambda: (q32, rank, mu32, nu32, low, ref, last),
     )
     mu32 = b1 * mu32 + (1.0 - b1) * low
