@@ -363,8 +363,10 @@ def block_coordinate(
       master = master_of(plan, slot_params)
       return inner.init(working_params(plan, slot_params, master)), master
 
-    inner_state, master = jax.lax.cond(
-        fresh, reset, lambda: (state.inner_state, state.master)
+    # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
+    # inner update, where a conditional would materialise a copy of the whole slot state.
+    inner_state, master = jax.tree.map(
+        lambda new, old: jnp.where(fresh, new, old), reset(), (state.inner_state, state.master)
     )
     work = working_params(plan, slot_params, master)
     inner_updates, inner_state = inner.update(
