@@ -50,9 +50,15 @@ NOTES = """\
   alone on one matrix: projecting costs about ``4 m n r`` flops per step where Adam costs about
   ``10 m n``, so no projected optimizer (GaLore included) can be within 1.3x of AdamW there; in a
   training step, where the forward and backward passes dominate, the ratio is the speed table's.
-- Convergence on the Llama task compares final *train* loss, as specified: the small offline
-  instruction set is memorised by full AdamW within 200 steps (its eval loss shows it), so the
-  eval-loss row is the fairer comparison.
+- Convergence: the tasks train small randomly initialised models for 200 steps, unlike the papers'
+  fine-tuning of pretrained models. BAdam updates one of D blocks per step (D = 6 here: embedding,
+  four layers, head), so at equal steps it trails full AdamW, which updates everything every step.
+  The "within 5%" targets are missed for that reason. On the held-out set the gap is smaller than
+  on the training set, because AdamW also memorises the small training sets.
+- AdaRankGrad on the RoBERTa task: with the default information threshold (0.9) the
+  classification gradients keep a rank of about 1.6 and training stalls at the majority class. The
+  ablation table shows that `info_threshold=1.0` learns, and that with moments reset at a refresh
+  it beats GaLore.
 """
 
 
