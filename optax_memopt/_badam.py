@@ -265,9 +265,10 @@ def block_coordinate(
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return plan_for(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves))
 
-  def gather(plan, leaves, block, dtype_of=None):
-    """The slot filled with ``block``'s leaves (zeros where the block has none)."""
-    def branch(b, leaves):
+  def gather(plan, block, *trees):
+    """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s leaves (zeros
+    where the block has none), cast by ``dtype_of`` (``None``: kept). One ``lax.switch`` for all."""
+    def fill(b, leaves, dtype_of):
       out = {}
       for g, sigs in plan.slot.items():
         out[g] = tuple(
@@ -278,10 +279,14 @@ def block_coordinate(
         )
       return out
 
+    def branch(b, all_leaves):
+      return tuple(fill(b, leaves, dtype_of) for leaves, (_, dtype_of) in zip(all_leaves, trees))
+
+    all_leaves = tuple(leaves for leaves, _ in trees)
     if isinstance(block, int):
-      return branch(block, leaves)
+      return branch(block, all_leaves)
     branches = [functools.partial(branch, b) for b in range(len(plan.members))]
-    return jax.lax.switch(block, branches, leaves)
+    return jax.lax.switch(block, branches, all_leaves)
 
   def scatter(plan, slot_values, block, like):
     out = []
@@ -334,7 +339,7 @@ def block_coordinate(
     key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
     order = _block_order(switch_mode, d, jnp.int32(first), key, jnp.int32(0))
     active = order[0]
-    slot_params = gather(plan, jax.tree_util.tree_leaves(params), first)
+    (slot_params,) = gather(plan, first, (jax.tree_util.tree_leaves(params), None))
     master = master_of(plan, slot_params)
     inner_state = inner.init(working_params(plan, slot_params, master))
     return BlockCoordinateState(
@@ -355,8 +360,9 @@ def block_coordinate(
     grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
     block = state.active_block if static_block is None else static_block
 
-    slot_params = gather(plan, param_leaves, block)
-    slot_grads = gather(plan, grad_leaves, block, dtype_of=working_dtype(plan))
+    slot_params, slot_grads = gather(
+        plan, block, (param_leaves, None), (grad_leaves, working_dtype(plan))
+    )
     fresh = state.block_step == 0
 
     def reset():
