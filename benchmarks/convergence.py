@@ -4,7 +4,10 @@ The tasks are the examples' own, built and trained by ``examples/common.py`` (``
 ``train``): Llama instruction tuning on the offline pydoc instruction set (loss on the response
 tokens), and RoBERTa sequence classification of pydoc paragraphs (three classes). Both models are
 small and randomly initialised, so BAdam also trains the embedding and the head (as the examples
-do). ``badam`` here is the examples' BAdam, trained with the block step (``make_block_step``).
+do). ``llama-pretrained`` is the papers' setting: the same Llama task, fine-tuning a model that was
+first pretrained with AdamW as a language model on the whole Python reference manual
+(``--pretrain-steps``; every optimizer starts from the same weights, BAdam's embedding and head
+stay frozen). ``badam`` here is the examples' BAdam, trained with the block step (``make_block_step``).
 GaLore and AdaRankGrad get the same rank (GaLore's rank, AdaRankGrad's maximum rank).
 
 Writes the final train loss (mean of the last 10 steps), the eval loss (and accuracy) to JSON and
@@ -26,7 +29,12 @@ from collections.abc import Sequence
 from benchmarks import _common as bc
 from examples import common, finetune_llama, finetune_roberta
 
-TASKS = {"llama": finetune_llama, "roberta": finetune_roberta}
+TASKS = {"llama": finetune_llama, "llama-pretrained": finetune_llama, "roberta": finetune_roberta}
+# "llama-pretrained": the papers' setting, fine-tuning a pretrained model. The random-init Llama is
+# first pretrained with AdamW as a language model on the whole Python reference manual (once per
+# task; every optimizer starts from the same weights), then instruction-tuned with embedding and
+# head frozen for BAdam.
+PRETRAIN_STEPS = {"full": 600, "quick": 10}
 QUICK_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--intermediate-size", "128",
                "--num-heads", "2", "--max-examples", "400", "--seq-len", "64"]
 QUICK_LLAMA = ["--num-kv-heads", "1"]
@@ -63,9 +71,11 @@ def task_options(name: str, steps: int, batch_size: int, quick: bool) -> list[st
              # quick: few block switches, so that few BAdam block steps are compiled
              "--switch-every", str(max(steps // 2, 1) if quick else 20)]
   if quick:
-    options += QUICK_MODEL + (QUICK_LLAMA if name == "llama" else [])
-  if name == "llama":
+    options += QUICK_MODEL + (QUICK_LLAMA if name.startswith("llama") else [])
+  if name.startswith("llama"):
     options += ["--gen-tokens", "0"]
+  if name == "llama-pretrained":
+    options += ["--pretrain-steps", str(PRETRAIN_STEPS["quick" if quick else "full"])]
   return options
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -56,6 +57,10 @@ class Config(common.TrainConfig):
   remat: bool = field(False, "rematerialise each layer in the backward pass")
   scan_layers: bool = field(False, "stack the layers and run them with nnx.scan")
   gen_tokens: int = field(64, "tokens to generate after training (0: none)")
+  pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
+                              "as a plain language model on the Python reference manual's other "
+                              "paragraphs (not the responses), then fine-tune it (embedding and "
+                              "head frozen for BAdam, as in the papers' fine-tuning)")
 
   def __post_init__(self):
     super().__post_init__()
@@ -66,6 +71,11 @@ class Config(common.TrainConfig):
     if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
       raise common.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
                               "Hugging Face Llama checkpoint")
+    if self.pretrain_steps < 0:
+      raise common.UsageError("--pretrain-steps must be >= 0")
+    if self.pretrain_steps and self.model is not None:
+      raise common.UsageError("--pretrain-steps is for the random-init model; --model is "
+                              "pretrained already")
     if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
       raise common.UsageError("--hidden-size must be a multiple of --num-heads, and --num-heads "
                               "of --num-kv-heads")
@@ -90,6 +100,62 @@ def topic_examples() -> list[dict]:
       examples.append({"instruction": f"What does the reference manual say about {title}?",
                        "input": "", "output": prose[1]})
   return examples
+
+
+def manual_paragraphs() -> list[str]:
+  """Every prose paragraph of the Python reference manual shipped with Python (``pydoc_data``)."""
+  from pydoc_data.topics import topics
+
+  out = []
+  for key in sorted(topics):
+    for p in re.split(r"\n\s*\n", topics[key]):
+      if p.strip() and not p.startswith(" ") and "::=" not in p and len(p) > 40:
+        out.append(" ".join(p.split()))
+  return out
+
+
+def encode_text(texts: Sequence[str], tok: common.Tokenizer, seq_len: int) -> dict:
+  """Plain language-modelling rows: bos + text + eos, loss on every token."""
+  n = len(texts)
+  ids = np.full((n, seq_len), tok.pad_id, np.int32)
+  attention = np.zeros((n, seq_len), np.int32)
+  for i, text in enumerate(texts):
+    seq = (([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+           + ([tok.eos_id] if tok.eos_id is not None else []))[:seq_len]
+    ids[i, :len(seq)] = seq
+    attention[i, :len(seq)] = 1
+  return {"input_ids": ids, "attention_mask": attention, "loss_mask": attention.copy(),
+          "weight": np.ones(n, np.float32)}
+
+
+def pretrained_model_factory(cfg: Config, tok: common.Tokenizer, model_cfg, out: pathlib.Path,
+                             texts: Sequence[str]):
+  """``make_model`` for ``--pretrain-steps``: AdamW language modelling on ``texts``, once; every
+  call returns a fresh copy of the pretrained model."""
+  cache: dict = {}
+
+  def make_model():
+    if "state" not in cache:
+      order = np.random.default_rng(cfg.seed).permutation(len(texts))
+      data = encode_text([texts[i] for i in order], tok, cfg.seq_len)
+      held = max(1, len(texts) // 20)
+      pre_cfg = dataclasses.replace(
+          cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
+          stop_at=None, resume=False, eval_every=cfg.pretrain_steps,
+          checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
+                                                                cfg.pretrain_steps // 10))
+      pre_task = common.Task(
+          name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=lambda: llama.Llama(
+              model_cfg, rngs=nnx.Rngs(cfg.seed)),
+          train_data={k: v[held:] for k, v in data.items()},
+          eval_data={k: v[:held] for k, v in data.items()},
+          after_training=lambda model: cache.update(zip(("graphdef", "state"), nnx.split(model))))
+      print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference manual "
+            f"({cfg.pretrain_steps} AdamW steps)")
+      common.train(pre_cfg, pre_task, "adamw", out / "pretrain")
+    return nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
+
+  return make_model
 
 
 def load_examples(cfg: Config) -> list[dict]:
@@ -168,6 +234,12 @@ def build_task(cfg: Config) -> common.Task:
         raise common.UsageError(f"--model: {e}") from None
   else:
     texts = [prompt_of(ex) + ex["output"] for ex in train_ex]
+    # Pretraining text: the manual's paragraphs that are not responses of the instruction set, so
+    # that fine-tuning (and the held-out set) asks for text the model has not seen.
+    responses = {" ".join(ex["output"].split()) for ex in examples}
+    pretrain_texts = [t for t in manual_paragraphs() if t not in responses]
+    if cfg.pretrain_steps:
+      texts += pretrain_texts
     tok = common.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
                                special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
     model_cfg = llama.LlamaConfig(
@@ -180,6 +252,9 @@ def build_task(cfg: Config) -> common.Task:
     def make_model():
       return llama.Llama(model_cfg, rngs=nnx.Rngs(cfg.seed))
 
+    if cfg.pretrain_steps:
+      make_model = pretrained_model_factory(cfg, tok, model_cfg, out, pretrain_texts)
+
   def show_generations(model: llama.Llama) -> None:
     if cfg.gen_tokens <= 0:
       return
@@ -191,7 +266,7 @@ def build_task(cfg: Config) -> common.Task:
   return common.Task(
       name=cfg.name, make_model=make_model, loss_fn=lm_loss,
       train_data=encode(train_ex, tok, cfg.seq_len), eval_data=encode(eval_ex, tok, cfg.seq_len),
-      from_scratch=cfg.model is None, after_training=show_generations,
+      from_scratch=cfg.model is None and not cfg.pretrain_steps, after_training=show_generations,
       sharding_rules=sharding.LLAMA_RULES)
 
 

@@ -72,6 +72,17 @@ def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path):
   assert sorted(_losses(tmp_path / "mesh")) == list(range(1, 7))
 
 
+def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
+  """--pretrain-steps: AdamW language modelling on the manual's other paragraphs, then BAdam
+  fine-tuning of that model with the embedding and head frozen."""
+  args = LLAMA + ["--gen-tokens", "0", "--stop-at", "2"]
+  [scratch] = finetune_llama.main(args + ["--out", str(tmp_path / "scratch")])
+  [tuned] = finetune_llama.main(args + ["--out", str(tmp_path / "tuned"), "--pretrain-steps", "4"])
+  assert "pretraining on" in capsys.readouterr().out
+  assert sorted(_losses(tmp_path / "tuned" / "pretrain")) == [1, 2, 3, 4]
+  assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding or head block
+
+
 def test_llama_from_a_checkpoint_directory(tmp_path):
   """--model DIR: HF weights and the checkpoint's own tokenizer."""
   from flax import nnx
