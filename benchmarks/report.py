@@ -50,11 +50,14 @@ NOTES = """\
   alone on one matrix: projecting costs about ``4 m n r`` flops per step where Adam costs about
   ``10 m n``, so no projected optimizer (GaLore included) can be within 1.3x of AdamW there; in a
   training step, where the forward and backward passes dominate, the ratio is the speed table's.
-- Convergence: the tasks train small randomly initialised models for 200 steps, unlike the papers'
-  fine-tuning of pretrained models. BAdam updates one of D blocks per step (D = 6 here: embedding,
-  four layers, head), so at equal steps it trails full AdamW, which updates everything every step.
-  The "within 5%" targets are missed for that reason. On the held-out set the gap is smaller than
-  on the training set, because AdamW also memorises the small training sets.
+- Convergence: `llama` and `roberta` train small randomly initialised models; `llama-pretrained`
+  is the papers' setting: the same instruction tuning of a model first pretrained with AdamW (600
+  steps of language modelling on the manual's paragraphs that are not responses), with BAdam's
+  embedding and head frozen. The instruction set is small (about 150 training examples), so 200
+  steps of batch 16 are about 20 epochs. Full AdamW memorises it (train loss 0.05 after
+  pretraining), which is why every "within 5% of AdamW's final train loss" target is missed. On
+  held-out examples, BAdam's loss is 10.8% *below* AdamW's after pretraining. From scratch, BAdam
+  updates one of D = 6 blocks per step (embedding, four layers, head), so at equal steps it trails.
 - AdaRankGrad on the RoBERTa task: with the default information threshold (0.9) the
   classification gradients keep a rank of about 1.6 and training stalls at the majority class. The
   ablation table shows that `info_threshold=1.0` learns, and that with moments reset at a refresh
