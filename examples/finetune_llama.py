@@ -114,20 +114,6 @@ def manual_paragraphs() -> list[str]:
   return out
 
 
-def encode_text(texts: Sequence[str], tok: common.Tokenizer, seq_len: int) -> dict:
-  """Plain language-modelling rows: bos + text + eos, loss on every token."""
-  n = len(texts)
-  ids = np.full((n, seq_len), tok.pad_id, np.int32)
-  attention = np.zeros((n, seq_len), np.int32)
-  for i, text in enumerate(texts):
-    seq = (([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
-           + ([tok.eos_id] if tok.eos_id is not None else []))[:seq_len]
-    ids[i, :len(seq)] = seq
-    attention[i, :len(seq)] = 1
-  return {"input_ids": ids, "attention_mask": attention, "loss_mask": attention.copy(),
-          "weight": np.ones(n, np.float32)}
-
-
 def pretrained_model_factory(cfg: Config, tok: common.Tokenizer, model_cfg, out: pathlib.Path,
                              texts: Sequence[str]):
   """``make_model`` for ``--pretrain-steps``: AdamW language modelling on ``texts``, once; every
@@ -137,7 +123,8 @@ def pretrained_model_factory(cfg: Config, tok: common.Tokenizer, model_cfg, out:
   def make_model():
     if "state" not in cache:
       order = np.random.default_rng(cfg.seed).permutation(len(texts))
-      data = encode_text([texts[i] for i in order], tok, cfg.seq_len)
+      data = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
+                    prompt_fn=lambda ex: "")
       held = max(1, len(texts) // 20)
       pre_cfg = dataclasses.replace(
           cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
@@ -179,13 +166,19 @@ def prompt_of(example: dict) -> str:
   return PROMPT.format(instruction=example["instruction"])
 
 
-def encode(examples: Sequence[dict], tok: common.Tokenizer, seq_len: int) -> dict:
-  """Prompt + response + eos, right-padded; ``loss_mask`` marks the response tokens."""
+def encode(examples: Sequence[dict], tok: common.Tokenizer, seq_len: int,
+           prompt_fn=None) -> dict:
+  """Prompt + response + eos, right-padded; ``loss_mask`` marks the response tokens.
+
+  ``prompt_fn(example)`` gives the prompt text (default: the instruction prompt); with
+  ``lambda ex: ""`` every token after bos is a target (plain language modelling).
+  """
+  prompt_fn = prompt_fn or prompt_of
   n = len(examples)
   ids = np.full((n, seq_len), tok.pad_id, np.int32)
   attention, loss_mask = np.zeros((n, seq_len), np.int32), np.zeros((n, seq_len), np.int32)
   for i, ex in enumerate(examples):
-    prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_of(ex))
+    prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_fn(ex))
     response = tok.encode(ex["output"]) + ([tok.eos_id] if tok.eos_id is not None else [])
     prompt = prompt[:seq_len // 2]  # keep room for the response
     seq = (prompt + response)[:seq_len]
@@ -234,11 +227,11 @@ def build_task(cfg: Config) -> common.Task:
         raise common.UsageError(f"--model: {e}") from None
   else:
     texts = [prompt_of(ex) + ex["output"] for ex in train_ex]
-    # Pretraining text: the manual's paragraphs that are not responses of the instruction set, so
-    # that fine-tuning (and the held-out set) asks for text the model has not seen.
-    responses = {" ".join(ex["output"].split()) for ex in examples}
-    pretrain_texts = [t for t in manual_paragraphs() if t not in responses]
     if cfg.pretrain_steps:
+      # Pretraining text: the manual's paragraphs that are not responses of the instruction set,
+      # so that fine-tuning (and the held-out set) asks for text the model has not seen.
+      responses = {" ".join(ex["output"].split()) for ex in examples}
+      pretrain_texts = [t for t in manual_paragraphs() if t not in responses]
       texts += pretrain_texts
     tok = common.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
                                special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
