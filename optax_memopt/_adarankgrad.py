@@ -465,9 +465,7 @@ def scale_by_adarankgrad(
         zeros = where.zeros
       if lay is None:
         if where is None and isinstance(leaf, jax.core.Tracer):
-          # Tied to the parameter, so that automatic sharding places it like the parameter (XLA
-          # folds the select away).
-          mu = jnp.where(False, leaf, 0).astype(dt)
+          mu = _tree.zeros_like_placed(leaf).astype(dt)
         else:
           mu = zeros(leaf.shape, dt, where and where.spec)
         # No arrays at all (not even empty ones, which orbax refuses to save).

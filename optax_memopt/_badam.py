@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_memopt import _blocks as blocks_lib
-from optax_memopt._tree import check_float_leaves, is_params_placeholder
+from optax_memopt._tree import check_float_leaves, is_params_placeholder, zeros_like_placed
 
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
@@ -89,16 +89,6 @@ class _Plan(NamedTuple):
   slot: dict[str, list[tuple[tuple[int, ...], Any]]]
   members: list[dict[tuple[str, int], int]]  # block -> {slot position: leaf index}
   master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
-
-
-def zeros_like_placed(x: jax.Array) -> jax.Array:
-  """Zeros shaped, typed and (under ``jax.jit`` on a device mesh) sharded like ``x``.
-
-  ``jnp.zeros_like`` inside ``jax.jit`` is a constant with no tie to ``x``, so automatic sharding
-  replicates it; selecting against ``x`` lets the partitioner give it ``x``'s sharding (XLA folds the
-  select away).
-  """
-  return jnp.where(False, x, jnp.zeros((), x.dtype))
 
 
 def _validate_schedule(switch_every, switch_mode, start_block):

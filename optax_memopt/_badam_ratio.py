@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt._badam import zeros_like_placed
-from optax_memopt._tree import check_float_leaves, is_params_placeholder
+from optax_memopt._tree import check_float_leaves, is_params_placeholder, zeros_like_placed
 
 MASK_MODES = ("adjacent", "scatter")
 

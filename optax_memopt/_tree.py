@@ -58,3 +58,13 @@ def check_float_leaves(tree: Any, what: str, only: list[bool] | None = None) -> 
 def is_params_placeholder(params: Any) -> bool:
   """True for the stand-in object ``optax.tree.map_params`` passes to ``init``."""
   return type(params).__name__ == "_ParamsPlaceholder"
+
+
+def zeros_like_placed(x: jax.Array) -> jax.Array:
+  """Zeros shaped, typed and (under ``jax.jit`` on a device mesh) sharded like ``x``.
+
+  ``jnp.zeros_like`` inside ``jax.jit`` is a constant with no tie to ``x``, so automatic sharding
+  replicates it; selecting against ``x`` lets the partitioner give it ``x``'s sharding (XLA folds the
+  select away).
+  """
+  return jnp.where(False, x, jnp.zeros((), x.dtype))
