@@ -190,8 +190,12 @@ def block_coordinate(
   and the returned update is ``round(master_new) - params`` in the parameters' dtype. Applying it
   with ``optax.apply_updates`` reproduces the rounded master copy wherever that difference is
   representable in the parameters' dtype, which is every element except, rarely, one whose sign
-  flips while its magnitude changes scale; the master copy stays exact either way. Float32
-  parameters get no copy.
+  flips while its magnitude changes scale. The master copy follows what was actually applied: at
+  the start of each update it moves by ``params - round(master)`` (zero when the previous update
+  was applied as returned, so the master keeps its sub-ulp precision), so stages chained after this
+  one (``optax.scale``, a learning rate after ``block_coordinate(optax.scale_by_adam())``,
+  ``reduce_on_plateau``) change the trajectory as they would for float32 parameters, up to the bf16
+  rounding of each applied step. Float32 parameters get no copy.
 
   Args:
     inner: the Optax transformation to run on the active block, e.g. ``optax.adam(1e-4)``.
@@ -308,6 +312,23 @@ def block_coordinate(
       out[g] = tuple(values)
     return out
 
+  def follow_applied(plan, slot_params, master):
+    """The master copy moved by whatever was applied since the last update.
+
+    The last update asked for ``round(master) - params``; a stage after this one (a ``scale``, a
+    learning rate, ``reduce_on_plateau``) may have applied something else. Adding the difference
+    between the params now and ``round(master)`` makes the master copy follow what was applied
+    (zero when the update was applied as returned; exactly zero right after a reset).
+    """
+    out = {}
+    for g, values in master.items():
+      out[g] = tuple(
+          m + (slot_params[g][j].astype(jnp.float32)
+               - m.astype(slot_params[g][j].dtype).astype(jnp.float32))
+          for m, j in zip(values, plan.master_positions[g])
+      )
+    return out
+
   def working_dtype(plan):
     def dtype_of(dt):
       return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
@@ -364,6 +385,7 @@ def block_coordinate(
     inner_state, master = jax.tree.map(
         lambda new, old: jnp.where(fresh, new, old), reset(), (state.inner_state, state.master)
     )
+    master = follow_applied(plan, slot_params, master)
     work = working_params(plan, slot_params, master)
     inner_updates, inner_state = inner.update(
         slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
