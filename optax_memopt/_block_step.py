@@ -6,7 +6,9 @@ which only that block's leaves are differentiated: the other leaves enter the lo
 JAX's backward pass skips their weight-gradient matmuls and stops at the lowest active layer, and the
 gradient buffers are one block's. The host knows which compiled step to call from the optimizer state:
 it reads ``(active_block, block_step, switch_every)`` once at a block boundary (one small device read
-per ``switch_every`` steps) and calls the same compiled step until the next possible switch.
+per ``switch_every`` steps) and calls the same compiled step until the next possible switch. That
+cache holds only while each call gets the state the previous call returned; any other state (a
+fresh ``init``, a restored checkpoint) is read again.
 """
 
 from __future__ import annotations
@@ -152,7 +154,9 @@ def make_block_step(
   if isinstance(tx, optax.GradientTransformation):
     tx = optax.with_extra_args_support(tx)
   compiled: dict[int, Callable[..., Any]] = {}
-  host = {"block": None, "left": 0}
+  # The block the host last read from a state, how many calls it stays active, and the schedule
+  # array of the state the last call returned: the cache holds for that state only.
+  host = {"block": None, "left": 0, "returned": None}
 
   def labels_of(params, opt_state, args, kwargs):
     """The block labels of ``params`` as the block-coordinate stage inside ``tx`` sees them."""
@@ -212,11 +216,17 @@ def make_block_step(
     return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
 
   def step(params, opt_state, *args, **kwargs):
-    if donate and host["block"] is None:
-      # A fresh state (from tx.init) may hold one array in two places; donation needs distinct buffers.
-      params, opt_state = _distinct_buffers((params, opt_state))
+    state = _block_state(opt_state)
+    if state.count is not host["returned"]:
+      # Not the state the previous call returned (the first call, a fresh init, a restored
+      # checkpoint): the cached block says nothing about it.
+      host["left"] = 0
+      if donate:
+        # A fresh state (from tx.init) may hold one array in two places; donation needs distinct
+        # buffers.
+        params, opt_state = _distinct_buffers((params, opt_state))
+        state = _block_state(opt_state)
     if host["left"] <= 0:
-      state = _block_state(opt_state)
       block, block_step, period = (int(x) for x in jax.device_get(
           (state.active_block, state.block_step, state.switch_every)))
       # Each call advances the block's step by at most one (MultiSteps and apply_if_finite can
@@ -227,7 +237,9 @@ def make_block_step(
       compiled[block] = build(block, labels_of(params, opt_state, args, kwargs),
                               _mesh_shardings((params, opt_state)))
     host["left"] -= 1
-    return compiled[block](params, opt_state, *args, **kwargs)
+    out = compiled[block](params, opt_state, *args, **kwargs)
+    host["returned"] = _block_state(out[1]).count
+    return out
 
   def lower(block, params, opt_state, *args, **kwargs):
     """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""

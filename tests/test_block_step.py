@@ -115,6 +115,39 @@ def test_chain_clip_multisteps_and_aux():
   assert sorted(step.compiled_blocks) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("donate", [True, False])
+def test_trains_the_block_the_given_state_says(donate, monkeypatch):
+  # A state other than the one the previous call returned (a fresh init, a restored checkpoint)
+  # mid-period: the step must train the block that state says, not the block cached on the host.
+  k = 4
+  tx = optax_memopt.badam(1e-2, switch_every=k, switch_mode="ascending", eps=1e-4)
+  params = make_params()
+  step = optax_memopt.make_block_step(loss_fn, tx, donate=donate)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  # A state saved at step 2 * k + 1 (block 2, one step into its period).
+  _, saved = drop_in(tx, params, 2 * k + 1)
+  saved = jax.tree.map(np.asarray, saved)
+  p, s = copy(params), tx.init(params)
+  for _ in range(2):  # block 0, two of its k steps done: the host expects block 0 twice more
+    p, s, _ = step(p, s, TOKENS)
+  for want_block, state in [(2, saved), (0, tx.init(params)), (2, saved)]:
+    before = jax.tree.map(np.asarray, p)
+    p, s, _ = step(p, jax.tree.map(jnp.asarray, state), TOKENS)
+    changed = [not np.array_equal(before["layers"][b]["up"], p["layers"][b]["up"])
+               for b in range(N_LAYERS)]
+    assert changed == [b == want_block for b in range(N_LAYERS)], (want_block, changed)
+    assert int(s.active_block) == want_block
+  # The common loop (state returned, passed back) reads the device once per block switch only:
+  # two more steps of block 2, then one read for block 3.
+  reads = []
+  device_get = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+  for _ in range(k):
+    p, s, _ = step(p, s, TOKENS)
+  assert len(reads) == 1
+  assert int(s.count) == 2 * k + 1 + 1 + k and int(s.active_block) == 3
+
+
 def test_inject_hyperparams_and_kwargs():
   tx = optax.inject_hyperparams(optax_memopt.badam, static_args=("switch_every", "switch_mode"))(
       learning_rate=1e-2, switch_every=3, switch_mode="descending", eps=1e-4)
