@@ -172,9 +172,19 @@ def block_coordinate(
   ``inner`` sees the active block as a dict ``{group: tuple of arrays}`` (the *slot*, see the module
   docstring), so it must not depend on parameter names: elementwise optimizers (Adam, Lion, SGD,
   sign-based methods) and tree-wide operations (clipping) work. Use ``groups`` to give different
-  leaves different treatment (e.g. weight decay only on matrices). ``inner.update`` receives the extra
-  keyword argument ``global_step`` (int32, updates since ``init``) so that a schedule inside it runs
-  on the global step rather than restarting at every switch.
+  leaves different treatment (e.g. weight decay only on matrices).
+
+  Schedules: ``inner``'s whole state is re-initialised at every block switch, its step counts
+  included, so an Optax schedule *inside* ``inner`` (``optax.adam(schedule)``, a
+  ``scale_by_schedule``) restarts at every block: with ``switch_every=10`` a linear decay gives step
+  sizes ``lr(0) .. lr(9)``, then ``lr(0) .. lr(9)`` again. That is BAdam's reset (Adam's moments and
+  bias correction restart); it cannot be undone for the counts alone, since ``inner``'s state is
+  opaque. A schedule on the global step goes either to :func:`badam` (``learning_rate=schedule``)
+  or to a stage *after* this one, whose state is outside the reset:
+  ``optax.chain(block_coordinate(optax.scale_by_adam()), optax.scale_by_learning_rate(schedule))``
+  (with bf16 parameters too, see mixed precision below). ``inner.update`` also receives the extra
+  keyword argument ``global_step`` (int32, updates since ``init``), which a transformation written
+  for it can read (:func:`badam`'s learning-rate stage does).
 
   Orders (``switch_mode``):
     * ``"random"``: each block-epoch visits every block once, in a fresh random permutation drawn

@@ -274,6 +274,42 @@ def test_schedule_runs_on_global_step():
     np.testing.assert_array_equal(updates["layers"][1 - block]["attn"]["q"], 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_schedule_inside_restarts_after_runs_on_global_step(dtype):
+  # Documented: a schedule inside block_coordinate's inner transformation restarts with the inner
+  # state at every block; one in a stage after block_coordinate runs on the global step.
+  params = {"w": jnp.ones((4,), dtype)}
+  grads = {"w": jnp.ones((4,), dtype)}
+  schedule = optax.linear_schedule(0.25, 0.0, 10)  # 0.25, 0.225, ...: exact in float32
+
+  def steps(tx, n=7):
+    p, state, sizes = params, tx.init(params), []
+    update = jax.jit(tx.update)
+    for _ in range(n):
+      u, state = update(grads, state, p)
+      new = optax.apply_updates(p, u)
+      sizes.append(float(jnp.mean((p["w"] - new["w"]).astype(jnp.float32))))
+      p = new
+    return np.array(sizes), float(jnp.mean(p["w"].astype(jnp.float32))) - 1.0
+
+  restarting = [float(schedule(i % 3)) for i in range(7)]
+  global_ = [float(schedule(i)) for i in range(7)]
+  sign = optax.scale_by_adam(b1=0.0, b2=0.0, eps=0.0)  # direction sign(g) = 1
+  inside = optax_memopt.block_coordinate(optax.chain(sign, optax.scale_by_learning_rate(schedule)),
+                                         switch_every=3)
+  after = optax.chain(optax_memopt.block_coordinate(sign, switch_every=3),
+                      optax.scale_by_learning_rate(schedule))
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(steps(inside)[0], restarting, rtol=1e-6)
+    np.testing.assert_allclose(steps(after)[0], global_, rtol=1e-6)
+  else:
+    # bf16: each step is rounded (the master copy follows what was applied), so compare the total
+    # movement, within half a bf16 ulp (2**-8 below 1) per step.
+    for tx, want in ((inside, restarting), (after, global_)):
+      np.testing.assert_allclose(steps(tx)[1], -sum(want), atol=7 * 2 ** -9)
+  assert abs(sum(restarting) - sum(global_)) > 7 * 2 ** -9  # the two cases are told apart
+
+
 # ----------------------------------------------------------------------------- compile once
 
 
