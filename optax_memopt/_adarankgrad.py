@@ -289,6 +289,29 @@ def _frobenius(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1)))
 
 
+
+
+
+def _negligible_reference(ref: jax.Array, low_norm: jax.Array, g: jax.Array) -> jax.Array:
+  """Where the last refresh saw a gradient too small to choose a subspace from (per matrix).
+
+  A refresh on a zero gradient (e.g. the layers before a zero-initialised output at step 0) stores
+  a reference norm of 0 and an arbitrary basis, and the convergence test ``|Q^T G| < tau * ref``
+  could then never fire. Such a subspace is refreshed as soon as the gradient is not negligible:
+  when the projected gradient exceeds the reference by more than ``1 / eps`` of float32, or, for a
+  reference of exactly zero, when the full gradient is nonzero (its norm is computed only while some
+  matrix has a zero reference, so an ordinary step pays nothing).
+  """
+  tiny_ref = ref < jnp.finfo(jnp.float32).eps * low_norm
+  zero_ref = ref == 0
+  nonzero_g = jax.lax.cond(
+      jnp.any(zero_ref),
+      lambda: _frobenius(g) > 0,
+      lambda: jnp.zeros(ref.shape, bool),
+  )
+  return tiny_ref | (zero_ref & nonzero_g)
+
+
 def _bias_correction(decay: Any, step: jax.Array) -> jax.Array:
   return 1.0 - jnp.asarray(decay, jnp.float32) ** step.astype(jnp.float32)
 
@@ -333,7 +356,10 @@ def scale_by_adarankgrad(
   last refresh, :math:`\tau` = ``refresh_threshold``), or after ``max_refresh_interval`` steps,
   whichever comes first. Each matrix decides on its own inside ``jax.lax.cond``; for a leaf that
   stacks several matrices (batch axes) the randomized SVD runs for the whole stack when any member
-  needs it, and only the members that need a refresh take it.
+  needs it, and only the members that need a refresh take it. A refresh that saw a zero gradient
+  (the layers before a zero-initialised output get one at step 0) chose an arbitrary subspace and
+  stored a reference of 0, so the matrix is refreshed again at the first step whose gradient is
+  nonzero (or more than ``1 / eps`` of float32 above a tiny reference).
 
   **Adaptive rank.** At a refresh, a randomized SVD :math:`G \approx U \operatorname{diag}(s)
   V^\top` of width ``max_rank`` (see :func:`optax_memopt.randomized_svd`) gives the rank
@@ -541,10 +567,12 @@ def scale_by_adarankgrad(
     g32 = lay.to_matrix(g).astype(jnp.float32)
     q32, mu32, nu32 = q.astype(jnp.float32), mu.astype(jnp.float32), nu.astype(jnp.float32)
     low = _mT(q32) @ g32
+    low_norm = _frobenius(low)
     need = (
         (count == 0)
-        | (_frobenius(low) < refresh_threshold * ref)
+        | (low_norm < refresh_threshold * ref)
         | (count - last >= max_refresh_interval)
+        | _negligible_reference(ref, low_norm, g32)
     )
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
     q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
