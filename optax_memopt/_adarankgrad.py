@@ -73,6 +73,9 @@ class AdaRankGradState(NamedTuple):
     rank: Effective rank of each matrix, ``[*B]``, int32 (read it with :func:`effective_ranks`).
     reference_norm: ``||Q^T G||_F`` measured right after the last refresh, ``[*B]``, float32.
     last_refresh: Value of ``count`` at the last refresh, ``[*B]``, int32.
+
+  ``optax.tree_utils.tree_map_params`` applies its function to ``mu`` and ``nu`` (params-structured;
+  a projected leaf's moments have shape ``[*B, R, N]``) and treats the other fields as non-params.
   """
 
   count: jax.Array
@@ -478,7 +481,13 @@ def scale_by_adarankgrad(
   def init_fn(params: optax.Params) -> AdaRankGradState:
     count = jnp.zeros([], jnp.int32)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    if not leaves:  # e.g. optax.tree.map_params' placeholder
+    if _tree.is_params_placeholder(params):
+      # optax.tree.map_params: the moments have the params' tree structure (with projected leaves
+      # of shape [*B, R, N]); the projector (no arrays for plain-Adam leaves), the int32 rank and
+      # refresh step and the reference norm are not params-like and must keep their types.
+      other = jnp.zeros([], jnp.int32)
+      return AdaRankGradState(count, params, params, other, other, other, other)
+    if not leaves:
       return AdaRankGradState(count, params, params, params, params, params, params)
     _tree.check_float_leaves(params, "scale_by_adarankgrad")
     fields = []

@@ -69,6 +69,9 @@ class BlockCoordinateState(NamedTuple):
       positions (empty when all parameters are float32).
     switch_every: int32 scalar, the (constant) block period ``K``; kept so that a host loop can
       tell from the state alone how many updates remain before the next switch.
+
+  No field has the structure of the params, so ``optax.tree_utils.tree_map_params`` applies its
+  function to none of them and ``transform_non_params`` to each field whole.
   """
 
   count: jax.Array
@@ -346,13 +349,11 @@ def block_coordinate(
 
   def init_fn(params):
     if is_params_placeholder(params):
-      # optax.tree.map_params: mark the params-like parts of the state (the slot's inner state and
-      # master copy) so that its function is applied to them and not to the schedule.
-      zero = jnp.zeros([], jnp.int32)
-      return BlockCoordinateState(
-          zero, zero, zero, jnp.zeros([0], jnp.int32), jnp.zeros([2], jnp.uint32),
-          inner.init(params), params, zero,
-      )
+      # optax.tree.map_params applies its function to the parts of a state shaped like the params
+      # (with any extra params-shaped trees). Nothing here is: the slot's inner state and master
+      # copy are shaped like one block's slot, not like the params, so every field is a non-param
+      # (``transform_non_params`` gets each field whole).
+      return BlockCoordinateState(*(jnp.zeros([], jnp.int32) for _ in BlockCoordinateState._fields))
     plan = get_plan(params)
     d = len(plan.members)
     if start_block is not None and start_block >= d:

@@ -435,10 +435,27 @@ def test_apply_if_finite_skips_nan_steps():
 def test_tree_map_params():
   tx = adarankgrad(1e-2, max_rank=4)
   params = {"w": jnp.zeros((12, 8)), "b": jnp.zeros((8,))}
+  grads = {"w": _low_rank(0, 12, 8, 2), "b": jnp.ones((8,))}
+  update = jax.jit(tx.update)
   state = tx.init(params)
+  _, state = update(grads, state, params)
   mapped = optax.tree.map_params(tx, lambda _: "P", state, transform_non_params=lambda _: None)
   inner = _inner(mapped)
-  assert inner.mu == {"w": "P", "b": "P"} and inner.count is None
+  assert inner.mu == {"w": "P", "b": "P"} and inner.nu == {"w": "P", "b": "P"}
+  assert inner.count is None and inner.rank is None and inner.last_refresh is None
+  assert inner.projector is None and inner.reference_norm is None
+  # A function of float arrays leaves the int32 rank and refresh step alone; the next update runs.
+  cast = optax.tree.map_params(tx, lambda x: x * 1.0, state)
+  chex.assert_trees_all_equal_dtypes(cast, state)
+  _, after = update(grads, cast, params)
+  assert int(_inner(after).count) == 2
+  # The sharding idiom, with an extra params-shaped tree, as for optax.adamw.
+  shardings = jax.tree.map(lambda p: p.sharding, params)
+  placed = optax.tree.map_params(tx, lambda x, s: jax.device_put(x, s), state, shardings,
+                                 transform_non_params=lambda x: x)
+  chex.assert_trees_all_equal(placed, state)
+  _, after = update(grads, placed, params)
+  assert int(_inner(after).count) == 2
 
 
 def test_bf16_params_keep_dtype():

@@ -514,17 +514,27 @@ def test_apply_if_finite_skips_bad_steps():
 
 def test_tree_map_params():
   params = make_params(2)
-  tx = optax_memopt.badam(1e-2)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_memopt.badam(1e-2, weight_decay=0.1))
+  update = jax.jit(tx.update)
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params, BATCH)
-  _, state = tx.update(grads, state, params)
-  # Maps the params-like arrays of the state (moments, master copy); the schedule is left alone.
-  mapped = optax.tree.map_params(tx, lambda x: x + 1.0, state)
-  assert jax.tree_util.tree_structure(mapped) == jax.tree_util.tree_structure(state)
-  assert int(mapped.count) == 1 and int(mapped.block_step) == 1
-  adam, adam_mapped = state.inner_state[0], mapped.inner_state[0]
-  assert int(adam_mapped.count) == int(adam.count)
-  chex.assert_trees_all_close(adam_mapped.mu, jax.tree.map(lambda x: x + 1.0, adam.mu))
+  _, state = update(grads, state, params)
+  # Nothing in BAdam's state is shaped like the params (the slot is one block's), so a function of
+  # the params is applied to no field of it: the int32 schedule keeps its type.
+  mapped = optax.tree.map_params(tx, lambda x: x * 1.0, state)
+  chex.assert_trees_all_equal(mapped, state)
+  chex.assert_trees_all_equal_dtypes(mapped, state)
+  # The sharding idiom, with an extra params-shaped tree: every field goes to transform_non_params.
+  shardings = jax.tree.map(lambda p: p.sharding, params)
+  specs = optax.tree.map_params(tx, lambda _, s: s, state, shardings,
+                                transform_non_params=lambda _: None)
+  assert specs[1].count is None and specs[1].inner_state is None
+  placed = optax.tree.map_params(tx, lambda x, s: jax.device_put(x, s), state, shardings,
+                                 transform_non_params=lambda x: x)
+  chex.assert_trees_all_equal(placed, state)
+  # The result is a state the next update takes.
+  _, after = update(grads, placed, params)
+  assert int(optax_memopt._badam.find_block_state(after)[0].count) == 2
 
 
 def test_state_stable_under_cond():
