@@ -180,7 +180,18 @@ def _validate(
     max_rank, min_rank, info_threshold, refresh_threshold, max_refresh_interval, oversample,
     power_iters,
 ) -> None:
+  for name, value in (("max_rank", max_rank), ("oversample", oversample),
+                      ("power_iters", power_iters)):
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+      raise TypeError(
+          f"{name} decides array shapes or Python loops and must be a Python int, got an array; "
+          f"under optax.inject_hyperparams pass static_args=({name!r}, ...) (see the adarankgrad "
+          "docstring for the full list)."
+      )
   for name, value in (("max_rank", max_rank), ("min_rank", min_rank)):
+    if not isinstance(value, (jax.Array, jax.core.Tracer)) and (
+        not isinstance(value, int) or isinstance(value, bool)):
+      raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     if _is_concrete(value) and value < 1:
       raise ValueError(f"{name} must be >= 1, got {value}.")
   if _is_concrete(max_rank) and _is_concrete(min_rank) and min_rank > max_rank:

@@ -455,6 +455,30 @@ def _scale_by_learning_rate_on_global_step(learning_rate: optax.ScalarOrSchedule
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _add_decayed_weights(weight_decay: Any, mask: Callable[[Any], Any] | None):
+  """``updates + weight_decay * params`` where ``mask(params)`` (every leaf for ``None``).
+
+  As ``optax.add_decayed_weights``, but its state is ``EmptyState`` whatever the mask and the
+  value, and a Python ``0`` adds nothing (so ``badam(weight_decay=0.0)`` computes plain Adam).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+      return updates, state
+    keep = jax.tree.map(lambda _: True, params) if mask is None else mask(params)
+    updates = jax.tree.map(
+        lambda u, p, m: (u + weight_decay * p).astype(u.dtype) if m else u, updates, params, keep
+    )
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def default_weight_decay_mask(params: Any) -> Any:
   """True for leaves with two or more dimensions (matrices, kernels), False for norms and biases."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -499,10 +523,12 @@ def badam(
     start_block: first block (default 0).
     seed: seed of the ``random`` order.
     b1, b2, eps: Adam's coefficients.
-    weight_decay: decoupled weight decay :math:`\lambda` (AdamW).
+    weight_decay: decoupled weight decay :math:`\lambda` (AdamW). It may be injected with
+      ``optax.inject_hyperparams``: the state's structure does not depend on its value.
     weight_decay_mask: which leaves are decayed: ``"matrices"`` (default) for leaves with
       ``ndim >= 2`` (not norm scales or biases), ``None`` for every leaf, or a pytree of bools or a
-      callable ``params -> bools``.
+      callable ``params -> bools`` (then decayed and other leaves never share a slot position, and
+      the slot has the groups ``"decay"`` and ``"no_decay"``, whatever ``weight_decay``).
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
 
   Returns:
@@ -526,17 +552,26 @@ def badam(
     Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
   """
-  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-  if decays and weight_decay_mask is not None:
-    mask_fn = (default_weight_decay_mask if weight_decay_mask == "matrices"
-               else blocks_lib.as_callable_mask(weight_decay_mask))
+  # The slot's grouping and the state's structure depend on the mask only, never on the value of
+  # weight_decay: under optax.inject_hyperparams it is an array (possibly 0.0), and the state must
+  # be the one badam builds for the same arguments.
+  if isinstance(weight_decay_mask, str) and weight_decay_mask != "matrices":
+    raise ValueError(
+        f"weight_decay_mask must be 'matrices', None, a pytree of bools or a callable "
+        f"params -> bools, got {weight_decay_mask!r}"
+    )
+  if weight_decay_mask is None:
+    groups, decay_mask = None, None
+  elif isinstance(weight_decay_mask, str):
+    # Decided by a slot position's shape, which every leaf it holds shares: no groups needed.
+    groups, decay_mask = None, lambda slot: jax.tree.map(lambda x: x.ndim >= 2, slot)
+  else:
+    mask_fn = blocks_lib.as_callable_mask(weight_decay_mask)
     groups = lambda params: jax.tree.map(lambda m: "decay" if m else "no_decay", mask_fn(params))
     decay_mask = lambda slot: {g: tuple(g == "decay" for _ in v) for g, v in slot.items()}
-  else:
-    groups, decay_mask = None, None
   inner = optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, decay_mask) if decays else optax.identity(),
+      _add_decayed_weights(weight_decay, decay_mask),
       _scale_by_learning_rate_on_global_step(learning_rate),
   )
   return block_coordinate(

@@ -407,6 +407,15 @@ def test_inject_hyperparams():
   np.testing.assert_allclose(u2["w"], 0.5 * u1["w"], rtol=1e-4, atol=1e-7)
 
 
+def test_inject_hyperparams_without_static_args_names_them():
+  params = {"w": jnp.zeros((12, 8))}
+  with pytest.raises(TypeError, match=r"max_rank.*static_args"):
+    optax.inject_hyperparams(adarankgrad)(learning_rate=0.1, max_rank=4).init(params)
+  with pytest.raises(TypeError, match=r"oversample.*static_args"):
+    optax.inject_hyperparams(adarankgrad, static_args=("max_rank",))(
+        learning_rate=0.1, max_rank=4).init(params)
+
+
 def test_multisteps_accumulates_before_stepping():
   tx = optax.MultiSteps(adarankgrad(1e-2, max_rank=4), every_k_schedule=2)
   params = {"w": jnp.zeros((12, 8)), "b": jnp.zeros((8,))}
