@@ -31,12 +31,16 @@ class BAdamRatioState(NamedTuple):
     active_block: int32 scalar, index of the selection period of the next update
       (``count // switch_every``).
     key: uint32 ``[2]``, raw PRNG key data of the ``scatter`` selections.
-    index: per leaf, int32 ``[n]`` flat indices of the selected entries (an empty ``[0]`` array for
-      leaves trained whole).
+    index: per leaf, int32 ``[n]`` flat indices of the selected entries (``optax.MaskedNode()``, no
+      array, for leaves trained whole).
     mu: per leaf, float32 ``[n]`` first moment of the selected entries (``[size]`` for small leaves).
     nu: per leaf, float32 ``[n]`` second moment, likewise.
     master: per leaf, float32 ``[n]`` master copy of the selected entries of bf16/fp16 leaves
-      (``[0]`` for float32 leaves).
+      (``optax.MaskedNode()`` for float32 leaves).
+
+  The state holds no zero-size array (orbax's ``StandardCheckpointer`` refuses them), and no field
+  is shaped like the params, so ``optax.tree_utils.tree_map_params`` hands every field to
+  ``transform_non_params``.
   """
 
   count: jax.Array
@@ -55,13 +59,49 @@ def _selected_count(size: int, update_ratio: float, min_size: int) -> int:
   return max(1, math.ceil(update_ratio * size))
 
 
+def _mulmod(a, b: int, size: int):
+  """``(a * b) % size`` for a traced int32 ``a >= 0`` and Python ints ``b``, ``size <= 2**31``,
+  without overflow: double-and-add over the bits of ``a`` in uint32 (every partial sum is below
+  ``2 * size <= 2**32``)."""
+  a = a.astype(jnp.uint32)
+  b, size_u = jnp.uint32(b % size), jnp.uint32(size)
+  out = jnp.uint32(0)
+  for bit in range(30, -1, -1):
+    out = (out * 2) % size_u
+    out = jnp.where((a >> bit) & 1, (out + b) % size_u, out)
+  return out
+
+
+def _random_subset(key, size: int, n: int):
+  """``n`` distinct indices in ``[0, size)``, in O(n) memory: the first ``n`` images of a keyed
+  pseudorandom permutation of ``[0, size)`` (a 6-round Feistel network on the smallest even number
+  of bits covering ``size``, with cycle walking back into range)."""
+  bits = max(2, (size - 1).bit_length())
+  bits += bits % 2
+  half, low_mask = bits // 2, jnp.uint32((1 << (bits // 2)) - 1)
+  round_keys = jax.random.bits(key, (6,), jnp.uint32)
+
+  def permute(x):
+    left, right = x >> half, x & low_mask
+    for r in range(6):
+      h = (right ^ round_keys[r]) * jnp.uint32(0x9E3779B1)
+      h = (h ^ (h >> 15)) * jnp.uint32(0x85EBCA77)
+      left, right = right, left ^ ((h ^ (h >> 13)) & low_mask)
+    return (left << half) | right
+
+  x = permute(jnp.arange(n, dtype=jnp.uint32))
+  x = jax.lax.while_loop(
+      lambda x: jnp.any(x >= size), lambda x: jnp.where(x >= size, permute(x), x), x)
+  return x
+
+
 def _selection(mode, size, n, key, leaf_id, period):
   """Flat indices (int32 [n]) of the entries trained in ``period``."""
   if mode == "adjacent":
-    start = (period.astype(jnp.int32) * n) % size
-    return (start + jnp.arange(n, dtype=jnp.int32)) % size
+    start = _mulmod(period, n, size)
+    return ((start + jnp.arange(n, dtype=jnp.uint32)) % jnp.uint32(size)).astype(jnp.int32)
   k = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), leaf_id), period)
-  return jnp.sort(jax.random.choice(k, size, (n,), replace=False)).astype(jnp.int32)
+  return jnp.sort(_random_subset(k, size, n)).astype(jnp.int32)
 
 
 def _explicit(x) -> bool:
@@ -72,10 +112,10 @@ def _explicit(x) -> bool:
 
 def _take(x, idx):
   """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
-  empty. Indexes by coordinates: flattening a sharded array first would all-gather it whole, while a
+  ``MaskedNode`` (a leaf trained whole). Indexes by coordinates: flattening a sharded array first would all-gather it whole, while a
   gather by coordinates moves only the selected entries. On an explicit mesh the result is typed
   replicated, like the state's ``[n]``-vectors."""
-  if not idx.shape[0]:
+  if isinstance(idx, optax.MaskedNode):
     return x.reshape(-1)
   coords = jnp.unravel_index(idx, x.shape) if x.ndim > 1 else idx
   return x.at[coords].get(out_sharding=jax.P() if _explicit(x) else None)
@@ -83,7 +123,7 @@ def _take(x, idx):
 
 def _put(like, idx, values):
   """Zeros like ``like`` (and sharded like it) with ``values`` at flat indices ``idx``."""
-  if not idx.shape[0]:
+  if isinstance(idx, optax.MaskedNode):
     return values.reshape(like.shape)
   coords = jnp.unravel_index(idx, like.shape) if like.ndim > 1 else idx
   out_sharding = jax.typeof(like).sharding if _explicit(like) else None
@@ -109,9 +149,11 @@ def badam_ratio(
   For a leaf of ``size`` entries, the selected set :math:`S_p` of period
   :math:`p = \lfloor t / K \rfloor` has :math:`n = \lceil r \cdot size \rceil` entries: in
   ``adjacent`` mode the contiguous run (in flattened order, wrapping) starting at :math:`p n \bmod
-  size`, so that successive periods sweep the tensor; in ``scatter`` mode a uniformly random subset
-  drawn from ``seed``, the leaf and :math:`p`. On :math:`S_p` the update is AdamW with moments that
-  start at zero at the period's first step (bias correction counts from there); outside it, zero.
+  size`, so that successive periods sweep the tensor; in ``scatter`` mode a pseudorandom subset
+  keyed by ``seed``, the leaf and :math:`p`: the first :math:`n` images of a keyed pseudorandom
+  permutation of the entries (a Feistel network with cycle walking), so every entry is about
+  equally likely and the draw needs :math:`O(n)` memory, never a permutation of the whole leaf.
+  On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step (bias correction counts from there); outside it, zero.
   Leaves with fewer than ``min_size`` entries train every entry. The learning rate schedule runs on the
   global step.
 
@@ -179,7 +221,7 @@ def badam_ratio(
     index = []
     for i, (size, n) in enumerate(sizes(params)):
       if n == size:
-        index.append(jnp.zeros((0,), jnp.int32))
+        index.append(optax.MaskedNode())
       else:
         index.append(_selection(mask_mode, size, n, key, i, period))
     return jax.tree_util.tree_unflatten(treedef, index)
@@ -187,11 +229,11 @@ def badam_ratio(
   def fresh(params, index):
     """Zero moments and a master copy for the selection ``index``."""
     def one(x, idx):
-      n = idx.shape[0] or x.size
+      n = x.size if isinstance(idx, optax.MaskedNode) else idx.shape[0]
       if low_precision(x):
         master = _take(x, idx).astype(jnp.float32)
       else:
-        master = jnp.zeros((0,), jnp.float32)
+        master = optax.MaskedNode()
       # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
       return jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32), master
     out = jax.tree.map(one, params, index)
@@ -199,10 +241,8 @@ def badam_ratio(
     return pick(0), pick(1), pick(2)
 
   def init_fn(params):
-    if is_params_placeholder(params):  # optax.tree.map_params: the per-leaf parts are params-like
-      zero = jnp.zeros([], jnp.int32)
-      return BAdamRatioState(zero, zero, zero, jnp.zeros([2], jnp.uint32), params, params, params,
-                             params)
+    if is_params_placeholder(params):  # optax.tree.map_params: no field is shaped like the params
+      return BAdamRatioState(*(jnp.zeros([], jnp.int32) for _ in BAdamRatioState._fields))
     check_float_leaves(params, "badam_ratio")
     key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
     index = select_all(params, key, jnp.int32(0))
