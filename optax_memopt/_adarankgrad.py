@@ -306,6 +306,9 @@ def _frobenius(x: jax.Array) -> jax.Array:
 
 
 
+_ENERGY_RTOL = 1e-5  # relative tolerance of the kept-energy test (float32 rounding, ~1e-6)
+
+
 def _negligible_reference(ref: jax.Array, low_norm: jax.Array, g: jax.Array) -> jax.Array:
   """Where the last refresh saw a gradient too small to choose a subspace from (per matrix).
 
@@ -377,8 +380,9 @@ def scale_by_adarankgrad(
 
   **Adaptive rank.** At a refresh, a randomized SVD :math:`G \approx U \operatorname{diag}(s)
   V^\top` of width ``max_rank`` (see :func:`optax_memopt.randomized_svd`) gives the rank
-  :math:`r = \min\{k : \sum_{i \le k} s_i^2 \ge \eta \|G\|_F^2\}` clipped to ``[min_rank,
-  max_rank]`` (:math:`\eta` = ``info_threshold``, :math:`\|G\|_F` computed exactly). Buffers
+  :math:`r = \min\{k : \sum_{i \le k} s_i^2 \ge (\eta - 10^{-5}) \|G\|_F^2\}` clipped to
+  ``[min_rank, max_rank]`` (:math:`\eta` = ``info_threshold``, :math:`\|G\|_F` computed exactly;
+  the :math:`10^{-5}` absorbs float32 rounding, so :math:`\eta = 1` finds an exact low rank). Buffers
   always have width ``R = min(max_rank, N)``, so shapes are static and there is one compilation;
   columns of :math:`Q` from :math:`r` on are exactly zero, so the matching moment rows stay zero.
 
@@ -551,7 +555,11 @@ def scale_by_adarankgrad(
     u, s, _ = randomized_svd(key, g, lay_rank, oversample=oversample, power_iters=power_iters)
     total = jnp.sum(jnp.square(g), axis=(-2, -1))
     energy = jnp.cumsum(jnp.square(s), axis=-1)
-    chosen = 1 + jnp.sum(energy < info_threshold * total[..., None], axis=-1)
+    # Kept energy is compared with a relative tolerance of 1e-5: the singular values and the exact
+    # norm are computed differently in float32 and disagree by ~1e-6 of the total, so without it
+    # info_threshold=1.0 never stops below max_rank even for an exactly low-rank gradient.
+    target = (info_threshold - _ENERGY_RTOL) * total[..., None]
+    chosen = 1 + jnp.sum(energy < target, axis=-1)
     chosen = jnp.clip(chosen, jnp.minimum(min_rank, lay_rank), lay_rank).astype(jnp.int32)
     q_new = jnp.where(jnp.arange(lay_rank) < chosen[..., None, None], u, 0.0)
     q_new = q_new.astype(q_dtype).astype(jnp.float32)  # what the next steps will see
@@ -613,13 +621,26 @@ def scale_by_adarankgrad(
     return u, mu32.astype(mu.dtype), nu32.astype(nu.dtype), q32.astype(q.dtype), rank, ref, last
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    if params is not None:
+      _tree.check_same_structure("scale_by_adarankgrad", updates, "grads", params, "params")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     if not leaves:
       return updates, state._replace(count=optax.safe_increment(state.count))
     count = state.count
     step = optax.safe_increment(count)
+    _tree.check_same_structure(
+        "scale_by_adarankgrad", updates, "grads", state.mu, "the state's moments (from init)")
     per_field = [treedef.flatten_up_to(f) for f in state[1:]]
+    for path, g, lay, mu in zip(_tree.leaf_paths(updates), leaves, leaf_layouts(updates),
+                                per_field[0]):
+      want = g.shape if lay is None else lay.batch + (lay.rank, lay.tall[1])
+      if tuple(mu.shape) != tuple(want):
+        raise ValueError(
+            f"scale_by_adarankgrad: parameter {path!r} has shape {tuple(g.shape)}, which needs "
+            f"moments of shape {tuple(want)}, but the state built at init has {tuple(mu.shape)}: "
+            "it changed shape between init and update (re-run tx.init)"
+        )
     out_updates, out_fields = [], []
     for i, (g, lay, mu, nu, q, rank, ref, last) in enumerate(
         zip(leaves, leaf_layouts(updates), *per_field, strict=True)

@@ -42,7 +42,13 @@ import jax.numpy as jnp
 import optax
 
 from optax_memopt import _blocks as blocks_lib
-from optax_memopt._tree import check_float_leaves, is_params_placeholder, zeros_like_placed
+from optax_memopt._tree import (
+    check_float_leaves,
+    check_same_structure,
+    is_params_placeholder,
+    path_str,
+    zeros_like_placed,
+)
 
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
@@ -342,6 +348,34 @@ def block_coordinate(
       )
     return out
 
+  def check_state_fits(plan, param_leaves, params, expected, actual):
+    """Raises naming a parameter whose slot position the state (built at init) lacks or shapes
+    differently: the params gained a leaf or changed shape between init and update."""
+    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    have, have_def = jax.tree_util.tree_flatten_with_path(actual)
+    sig = lambda x: (tuple(x.shape), jnp.dtype(x.dtype))
+    if want_def == have_def and all(sig(a) == sig(b) for (_, a), (_, b) in zip(want, have)):
+      return
+    have_sig = {p: sig(x) for p, x in have}
+    bad = next(((p, x) for p, x in want if have_sig.get(p) != sig(x)), None) or (want[-1:] or [None])[0]
+    group = pos = None
+    for key in bad[0] if bad else ():
+      if isinstance(key, jax.tree_util.DictKey) and key.key in plan.slot:
+        group = key.key
+      elif isinstance(key, jax.tree_util.SequenceKey) and group is not None and pos is None:
+        pos = key.idx
+    names = [path_str(p) for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])
+             if plan.where[i] == (group, pos)]
+    leaf = param_leaves[plan.where.index((group, pos))] if names else None
+    found = have_sig.get(bad[0]) if bad else None
+    raise ValueError(
+        "block_coordinate: the state does not fit the params (built at init for another parameter "
+        "tree: a leaf was added or changed shape); "
+        + (f"parameter {names[0]!r} {tuple(leaf.shape)} {leaf.dtype} needs a slot position that the "
+           f"state has as {found[0] if found else 'nothing'}" if names else "the slot differs")
+        + "; re-run tx.init"
+    )
+
   def working_dtype(plan):
     def dtype_of(dt):
       return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
@@ -374,10 +408,17 @@ def block_coordinate(
       raise ValueError("block_coordinate requires params: call tx.update(grads, state, params)")
     static_block = extra_args.pop(STATIC_BLOCK_ARG, None)
     probe = extra_args.pop(LABELS_PROBE_ARG, None)
+    check_same_structure("block_coordinate", updates, "grads", params, "params")
     plan = get_plan(params)
     if probe is not None:
       probe[token] = plan.labels
     d = len(plan.members)
+    if state.order.shape != (d,):
+      raise ValueError(
+          f"block_coordinate: the params have {d} blocks but the state was built at init for "
+          f"{state.order.shape[0]}; the parameter tree changed between init and update (re-run "
+          "tx.init)"
+      )
     param_leaves = jax.tree_util.tree_leaves(params)
     grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
     block = state.active_block if static_block is None else static_block
@@ -391,10 +432,12 @@ def block_coordinate(
       master = master_of(plan, slot_params)
       return inner.init(working_params(plan, slot_params, master)), master
 
+    fresh_state = reset()
+    check_state_fits(plan, param_leaves, params, fresh_state, (state.inner_state, state.master))
     # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
     # inner update, where a conditional would materialise a copy of the whole slot state.
     inner_state, master = jax.tree.map(
-        lambda new, old: jnp.where(fresh, new, old), reset(), (state.inner_state, state.master)
+        lambda new, old: jnp.where(fresh, new, old), fresh_state, (state.inner_state, state.master)
     )
     master = follow_applied(plan, slot_params, master)
     work = working_params(plan, slot_params, master)

@@ -16,7 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt._tree import check_float_leaves, is_params_placeholder, zeros_like_placed
+from optax_memopt._tree import (
+    check_float_leaves,
+    check_same_structure,
+    is_params_placeholder,
+    leaf_paths,
+    zeros_like_placed,
+)
 
 MASK_MODES = ("adjacent", "scatter")
 
@@ -112,8 +118,8 @@ def _explicit(x) -> bool:
 
 def _take(x, idx):
   """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
-  ``MaskedNode`` (a leaf trained whole). Indexes by coordinates: flattening a sharded array first would all-gather it whole, while a
-  gather by coordinates moves only the selected entries. On an explicit mesh the result is typed
+  ``MaskedNode`` (a leaf trained whole). Indexes by coordinates: flattening a sharded array first
+  would all-gather it whole, while a gather by coordinates moves only the selected entries. On an explicit mesh the result is typed
   replicated, like the state's ``[n]``-vectors."""
   if isinstance(idx, optax.MaskedNode):
     return x.reshape(-1)
@@ -153,9 +159,9 @@ def badam_ratio(
   keyed by ``seed``, the leaf and :math:`p`: the first :math:`n` images of a keyed pseudorandom
   permutation of the entries (a Feistel network with cycle walking), so every entry is about
   equally likely and the draw needs :math:`O(n)` memory, never a permutation of the whole leaf.
-  On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step (bias correction counts from there); outside it, zero.
-  Leaves with fewer than ``min_size`` entries train every entry. The learning rate schedule runs on the
-  global step.
+  On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step
+  (bias correction counts from there); outside it, zero. Leaves with fewer than ``min_size``
+  entries train every entry. The learning rate schedule runs on the global step.
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
   length :math:`n` (only for selected leaves) and, for bf16/fp16 params, a float32 master copy of the
@@ -254,6 +260,15 @@ def badam_ratio(
     del extra_args
     if params is None:
       raise ValueError("badam_ratio requires params: call tx.update(grads, state, params)")
+    check_same_structure("badam_ratio", updates, "grads", params, "params")
+    check_same_structure("badam_ratio", params, "params", state.mu, "the state's moments (from init)")
+    for path, (size, n), m in zip(leaf_paths(params), sizes(params), jax.tree_util.tree_leaves(state.mu)):
+      if m.shape != (n,):
+        raise ValueError(
+            f"badam_ratio: parameter {path!r} ({size} entries) trains {n} at a time but the state "
+            f"built at init holds {m.shape[0]}: it changed shape between init and update (re-run "
+            "tx.init)"
+        )
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     reset = state.block_step == 0
     mu0, nu0, master0 = fresh(params, state.index)

@@ -165,6 +165,8 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[int]:
         f"blocks: the label tree has {len(labels)} leaves but the parameters have {n}; it must "
         "have the structure of the parameters"
     )
+  for path, x in zip(paths, labels):
+    _check_label(path, x)
   try:
     labels = [int(x) for x in labels]
   except (TypeError, ValueError):
@@ -181,6 +183,23 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[int]:
   if missing:
     raise ValueError(f"blocks: block ids must be 0..{used[-1]} without gaps; no leaf has {missing}")
   return labels
+
+
+def _check_label(path: str, label: Any) -> None:
+  """Raises ``TypeError`` unless ``label`` is an integer (Python, NumPy or JAX; an integer array is
+  accepted, a float never: ``0.5`` must not silently become block 0)."""
+  if isinstance(label, bool):
+    bad = True
+  elif isinstance(label, int):
+    bad = False
+  else:
+    dtype = getattr(label, "dtype", None)
+    bad = dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.integer)
+  if bad:
+    raise TypeError(
+        f"blocks: labels must be integers (block ids, -1 for frozen); parameter {path!r} has "
+        f"{label!r}"
+    )
 
 
 def num_blocks(labels: list[int]) -> int:

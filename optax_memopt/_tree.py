@@ -68,3 +68,19 @@ def zeros_like_placed(x: jax.Array) -> jax.Array:
   select away).
   """
   return jnp.where(False, x, jnp.zeros((), x.dtype))
+
+
+def check_same_structure(what: str, tree: Any, name: str, like: Any, like_name: str) -> None:
+  """Raises a one-line ``ValueError`` naming the first leaf path where ``tree`` and ``like`` differ."""
+  if jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(like):
+    return
+  paths, like_paths = leaf_paths(tree), leaf_paths(like)
+  only = [p for p in paths if p not in set(like_paths)]
+  like_only = [p for p in like_paths if p not in set(paths)]
+  if only:
+    detail = f"{name} have {only[0]!r}, which {like_name} have not"
+  elif like_only:
+    detail = f"{like_name} have {like_only[0]!r}, which {name} have not"
+  else:
+    detail = f"same paths, different containers ({len(paths)} leaves)"
+  raise ValueError(f"{what}: {name} and {like_name} must have the same tree structure; {detail}")

@@ -339,11 +339,36 @@ def test_state_bytes_match_galore_at_same_rank():
         (dict(refresh_threshold=0.0), "refresh_threshold"),
         (dict(refresh_threshold=2.0), "refresh_threshold"),
         (dict(max_refresh_interval=0), "max_refresh_interval"),
+        (dict(max_rank=2.5), "max_rank must be an int"),
+        (dict(min_rank=1.5), "min_rank must be an int"),
     ],
 )
 def test_construction_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     adarankgrad(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (24, 40), (256, 96)])
+def test_info_threshold_one_finds_an_exact_low_rank(shape):
+  # Keeping all of the energy of an exactly rank-2 matrix takes rank 2; float32 rounding of the
+  # kept energy used to leave it at max_rank.
+  g = {"w": _low_rank(sum(shape), *shape, 2, scale=3.0)}
+  _, states = _run(scale_by_adarankgrad(max_rank=8, info_threshold=1.0), [g])
+  assert int(effective_ranks(states[0])["w"]) == 2
+
+
+def test_params_changed_between_init_and_update_name_the_leaf():
+  params = {"w": jnp.zeros((12, 8)), "b": jnp.zeros((8,))}
+  tx = adarankgrad(1e-2, max_rank=4)
+  state = tx.init(params)
+  grown = dict(params, extra=jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="grads have 'extra'"):
+    tx.update(grown, state, grown)
+  wider = dict(params, w=jnp.zeros((12, 9)))
+  with pytest.raises(ValueError, match=r"'w' has shape \(12, 9\).*changed shape"):
+    tx.update(wider, state, wider)
+  with pytest.raises(ValueError, match="params have 'b', which grads have not"):
+    tx.update({"w": params["w"]}, state, params)
 
 
 def test_non_float_params_raise_naming_path():

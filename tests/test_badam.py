@@ -147,6 +147,7 @@ def test_callable_and_label_tree_specs_agree():
         ({"switch_mode": "sideways"}, "switch_mode"),
         ({"switch_every": 0}, "switch_every"),
         ({"start_block": -2}, "start_block"),
+        ({"weight_decay_mask": "bogus"}, "weight_decay_mask must be 'matrices', None"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -169,6 +170,36 @@ def test_bad_specs_fail_at_init():
     optax_memopt.badam(1e-3).init(bad)
   with pytest.raises(TypeError, match="inner"):
     optax_memopt.block_coordinate(lambda g: g)
+
+
+@pytest.mark.parametrize("label", [0.5, np.float32(1.0), jnp.asarray(1.0), True])
+def test_non_integer_block_labels_fail_at_init(label):
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  with pytest.raises(TypeError, match="labels must be integers.*'b'"):
+    optax_memopt.badam(1e-3, blocks={"a": 0, "b": label}).init(params)
+  # NumPy and JAX integers are labels.
+  optax_memopt.badam(1e-3, blocks={"a": np.int32(0), "b": jnp.asarray(1)}).init(params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_params_changed_between_init_and_update_name_the_leaf(dtype):
+  params = make_params(2, dtype=dtype)
+  tx = optax_memopt.badam(1e-2)
+  state = tx.init(params)
+  grown = dict(params, layers=[dict(layer, extra=jnp.ones((3,), dtype))
+                               for layer in params["layers"]])
+  with pytest.raises(ValueError, match=r"'layers.0.extra' \(3,\).*re-run tx.init"):
+    tx.update(grown, state, grown)
+  wider = dict(params, layers=[dict(layer, norm=jnp.ones((WIDTH + 1,), dtype))
+                               for layer in params["layers"]])
+  with pytest.raises(ValueError, match=r"'layers.0.norm' \(9,\).*re-run tx.init"):
+    tx.update(wider, state, wider)
+  deeper = make_params(3, dtype=dtype)
+  with pytest.raises(ValueError, match="3 blocks but the state was built at init for 2"):
+    tx.update(deeper, state, deeper)
+  fewer = dict(params, layers=params["layers"][:1])
+  with pytest.raises(ValueError, match="params have 'layers.1.attn.o', which grads have not"):
+    tx.update(fewer, state, params)
 
 
 # ----------------------------------------------------------------------------- exactness

@@ -217,3 +217,17 @@ def test_adjacent_start_does_not_overflow(period):
   first = jax.jit(lambda p: _selection("adjacent", size, n, key, 0, p)[:3])(jnp.int32(period))
   start = (period * n) % size
   np.testing.assert_array_equal(first, [(start + i) % size for i in range(3)])
+
+
+def test_params_changed_between_init_and_update_name_the_leaf():
+  params = make_params()
+  tx = optax_memopt.badam_ratio(1e-2, update_ratio=0.1)
+  state = tx.init(params)
+  grown = dict(params, extra=jnp.ones((3,)))
+  with pytest.raises(ValueError, match="params have 'extra'"):
+    tx.update(grown, state, grown)
+  wider = dict(params, w1=jnp.ones((16, 25)))
+  with pytest.raises(ValueError, match="'w1' .*changed shape"):
+    tx.update(wider, state, wider)
+  with pytest.raises(ValueError, match="params have 'out', which grads have not"):
+    tx.update({k: v for k, v in params.items() if k != "out"}, state, params)
