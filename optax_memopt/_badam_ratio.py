@@ -119,8 +119,8 @@ def _explicit(x) -> bool:
 def _take(x, idx):
   """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
   ``MaskedNode`` (a leaf trained whole). Indexes by coordinates: flattening a sharded array first
-  would all-gather it whole, while a gather by coordinates moves only the selected entries. On an explicit mesh the result is typed
-  replicated, like the state's ``[n]``-vectors."""
+  would all-gather it whole, while a gather by coordinates moves only the selected entries. On an
+  explicit mesh the result is typed replicated, like the state's ``[n]``-vectors."""
   if isinstance(idx, optax.MaskedNode):
     return x.reshape(-1)
   coords = jnp.unravel_index(idx, x.shape) if x.ndim > 1 else idx
