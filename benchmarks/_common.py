@@ -152,11 +152,11 @@ def tree_size(tree) -> int:
 
 
 def llama_config(shape: str | dict, *, seq_len: int, param_dtype: str = "float32",
-                 dtype: str = "float32") -> llama.LlamaConfig:
+                 dtype: str = "float32", scan_layers: bool = False) -> llama.LlamaConfig:
   fields = LLAMA_SHAPES[shape] if isinstance(shape, str) else shape
   return llama.LlamaConfig(**fields, max_position_embeddings=max(seq_len, 16),
                            param_dtype=param_dtype, dtype=dtype, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0)
+                           pad_token_id=0, scan_layers=scan_layers)
 
 
 def llama_task(model_cfg: llama.LlamaConfig, *, from_scratch: bool, seed: int = 0) -> common.Task:
@@ -236,9 +236,20 @@ def make_setup(variant: str, task: common.Task, cfg: common.TrainConfig, *,
 
 
 def block_sizes(labels, params) -> dict[int, int]:
-  """Parameter count of each BAdam block (frozen leaves, label -1, left out)."""
+  """Parameter count of each BAdam block (frozen leaves and slices, label -1, left out).
+
+  A stacked leaf's label is one block id per slice of its leading (layer) axis.
+  """
   sizes: dict[int, int] = {}
-  for lab, x in zip(jax.tree.leaves(labels), jax.tree.leaves(params), strict=True):
-    if lab >= 0:
-      sizes[lab] = sizes.get(lab, 0) + int(np.prod(x.shape))
+  flat = jax.tree_util.tree_structure(params).flatten_up_to(labels)
+  for lab, x in zip(flat, jax.tree.leaves(params), strict=True):
+    if isinstance(lab, (int, np.integer)):
+      per = {int(lab): int(np.prod(x.shape))}
+    else:
+      per = {}
+      for b in lab:
+        per[int(b)] = per.get(int(b), 0) + int(np.prod(x.shape[1:]))
+    for b, n in per.items():
+      if b >= 0:
+        sizes[b] = sizes.get(b, 0) + n
   return sizes

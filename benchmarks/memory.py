@@ -17,9 +17,13 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
   estimate ``arguments + outputs - aliased + temporaries``. Only float32 configs are compiled:
   XLA on CPU widens bf16 matmul operands to f32, which would inflate bf16 temporaries. For
   ``badam_block`` the step of block 0 (the lowest layer: backpropagation through every layer) is
-  compiled, the worst case over blocks.
+  compiled, the worst case over blocks. The Llama 2-7B and Llama 3-8B shapes are compiled
+  with their layers stacked and run by ``nnx.scan`` (``scan_layers``), as large models are trained:
+  the compile time no longer grows with the number of layers, and the optimizer states equal the
+  list form's (the account below is taken on the list form). LoRA's adapters need the layers as a
+  list, and ``optax.contrib.galore`` projects only 2-D leaves, so their cells stay unscanned.
 
-    python -m benchmarks.memory            # every shape (7B/8B compiles take ~30 s each)
+    python -m benchmarks.memory            # every shape and optimizer
     python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
 """
 
@@ -37,10 +41,15 @@ FULL_XLA_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
 QUICK_XLA_SHAPES = ("tiny",)
 QUICK_ACCOUNT_SHAPES = ("tiny", "llama2-7b")
 ACCOUNT_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
+# Shapes whose XLA step is compiled from the scanned (stacked) model. With a python list of layers
 # AdaRankGrad's step (a randomized SVD, rank selection and moment transformation per matrix inside
-# lax.cond) compiles slowly on CPU: 213 s for the 1B shape, 362 s for Llama 2-7B on
-# this machine. Left out of the default run (--all-cells compiles them).
-SLOW_CELLS = {("llama3-8b", "adarankgrad")}
+# lax.cond) compiled for 213 s at 1B and 362 s at Llama 2-7B on this machine, 25 s for Llama 2-7B
+# stacked: each kind of matrix is one batched computation whatever the number of layers.
+SCANNED_XLA_SHAPES = ("llama2-7b", "llama3-8b")
+# LoRA's adapters are added layer by layer to a python list; optax.contrib.galore projects only 2-D
+# leaves (its dimension numbers have no batch axis), so on a stack it would run full Adam.
+UNSCANNABLE = ("lora", "galore")
+SLOW_CELLS: set[tuple[str, str]] = set()
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
 PAPER_GB = {
@@ -97,10 +106,53 @@ def mixed_precision_account(shape: str, args) -> list[dict]:
   return rows
 
 
+STACK_CHECK = (("badam_dropin", "float32"), ("badam_dropin", "bfloat16"),
+               ("adarankgrad", "float32"))
+
+
+def stacked_vs_list(shape: str, args) -> list[dict]:
+  """Optimizer state of the same model with its layers as a list and as one scanned stack.
+
+  For BAdam also one layer's AdamW state (two float32 moments, plus its float32 master copy for
+  bf16 weights): what the state should be whatever the form of the layers.
+  """
+  cfg = _train_config(args)
+  rows = []
+  for variant, dtype in STACK_CHECK:
+    state, layer = {}, 0
+    for scan in (False, True):
+      model_cfg = bc.llama_config(shape, seq_len=args.seq_len, param_dtype=dtype, scan_layers=scan)
+      setup = bc.make_setup(variant, bc.llama_task(model_cfg, from_scratch=False), cfg,
+                            abstract=True)
+      state[scan] = bc.tree_bytes(setup.opt_state)
+      if not scan:
+        layer = bc.tree_size(setup.params["layers"][0])
+    row = {"shape": shape, "optimizer": variant, "param_dtype": dtype,
+           "list_bytes": state[False], "stacked_bytes": state[True],
+           "stacked_over_list": state[True] / state[False]}
+    if variant.startswith("badam"):
+      row["one_layer_adamw_bytes"] = 8 * layer + (4 * layer if dtype == "bfloat16" else 0)
+      row["stacked_over_one_layer"] = state[True] / row["one_layer_adamw_bytes"]
+    rows.append(row)
+  return rows
+
+
+def stack_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "optimizer", "weights", "state, layers as a list", "state, layers stacked",
+       "stacked / list", "one layer's AdamW state (+ fp32 master)", "stacked / one layer"],
+      [[r["shape"], r["optimizer"], r["param_dtype"], f"{r['list_bytes']:,} B",
+        f"{r['stacked_bytes']:,} B", f"{r['stacked_over_list']:.4f}",
+        f"{r['one_layer_adamw_bytes']:,} B" if "one_layer_adamw_bytes" in r else "",
+        f"{r['stacked_over_one_layer']:.4f}" if "stacked_over_one_layer" in r else ""]
+       for r in rows])
+
+
 def xla_step(shape: str, variant: str, args) -> dict:
   """Compiles one float32 training step abstractly and reads XLA's memory analysis."""
   cfg = _train_config(args)
-  model_cfg = bc.llama_config(shape, seq_len=args.seq_len)
+  scanned = shape in args.scan_shapes and variant not in UNSCANNABLE
+  model_cfg = bc.llama_config(shape, seq_len=args.seq_len, scan_layers=scanned)
   task = bc.llama_task(model_cfg, from_scratch=False)
   setup = bc.make_setup(variant, task, cfg, abstract=True)
   batch = bc.llama_batch(1, args.seq_len, model_cfg.vocab_size, abstract=True)
@@ -111,6 +163,7 @@ def xla_step(shape: str, variant: str, args) -> dict:
   m = compiled.memory_analysis()
   row = {
       "shape": shape, "optimizer": variant, "seq_len": args.seq_len, "batch": 1,
+      "scan_layers": scanned,
       "params_bytes": bc.tree_bytes(setup.params) + bc.tree_bytes(setup.rest),
       "opt_state_bytes": bc.tree_bytes(setup.opt_state),
       "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
@@ -136,7 +189,8 @@ def xla_table(rows) -> str:
   return bc.markdown_table(
       ["model", "optimizer", "params", "optimizer state (exact)", "arguments", "outputs",
        "aliased", "temporaries", "peak estimate", "compile"],
-      [[r["shape"], r["optimizer"], bc.gb(r["params_bytes"]), bc.gb(r["opt_state_bytes"]),
+      [[r["shape"] + (" (scanned)" if r.get("scan_layers") else ""), r["optimizer"],
+        bc.gb(r["params_bytes"]), bc.gb(r["opt_state_bytes"]),
         bc.gb(r["argument_bytes"]), bc.gb(r["output_bytes"]), bc.gb(r["alias_bytes"]),
         bc.gb(r["temp_bytes"]), bc.gb(r["peak_bytes"]), f"{r['compile_s']:.1f} s"]
        for r in rows])
@@ -153,8 +207,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--seq-len", type=int, default=64, help="sequence length of the XLA steps")
   parser.add_argument("--rank", type=int, default=128, help="GaLore rank / AdaRankGrad max rank")
   parser.add_argument("--lora-rank", type=int, default=8)
+  parser.add_argument("--scan-shapes", nargs="*", default=list(SCANNED_XLA_SHAPES),
+                      choices=tuple(bc.LLAMA_SHAPES),
+                      help="shapes whose XLA step is compiled from the scanned (stacked) model")
   parser.add_argument("--all-cells", action="store_true",
-                      help="also compile the slow cells (AdaRankGrad at 8B, over 6 minutes)")
+                      help="also compile the cells listed as slow (none at present)")
   args = parser.parse_args(argv)
   xla_shapes = args.xla_shapes if args.xla_shapes is not None else (
       QUICK_XLA_SHAPES if args.quick else FULL_XLA_SHAPES)
@@ -164,11 +221,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   start = time.perf_counter()
   result = {"benchmark": "memory", "quick": args.quick, "environment": env,
             "seq_len": args.seq_len, "rank": args.rank, "lora_rank": args.lora_rank,
-            "account": [], "xla": [], "skipped": []}
+            "account": [], "stacked_vs_list": [], "xla": [], "skipped": []}
   for shape in account_shapes:
     rows = [r for r in mixed_precision_account(shape, args) if r["optimizer"] in args.optimizers]
     result["account"] += rows
     print(f"account {shape}: done", flush=True)
+  for shape in account_shapes:
+    result["stacked_vs_list"] += stacked_vs_list(shape, args)
   for what, chosen in (("XLA compile", xla_shapes), ("mixed-precision account", account_shapes)):
     left_out = [s for s in bc.LLAMA_SHAPES if s not in chosen]
     if left_out:
@@ -177,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for shape in xla_shapes:
     for variant in args.optimizers:
       if (shape, variant) in SLOW_CELLS and not args.all_cells:
-        result["skipped"].append(f"XLA {shape}/{variant}: compiles for many minutes on CPU "
-                                 "(1B took 213 s, 7B 362 s); run with --all-cells")
+        result["skipped"].append(f"XLA {shape}/{variant}: compiles for many minutes on CPU; "
+                                 "run with --all-cells")
         continue
       try:
         row = xla_step(shape, variant, args)
@@ -197,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       bc.environment_header(env),
       "Mixed-precision account (exact, from the abstract trees; bf16 weights; GB = 1e9 bytes):",
       account_table(result["account"]),
+      "Optimizer state with the layers as a list and stacked (scanned), same model:",
+      stack_table(result["stacked_vs_list"]),
       f"XLA compiled training step, float32 configs, batch 1, sequence {args.seq_len}, "
       f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
       "operands to f32 and would inflate the temporaries):",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
-from optax_memopt import _tree
+from optax_memopt import _blocks, _tree
 from optax_memopt.linalg import randomized_svd
 
 __all__ = [
@@ -47,6 +47,9 @@ class AdaRankGradDimensionNumbers(NamedTuple):
 
 
 _DimNums = AdaRankGradDimensionNumbers | optax_contrib.GaLoreDimensionNumbers
+
+
+_STACKED_MATRIX = AdaRankGradDimensionNumbers(reduction_axis=1, output_axis=2)
 
 
 def _is_dim_nums(x: Any) -> bool:
@@ -224,7 +227,13 @@ def _layouts(
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaves = [leaf for _, leaf in leaves_with_path]
   if weight_dimension_numbers is None:
-    specs = [AdaRankGradDimensionNumbers() if leaf.ndim == 2 else None for leaf in leaves]
+    # A layer stack's [L, m, n] leaf is L matrices (batch axis 0); its [L, d] leaves are L vectors.
+    stacked = [n is not None for n in _blocks.stack_lengths(params)]
+    specs = [
+        _STACKED_MATRIX if s and leaf.ndim == 3
+        else AdaRankGradDimensionNumbers() if not s and leaf.ndim == 2 else None
+        for leaf, s in zip(leaves, stacked)
+    ]
   elif _is_dim_nums(weight_dimension_numbers):
     specs = [weight_dimension_numbers if leaf.ndim >= 2 else None for leaf in leaves]
   else:
@@ -443,7 +452,10 @@ def scale_by_adarankgrad(
     seed: Seed of the random sketches; the key of each refresh is derived from it, the leaf index
       and the step count, so runs (and resumed runs) are reproducible.
     moment_transform: Carry moments into the new basis at a refresh (``True``) or reset them.
-    weight_dimension_numbers: ``None`` (project every 2-D leaf), one
+    weight_dimension_numbers: ``None`` (project every 2-D leaf, and each layer of a layer stack on
+      its own: a stacked ``[L, m, n]`` leaf is ``L`` matrices with batch axis 0, a stacked
+      ``[L, d]`` leaf ``L`` vectors with plain Adam; stacks are recognised as by
+      :func:`optax_memopt.block_labels`), one
       :class:`AdaRankGradDimensionNumbers` for every leaf with at least 2 dimensions, a pytree of
       them (``None`` for a leaf means plain Adam), or a callable from params to such a pytree.
     projection_mask: ``None``, a pytree of bools with the structure of the params, or a callable

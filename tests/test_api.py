@@ -10,7 +10,8 @@ FACTORIES = ("badam", "block_coordinate", "badam_ratio", "adarankgrad", "scale_b
 
 
 def test_documented_names_are_exported():
-  for name in FACTORIES + ("block_labels", "active_block", "make_block_step", "effective_ranks",
+  for name in FACTORIES + ("block_labels", "describe_blocks", "active_block", "make_block_step",
+                           "effective_ranks",
                            "randomized_svd", "randomized_range_finder"):
     assert inspect.isfunction(getattr(optax_memopt, name)), name
   for name in ("BlockCoordinateState", "BAdamRatioState", "AdaRankGradState",

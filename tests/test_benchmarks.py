@@ -36,6 +36,14 @@ def test_memory(tmp_path):
   assert acc["badam_block"]["total_bytes"] < acc["badam_dropin"]["total_bytes"]
   assert acc["badam_dropin"]["total_bytes"] < acc["adamw"]["total_bytes"]
   assert acc["lora"]["trained_params"] < acc["adamw"]["trained_params"] / 5
+  # The same model with its layers stacked: the same state (BAdam: one layer's AdamW state, plus
+  # its fp32 master copy for bf16 weights, plus the schedule's few scalars).
+  stacked = result["stacked_vs_list"]
+  assert {(r["optimizer"], r["param_dtype"]) for r in stacked} == set(memory.STACK_CHECK)
+  for r in stacked:
+    assert abs(r["stacked_over_list"] - 1) <= 0.01, r
+    if "one_layer_adamw_bytes" in r:
+      assert 1 <= r["stacked_over_one_layer"] <= 1.01, r
   xla = {r["optimizer"]: r for r in result["xla"]}
   assert set(xla) == set(memory.VARIANTS) and not any("XLA micro" in s for s in result["skipped"])
   for r in xla.values():

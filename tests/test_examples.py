@@ -72,6 +72,20 @@ def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path):
   assert sorted(_losses(tmp_path / "mesh")) == list(range(1, 7))
 
 
+def test_llama_scan_layers_on_a_mesh_trains_one_layer_and_resumes(tmp_path, capsys):
+  """--scan-layers with --mesh: BAdam's state is one layer's, as with the list of layers (the
+  issue-11 bug: a stacked model's state was AdamW's), and the sharded scanned run resumes."""
+  args = LLAMA + ["--gen-tokens", "0", "--stop-at", "3"]
+  [listed] = finetune_llama.main(args + ["--out", str(tmp_path / "list")])
+  [scanned] = finetune_llama.main(args + ["--out", str(tmp_path / "scan"), "--scan-layers",
+                                          "--mesh", "data=2,model=4"])
+  assert scanned["opt_state_bytes"] == listed["opt_state_bytes"]
+  finetune_llama.main(args[:-2] + ["--out", str(tmp_path / "scan"), "--scan-layers",
+                                   "--mesh", "data=2,model=4", "--resume"])
+  assert "resumed badam from step 3" in capsys.readouterr().out
+  assert sorted(_losses(tmp_path / "scan")) == list(range(1, 7))
+
+
 def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
   """--pretrain-steps: AdamW language modelling on the manual's other paragraphs, then BAdam
   fine-tuning of that model with the embedding and head frozen."""
