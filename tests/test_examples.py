@@ -47,7 +47,7 @@ def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
   [summary] = finetune_llama.main(LLAMA + ["--out", str(full)])
   assert summary["optimizer"] == "badam" and summary["steps"] == 6
   assert (full / "loss.png").is_file() and (full / "tokenizer.json").is_file()
-  assert "[held-out]" in capsys.readouterr().out  # the generation is printed
+  assert "[badam, held-out]" in capsys.readouterr().out  # the generation is printed
 
   finetune_llama.main(LLAMA + ["--out", str(cut), "--stop-at", "3", "--gen-tokens", "0"])
   assert sorted(_losses(cut)) == [1, 2, 3]
@@ -88,11 +88,11 @@ def test_llama_from_a_checkpoint_directory(tmp_path):
   from flax import nnx
   from transformers import PreTrainedTokenizerFast
 
-  from examples import common
+  from examples import data
   from examples.models import llama
 
   tok_file = tmp_path / "tok.json"
-  tok = common.bpe_tokenizer(["def f(x): return x + 1"] * 20, tok_file, vocab_size=280,
+  tok = data.bpe_tokenizer(["def f(x): return x + 1"] * 20, tok_file, vocab_size=280,
                              special=finetune_llama.SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
   ckpt = tmp_path / "ckpt"
   cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
@@ -128,12 +128,12 @@ def test_optimizers_step(name):
   import jax
   import jax.numpy as jnp
 
-  from examples import common
+  from examples import optimizers, training
 
   params = {"embed_tokens": {"embedding": jnp.ones((8, 4))},
             "layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(2)}}
-  task = common.Task("t", lambda: None, lambda m, b: None, {}, {}, from_scratch=False)
-  tx = common.make_optimizer(finetune_roberta.Config(switch_every=1), name, params, task)
+  task = training.Task("t", lambda: None, lambda m, b: None, {}, {}, from_scratch=False)
+  tx = optimizers.make_optimizer(finetune_roberta.Config(switch_every=1), name, params, task)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   for _ in range(2):  # the warmup's first learning rate is 0
@@ -143,16 +143,16 @@ def test_optimizers_step(name):
 
 
 def test_roberta_pair_encoding():
-  from examples import common
+  from examples import data
 
   class Chars:
     def get_vocab_size(self):
       return 300
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
       return type("E", (), {"ids": [5 + ord(c) % 250 for c in text]})()
 
-  tok = common.Tokenizer(Chars(), bos=0, eos=2, pad=1)
+  tok = data.Tokenizer(Chars(), bos=0, eos=2, pad=1)
   rows = [{"premise": "a" * 30, "hypothesis": "bb", "label": True},
           {"text": "hello", "label": False}]
   data = finetune_roberta.encode(rows, tok, 16, {False: 0, True: 1})
