@@ -193,7 +193,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def parse_config(cls: type, argv: Sequence[str] | None, description: str):
   """Builds ``cls`` from ``--field-name value`` overrides; every field of ``cls`` is an option."""
-  parser = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+  parser = argparse.ArgumentParser(description=(description.strip().splitlines() or [""])[0],
                                    formatter_class=_HelpFormatter)
   for f in dataclasses.fields(cls):
     kind, is_bool = _arg_type(f.type)
@@ -230,8 +230,8 @@ def main_guard(main: Callable[[Sequence[str] | None], Any]):
       raise SystemExit(f"error: {e}") from None
     except Interrupted as e:
       raise SystemExit(str(e)) from None
-    except KeyboardInterrupt:  # before training started: nothing to save
-      raise SystemExit("interrupted before training started") from None
+    except KeyboardInterrupt:  # outside the training loop (data, compilation, generation)
+      raise SystemExit("interrupted; nothing saved since the last checkpoint") from None
 
   return wrapped
 

@@ -63,7 +63,7 @@ def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path, capsys):
   a sharded run says so and resumes from its checkpoint."""
   args = LLAMA + ["--gen-tokens", "0", "--stop-at", "4"]
   finetune_llama.main(args + ["--out", str(tmp_path / "one")])
-  assert "sharded" not in capsys.readouterr().out
+  assert "sharded over" not in capsys.readouterr().out
   finetune_llama.main(args + ["--out", str(tmp_path / "mesh"), "--mesh", "data=2,model=4"])
   assert "sharded over a data=2 x model=4 mesh of 8 devices" in capsys.readouterr().out
   one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
