@@ -84,10 +84,11 @@ class BlockCoordinateState(NamedTuple):
 class _Plan(NamedTuple):
   """Static facts of one parameter tree, computed at trace time."""
 
-  labels: list[int]
-  where: list[tuple[str, int] | None]
+  labels: list[blocks_lib.Label]
+  units: list[blocks_lib.Unit]  # whole leaves and slices of stacked leaves, in leaf order
+  where: list[tuple[str, int]]  # unit -> (group, slot position)
   slot: dict[str, list[tuple[tuple[int, ...], Any]]]
-  members: list[dict[tuple[str, int], int]]  # block -> {slot position: leaf index}
+  members: list[dict[tuple[str, int], blocks_lib.Unit]]  # block -> {slot position: unit}
   master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
 
 
@@ -108,27 +109,34 @@ def _validate_schedule(switch_every, switch_mode, start_block):
 
 def _make_plan(tree, blocks, groups, master_weights) -> _Plan:
   labels = blocks_lib.resolve_blocks(blocks, tree)
-  leaves = jax.tree_util.tree_leaves(tree)
-  check_float_leaves(tree, "block_coordinate", only=[lab >= 0 for lab in labels])
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  check_float_leaves(
+      tree, "block_coordinate", only=[max(blocks_lib.label_ids(lab)) >= 0 for lab in labels]
+  )
   if groups is None:
     group_names = ["params"] * len(leaves)
   else:
-    group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(tree))]
+    # Groups see the parameters as the slot holds them: a leaf labelled per slice as one slice.
+    as_trained = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(x.shape[1:] if isinstance(lab, tuple) else x.shape, x.dtype)
+        for x, lab in zip(leaves, labels)
+    ])
+    group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(as_trained))]
     if len(group_names) != len(leaves):
       raise ValueError("groups must return a tree with the structure of the parameters")
+  units = blocks_lib.units_of(labels)
   slot, where = blocks_lib.group_leaves(
-      labels, group_names, [x.shape for x in leaves], [jnp.dtype(x.dtype) for x in leaves]
+      units, group_names, [x.shape for x in leaves], [jnp.dtype(x.dtype) for x in leaves]
   )
   d = blocks_lib.num_blocks(labels)
   members = [{} for _ in range(d)]
-  for i, w in enumerate(where):
-    if w is not None:
-      members[labels[i]][w] = i
+  for unit, w in zip(units, where):
+    members[unit.block][w] = unit
   master_positions = {
       g: [j for j, (_, dt) in enumerate(sigs) if master_weights and dt in _LOW_PRECISION]
       for g, sigs in slot.items()
   }
-  return _Plan(labels, where, slot, members, master_positions)
+  return _Plan(labels, units, where, slot, members, master_positions)
 
 
 def _block_order(mode, d, start, key, epoch):
@@ -256,13 +264,17 @@ def block_coordinate(
     return plan_for(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves))
 
   def gather(plan, block, *trees):
-    """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s leaves (zeros
+    """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s units (zeros
     where the block has none), cast by ``dtype_of`` (``None``: kept). One ``lax.switch`` for all."""
+    def take(leaves, unit):
+      x = leaves[unit.leaf]
+      return x if unit.index is None else x[unit.index]
+
     def fill(b, leaves, dtype_of):
       out = {}
       for g, sigs in plan.slot.items():
         out[g] = tuple(
-            leaves[plan.members[b][(g, j)]].astype(dtype_of(dt) if dtype_of else dt)
+            take(leaves, plan.members[b][(g, j)]).astype(dtype_of(dt) if dtype_of else dt)
             if (g, j) in plan.members[b]
             else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt)
             for j, (shape, dt) in enumerate(sigs)
@@ -279,17 +291,42 @@ def block_coordinate(
     return jax.lax.switch(block, branches, all_leaves)
 
   def scatter(plan, slot_values, block, like):
+    """Full-shaped updates: the slot's values at the active block's units, zeros elsewhere."""
+    by_leaf: dict[int, list[tuple[blocks_lib.Unit, tuple[str, int]]]] = {}
+    for unit, w in zip(plan.units, plan.where):
+      by_leaf.setdefault(unit.leaf, []).append((unit, w))
     out = []
     for i, leaf in enumerate(like):
-      w = plan.where[i]
-      if w is None:
-        out.append(zeros_like_placed(leaf))
-        continue
-      value = slot_values[w[0]][w[1]].astype(leaf.dtype)
-      if isinstance(block, int):
-        out.append(value if plan.labels[i] == block else zeros_like_placed(leaf))
+      zero = zeros_like_placed(leaf)
+      entries = by_leaf.get(i, [])
+      if not entries:
+        out.append(zero)
+      elif isinstance(plan.labels[i], int):
+        (unit, (g, j)), = entries
+        value = slot_values[g][j].astype(leaf.dtype)
+        if isinstance(block, int):
+          out.append(value if unit.block == block else zero)
+        else:
+          out.append(jnp.where(block == unit.block, value, jnp.zeros_like(value)))
+      elif isinstance(block, int):
+        new = zero
+        for unit, (g, j) in entries:
+          if unit.block == block:
+            new = new.at[unit.index].set(slot_values[g][j].astype(leaf.dtype))
+        out.append(new)
       else:
-        out.append(jnp.where(block == plan.labels[i], value, jnp.zeros_like(value)))
+        # A traced block: per slot position, the slice it fills for each block (-1: none), and a
+        # select along the stack axis (elementwise, fused into the output like the whole-leaf case).
+        d = len(plan.members)
+        slices: dict[tuple[str, int], list[int]] = {}
+        for unit, w in entries:
+          slices.setdefault(w, [-1] * d)[unit.block] = unit.index
+        layer = jnp.arange(leaf.shape[0], dtype=jnp.int32).reshape((-1,) + (1,) * (leaf.ndim - 1))
+        new = zero
+        for (g, j), table in slices.items():
+          index = jnp.asarray(table, jnp.int32)[block]
+          new = jnp.where(layer == index, slot_values[g][j].astype(leaf.dtype)[None], new)
+        out.append(new)
     return out
 
   def master_of(plan, slot_params):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _badam
+from optax_memopt import _badam, _blocks
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -168,7 +168,9 @@ def make_block_step(
     return next(iter(probe.values()))
 
   def build(block, labels, shardings):
-    index = [i for i, lab in enumerate(labels) if lab == block]
+    # A stacked leaf with a slice in the block is differentiated whole (its other slices' updates
+    # are zero).
+    index = [i for i, lab in enumerate(labels) if block in _blocks.label_ids(lab)]
 
     def one_step(params, opt_state, *args, **kwargs):
       step.trace_count += 1

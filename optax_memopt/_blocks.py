@@ -1,25 +1,36 @@
 """Partitioning a parameter pytree into blocks for block coordinate descent.
 
-A partition is a pytree of ``int`` block ids with the structure of the params: ``0 .. D-1`` for the
-blocks, ``-1`` for frozen leaves. :func:`block_labels` infers the usual one-block-per-transformer-layer
-partition from key paths; :func:`resolve_blocks` turns every accepted ``blocks=`` spec into a flat list
-of ids (one per leaf, in ``jax.tree_util`` order) and validates it.
+A partition is a pytree with the structure of the params whose leaves are *labels*: an ``int`` block
+id for a whole leaf (``0 .. D-1``, ``-1`` frozen), or, for a stacked leaf ``[L, ...]`` (a layer stack
+run by a scan), a 1-D integer array or list/tuple of ``L`` ids, one per slice along the leading
+axis. :func:`block_labels` infers the usual one-block-per-transformer-layer partition from key paths
+and shapes, for lists of layers and for layer stacks alike; :func:`resolve_blocks` turns every
+accepted ``blocks=`` spec into a flat list of labels (one per leaf, in ``jax.tree_util`` order:
+``int`` or ``tuple[int, ...]``) and validates it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from optax_memopt._tree import leaf_paths
 
-# A path component naming a list of layers followed by the index (`layers.3`, `h.3`, `blocks.3`), or
-# the Linen-style `layers_3`.
+# Names of the attribute holding a transformer's layers, as a list (`layers.3`, Linen's `layers_3`) or
+# as one stacked module (`layers` with leaves `[L, ...]`). Matched case-insensitively on one path
+# component; Linen's automatic module names (`Dense_0`, `Block_1`) are not among them.
+CONTAINER_NAMES = frozenset({
+    "layers", "layer", "h", "blocks", "block", "decoder_layers", "encoder_layers", "layer_stack",
+    "scan", "scanned_layers",
+})
 _INDEX = re.compile(r"^\d+$")
 _SUFFIX_INDEX = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z][A-Za-z0-9]*)*)_(?P<idx>\d+)$")
+# Linen's `nn.scan(Block, ...)` module without an explicit name is `ScanBlock_0`.
+_LINEN_SCAN = re.compile(r"^Scan[A-Z][A-Za-z0-9]*_\d+$")
+# Linen's built-in modules hold arrays directly: `Dense_0`, `Embed_0` are never a layer list.
 _EMBEDDING = re.compile(
     r"(^|[._])(embed\w*|embeddings?|wte|wpe|tok_embeddings|word_embeddings|position_embeddings"
     r"|token_type_embeddings|embed_tokens|embedder)($|[._])",
@@ -27,41 +38,198 @@ _EMBEDDING = re.compile(
 )
 
 BlockSpec = Any  # None | label pytree | Callable[[params], labels] | Sequence[str] of regexes
+Label = int | tuple[int, ...]  # one block id for a whole leaf, or one per slice of its leading axis
 
 
-def _layer_key(path: str) -> tuple[str, int] | None:
-  """(container path, layer index) of the first layer-index component in a dotted path."""
-  parts = path.split(".")
-  for i, part in enumerate(parts):
-    if i > 0 and _INDEX.match(part):
-      return ".".join(parts[:i]), int(part)
-    m = _SUFFIX_INDEX.match(part)
-    if m:
-      return ".".join(parts[:i] + [m.group("name")]), int(m.group("idx"))
-  return None
+def _is_container(name: str) -> bool:
+  return name.lower() in CONTAINER_NAMES
+
+
+def _list_keys(paths: list[str]) -> list[tuple[str, int] | None]:
+  """Per leaf, (container path, layer index) when it belongs to a python list of layers.
+
+  An integer component after a container (``model.layers.3.mlp``, ``h.3``) is always a layer index.
+  A Linen-style suffix ``name_3`` is one when ``name`` is a layer-container name (``layers_3``), or
+  when the modules ``name_0, name_1, ...`` (at least two) each hold submodules rather than arrays
+  (Linen's automatic names for a list of layers, ``Block_0.Dense_0.kernel``); Linen's own
+  ``Dense_0`` / ``Embed_0`` / ``LayerNorm_0`` hold arrays directly and are never layers.
+  """
+  # Every candidate component of every path: (depth below it, container path, suffix name, index).
+  candidates: list[list[tuple[int, str, str, int]]] = []
+  for path in paths:
+    parts = path.split(".")
+    found = []
+    for i, part in enumerate(parts):
+      if i > 0 and _INDEX.match(part):
+        found.append((len(parts) - i, ".".join(parts[:i]), "", int(part)))
+        continue
+      m = _SUFFIX_INDEX.match(part)
+      if m and not _LINEN_SCAN.match(part):
+        name = m.group("name")
+        found.append((len(parts) - i, ".".join(parts[:i] + [name]), name, int(m.group("idx"))))
+    candidates.append(found)
+  # Suffix groups not named like a container must look like a list of layers: two or more
+  # modules, none holding an array directly (that is what Linen's built-in modules do).
+  indices: dict[str, set[int]] = {}
+  shallow: set[str] = set()
+  for found in candidates:
+    for depth, container, name, idx in found:
+      if name and not _is_container(name):
+        indices.setdefault(container, set()).add(idx)
+        if depth < 3:
+          shallow.add(container)
+  accepted = {c for c, idx in indices.items() if len(idx) >= 2 and c not in shallow}
+
+  def ok(c):
+    return not c[2] or _is_container(c[2]) or c[1] in accepted
+
+  return [next(((c[1], c[3]) for c in found if ok(c)), None) for found in candidates]
+
+
+def _prefix_of(path: str, prefix: str) -> bool:
+  return path == prefix or path.startswith(prefix + ".")
+
+
+def _stack_keys(
+    paths: list[str], shapes: list[tuple[int, ...]], listed: list[Any], stacks: Any
+) -> list[tuple[str, int] | None]:
+  """Per leaf, (stack path, stack length L) when it belongs to a layer stack, else ``None``.
+
+  Guessed (``stacks=None``): the subtree under the first path component named like a layer container
+  (``layers``, ``h``, ``blocks``, ...; Linen's ``nn.scan`` default ``ScanBlock_0``) whose leaves
+  all have two or more dimensions and share the leading one, and are not in a list of layers.
+  Explicit: ``stacks`` names the subtrees (dotted paths); each must exist and its leaves must share
+  their leading axis, else ``ValueError``.
+  """
+  out: list[tuple[str, int] | None] = [None] * len(paths)
+  if stacks is not None:
+    if isinstance(stacks, str):
+      stacks = (stacks,)
+    for prefix in stacks:
+      members = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
+      if not members:
+        raise ValueError(
+            f"stacks: {prefix!r} names no subtree of the parameters; paths look like {paths[:3]}"
+        )
+      lengths = {shapes[i][0] if shapes[i] else None for i in members}
+      if len(lengths) != 1 or None in lengths:
+        raise ValueError(
+            f"stacks: the leaves under {prefix!r} do not share a leading (layer) axis: "
+            + ", ".join(f"{paths[i]} {tuple(shapes[i])}" for i in members[:4])
+        )
+      for i in members:
+        out[i] = (prefix, shapes[i][0])
+    return out
+  candidates: dict[str, list[int]] = {}
+  for i, path in enumerate(paths):
+    if listed[i] is not None:
+      continue
+    parts = path.split(".")
+    for j, part in enumerate(parts[:-1]):
+      if _is_container(part) or _LINEN_SCAN.match(part):
+        candidates.setdefault(".".join(parts[: j + 1]), []).append(i)
+        break
+  for prefix, members in candidates.items():
+    every = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
+    if len(every) != len(members) or any(len(shapes[i]) < 2 for i in members):
+      continue
+    if len({shapes[i][0] for i in members}) == 1:
+      for i in members:
+        out[i] = (prefix, shapes[i][0])
+  return out
+
+
+def stack_lengths(params: Any, stacks: Any = None) -> list[int | None]:
+  """Per leaf of ``params`` (in ``jax.tree_util`` order), its layer-stack length, ``None`` if the
+  leaf is not part of a recognised layer stack (see :func:`block_labels`)."""
+  paths = leaf_paths(params)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
+  keys = _stack_keys(paths, shapes, _list_keys(paths), stacks)
+  return [None if k is None else k[1] for k in keys]
+
+
+def _default_labels(
+    params: Any, include_embedding: bool, include_lm_head: bool, stacks: Any
+) -> list[Label]:
+  paths = leaf_paths(params)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
+  listed = _list_keys(paths)
+  stacked = _stack_keys(paths, shapes, listed, stacks)
+  if not any(k is not None for k in listed + stacked):
+    return _top_level_blocks(paths)
+
+  # Layer containers (lists and stacks) in order of first appearance, their layers in index order.
+  containers: list[str] = []
+  for lk, sk in zip(listed, stacked):
+    c = lk[0] if lk is not None else sk[0] if sk is not None else None
+    if c is not None and c not in containers:
+      containers.append(c)
+  layer_ids = {(containers.index(k[0]), k[1]) for k in listed if k is not None}
+  for k in stacked:
+    if k is not None:
+      layer_ids.update((containers.index(k[0]), s) for s in range(k[1]))
+  is_embedding = [lk is None and sk is None and bool(_EMBEDDING.search(p))
+                  for lk, sk, p in zip(listed, stacked, paths)]
+  offset = 1 if include_embedding and any(is_embedding) else 0
+  layer_block = {lk: offset + i for i, lk in enumerate(sorted(layer_ids))}
+  head_block = offset + len(layer_ids)
+
+  labels: list[Label] = []
+  for lk, sk, emb in zip(listed, stacked, is_embedding):
+    if lk is not None:
+      labels.append(layer_block[(containers.index(lk[0]), lk[1])])
+    elif sk is not None:
+      c = containers.index(sk[0])
+      labels.append(tuple(layer_block[(c, s)] for s in range(sk[1])))
+    elif emb:
+      labels.append(0 if include_embedding else -1)
+    else:
+      labels.append(head_block if include_lm_head else -1)
+  return labels
 
 
 def block_labels(
-    params: Any, *, include_embedding: bool = False, include_lm_head: bool = False
+    params: Any,
+    *,
+    include_embedding: bool = False,
+    include_lm_head: bool = False,
+    stacks: str | Sequence[str] | None = None,
 ) -> Any:
-  """Infers one block per transformer layer from the key paths of ``params``.
+  """Infers one block per transformer layer from the key paths and shapes of ``params``.
 
-  Layers are recognised by an integer path component after a container (``model.layers.3.mlp``,
-  ``h.3``, ``blocks[3]``) or a Linen-style suffix (``layers_3``); NNX's trailing ``.value`` is
-  ignored. Blocks are numbered from the input to the output: the embedding block (when included),
-  then the layers in index order (several layer stacks, e.g. an encoder and a decoder, in order of first
-  appearance), then one head block (everything after the layers that is not an embedding: final norm,
-  ``lm_head``, classifier; when included). A tree without any layer structure gets one block per
-  top-level entry, and a single array is one block.
+  Two forms of layers are recognised, and give the same blocks:
+
+  * a *list* of layers: an integer path component after a container (``model.layers.3.mlp``,
+    ``h.3``, ``blocks[3]``), or a Linen-style suffix (``layers_3``; Linen's automatic names
+    ``Block_0, Block_1`` when those modules hold submodules). Linen's ``Dense_0``, ``Embed_0``,
+    ``LayerNorm_0`` are never taken for layers;
+  * a *stack* of layers (what ``nnx.vmap``/``nnx.scan``, Linen's ``nn.scan`` and ``jax.vmap`` of an
+    init function produce): the subtree under a container name (``layers``, ``layer``, ``h``,
+    ``blocks``, ``block``, Linen's ``ScanBlock_0``, ...) whose leaves all have a leading axis of the
+    same length ``L``. Its leaves get a tuple of ``L`` labels, one block per layer slice
+    ``[l]``. Name the stack subtrees with ``stacks`` when the guess cannot.
+
+  NNX's trailing ``.value`` is ignored. Blocks are numbered from the input to the output: the
+  embedding block (when included), then the layers in index order (several layer containers, e.g. an
+  encoder and a decoder, in order of first appearance), then one head block (everything after the
+  layers that is not an embedding: final norm, ``lm_head``, classifier; when included). A tree
+  without any layer structure gets one block per top-level entry, and a single array is one block.
+  :func:`describe_blocks` prints what was inferred.
 
   Args:
     params: any pytree of arrays (dicts, lists, ``nnx.State``, ``jax.ShapeDtypeStruct`` leaves).
     include_embedding: train the embedding (token and position embeddings) as a block of its own.
     include_lm_head: train the output head and final norm as a block of their own.
+    stacks: ``None`` to recognise layer stacks by name and shape; otherwise the dotted path (or a
+      sequence of paths) of each stacked subtree, e.g. ``"model.decoder"`` (no other subtree is then
+      taken for a stack; ``()`` turns stack recognition off).
 
   Returns:
-    A pytree with the structure of ``params`` whose leaves are ``int`` block ids, ``-1`` for frozen
-    leaves.
+    A pytree with the structure of ``params`` whose leaves are ``int`` block ids (``-1`` for frozen
+    leaves) or, for the leaves of a layer stack, a tuple of one block id per layer slice.
+
+  Raises:
+    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -73,32 +241,16 @@ def block_labels(
     {'embed': -1, 'layers': [{'w': 0}, {'w': 1}], 'lm_head': -1}
     >>> optax_memopt.block_labels(params, include_embedding=True, include_lm_head=True)
     {'embed': 0, 'layers': [{'w': 1}, {'w': 2}], 'lm_head': 3}
+
+    The same model with its layers stacked (one leaf ``[2, 4, 4]``):
+
+    >>> stacked = {'embed': jnp.zeros((10, 4)), 'layers': {'w': jnp.zeros((2, 4, 4))},
+    ...            'lm_head': jnp.zeros((4, 10))}
+    >>> optax_memopt.block_labels(stacked)
+    {'embed': -1, 'layers': {'w': (0, 1)}, 'lm_head': -1}
   """
-  paths = leaf_paths(params)
-  treedef = jax.tree_util.tree_structure(params)
-  keys = [_layer_key(p) for p in paths]
-  if not any(k is not None for k in keys):
-    return jax.tree_util.tree_unflatten(treedef, _top_level_blocks(paths))
-
-  containers: list[str] = []
-  for k in keys:
-    if k is not None and k[0] not in containers:
-      containers.append(k[0])
-  layer_ids = sorted({(containers.index(k[0]), k[1]) for k in keys if k is not None})
-  offset = 1 if include_embedding and any(
-      k is None and _EMBEDDING.search(p) for k, p in zip(keys, paths)) else 0
-  layer_block = {lk: offset + i for i, lk in enumerate(layer_ids)}
-  head_block = offset + len(layer_ids)
-
-  labels = []
-  for k, p in zip(keys, paths):
-    if k is not None:
-      labels.append(layer_block[(containers.index(k[0]), k[1])])
-    elif _EMBEDDING.search(p):
-      labels.append(0 if include_embedding else -1)
-    else:
-      labels.append(head_block if include_lm_head else -1)
-  return jax.tree_util.tree_unflatten(treedef, labels)
+  labels = _default_labels(params, include_embedding, include_lm_head, stacks)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
 
 def _top_level_blocks(paths: list[str]) -> list[int]:
@@ -135,19 +287,79 @@ def _regex_labels(patterns: Sequence[str], paths: list[str]) -> list[int]:
   return labels
 
 
-def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[int]:
-  """Flat block ids (one per leaf of ``tree``) for any ``blocks=`` spec; validated.
+def _flat_labels(labels: Any, tree: Any) -> list[Any]:
+  """The label leaves of a label tree, one per leaf of ``tree`` (a label may be a list/tuple)."""
+  treedef = jax.tree_util.tree_structure(tree)
+  try:
+    return treedef.flatten_up_to(labels)
+  except (ValueError, TypeError):
+    pass
+  flat = jax.tree_util.tree_leaves(labels)
+  raise ValueError(
+      f"blocks: the label tree has {len(flat)} leaves but the parameters have "
+      f"{treedef.num_leaves}; it must have the structure of the parameters (a stacked leaf's "
+      "label may be a 1-D integer array or a list/tuple of ints)"
+  )
+
+
+def _is_int(x: Any) -> bool:
+  if isinstance(x, bool):
+    return False
+  if isinstance(x, int):
+    return True
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and getattr(x, "ndim", None) == 0 and jax.numpy.issubdtype(
+      dtype, jax.numpy.integer)
+
+
+def _label(x: Any, path: str, shape: tuple[int, ...]) -> Label:
+  """One label leaf as an ``int`` or a tuple of ints (one per slice of the leading axis)."""
+  if _is_int(x):
+    return int(x)
+  if isinstance(x, (list, tuple)) or getattr(x, "ndim", None) == 1:
+    if getattr(x, "ndim", None) == 1 and not jax.numpy.issubdtype(x.dtype, jax.numpy.integer):
+      raise TypeError(
+          f"blocks: the label of {path!r} has dtype {x.dtype}; labels must be integers"
+      )
+    values = list(x.tolist()) if hasattr(x, "tolist") else list(x)
+    if not all(_is_int(v) for v in values):
+      raise TypeError(
+          f"blocks: the label of {path!r} is {x!r}; a per-slice label must hold integers only"
+      )
+    if not shape or len(values) != shape[0]:
+      raise ValueError(
+          f"blocks: the label of {path!r} has {len(values)} entries but the leaf has shape "
+          f"{tuple(shape)}; a per-slice label needs one block id per slice of the leading axis"
+      )
+    return tuple(int(v) for v in values)
+  raise TypeError(
+      f"blocks: the label of {path!r} is {x!r}; labels must be integers (block ids, -1 for frozen) "
+      "or 1-D integer arrays (one per slice of a stacked leaf)"
+  )
+
+
+def label_ids(label: Label) -> tuple[int, ...]:
+  """The block ids a label uses (``-1`` included)."""
+  return label if isinstance(label, tuple) else (label,)
+
+
+def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[Label]:
+  """Flat labels (one per leaf of ``tree``) for any ``blocks=`` spec; validated.
+
+  Each entry is an ``int`` (the whole leaf's block, ``-1`` frozen) or a tuple of ints with one block
+  id per slice of the leaf's leading (layer) axis.
 
   Raises:
     ValueError: the spec matches no parameter, leaves a block id empty, or does not fit the tree.
-    TypeError: the spec is of an unsupported kind.
+    TypeError: the spec is of an unsupported kind, or a label is not an integer.
   """
   paths = leaf_paths(tree)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(tree)]
   n = len(paths)
   if n == 0:
     raise ValueError("blocks: the parameter tree has no leaves")
   if blocks is None:
-    labels = jax.tree_util.tree_leaves(block_labels(tree))
+    labels = _default_labels(tree, False, False, None)
   elif isinstance(blocks, str):
     raise TypeError(
         "blocks: a single string is ambiguous; pass a list of regular expressions, e.g. "
@@ -156,22 +368,15 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[int]:
   elif isinstance(blocks, Sequence) and blocks and all(isinstance(b, str) for b in blocks):
     labels = _regex_labels(blocks, paths)
   elif callable(blocks):
-    labels = jax.tree_util.tree_leaves(blocks(tree))
+    labels = _flat_labels(blocks(tree), tree)
   else:
-    labels = jax.tree_util.tree_leaves(blocks)
+    labels = _flat_labels(blocks, tree)
 
-  if len(labels) != n:
-    raise ValueError(
-        f"blocks: the label tree has {len(labels)} leaves but the parameters have {n}; it must "
-        "have the structure of the parameters"
-    )
-  try:
-    labels = [int(x) for x in labels]
-  except (TypeError, ValueError):
-    raise TypeError("blocks: labels must be integers (block ids, -1 for frozen)") from None
-  if any(x < -1 for x in labels):
+  labels = [_label(x, p, s) for x, p, s in zip(labels, paths, shapes)]
+  ids = {i for lab in labels for i in label_ids(lab)}
+  if any(x < -1 for x in ids):
     raise ValueError("blocks: block ids must be >= 0, or -1 for frozen leaves")
-  used = sorted(set(labels) - {-1})
+  used = sorted(ids - {-1})
   if not used:
     raise ValueError(
         "blocks: the block spec matches no parameter (every leaf is frozen); parameter paths look "
@@ -183,42 +388,127 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[int]:
   return labels
 
 
-def num_blocks(labels: list[int]) -> int:
-  return max(labels) + 1
+def num_blocks(labels: list[Label]) -> int:
+  return max(max(label_ids(lab)) for lab in labels) + 1
+
+
+class Unit(NamedTuple):
+  """What one slot position holds for one block: a whole leaf, or one slice of a stacked leaf."""
+
+  leaf: int
+  index: int | None  # the slice along the leading axis; None for the whole leaf
+  block: int
+
+
+def units_of(labels: list[Label]) -> list[Unit]:
+  """The trainable units of a partition: whole leaves and slices of stacked leaves, leaf order."""
+  out = []
+  for i, lab in enumerate(labels):
+    if isinstance(lab, tuple):
+      out.extend(Unit(i, s, b) for s, b in enumerate(lab) if b >= 0)
+    elif lab >= 0:
+      out.append(Unit(i, None, lab))
+  return out
 
 
 def group_leaves(
-    labels: list[int], groups: list[str], shapes: list[tuple[int, ...]], dtypes: list[Any]
-) -> tuple[dict[str, list[tuple[tuple[int, ...], Any]]], list[tuple[str, int] | None]]:
-  """Plans the slot: per-group positions that can hold the leaves of any one block.
+    units: list[Unit], groups: list[str], shapes: list[tuple[int, ...]], dtypes: list[Any]
+) -> tuple[dict[str, list[tuple[tuple[int, ...], Any]]], list[tuple[str, int]]]:
+  """Plans the slot: per-group positions that can hold the units of any one block.
 
-  Leaves of like shape, dtype and group share a slot position across blocks, so a partition of
-  identical layers needs exactly one block's worth of positions; unlike blocks need the union of
-  their (shape, dtype) multisets, position by position the largest count over the blocks.
+  Units (whole leaves, or slices of stacked leaves) of like shape, dtype and group share a slot
+  position across blocks, so a partition of identical layers needs exactly one block's worth of
+  positions, whether the layers are a list or a stack; unlike blocks need the union of their
+  (shape, dtype) multisets, position by position the largest count over the blocks.
 
   Returns:
-    ``(slot, where)``: ``slot[group]`` lists the (shape, dtype) of each position; ``where[i]`` is
-    ``(group, position)`` of leaf ``i`` in its block's slot, or ``None`` for frozen leaves.
+    ``(slot, where)``: ``slot[group]`` lists the (shape, dtype) of each position; ``where[u]`` is
+    ``(group, position)`` of unit ``u`` in its block's slot.
   """
-  d = num_blocks(labels)
   slot: dict[str, list[tuple[tuple[int, ...], Any]]] = {}
-  where: list[tuple[str, int] | None] = [None] * len(labels)
-  for b in range(d):
-    taken: dict[str, set[int]] = {}
-    for i, lab in enumerate(labels):
-      if lab != b:
-        continue
-      g = groups[i]
-      positions = slot.setdefault(g, [])
-      used = taken.setdefault(g, set())
-      sig = (tuple(shapes[i]), dtypes[i])
-      pos = next((j for j, s in enumerate(positions) if s == sig and j not in used), None)
-      if pos is None:
-        positions.append(sig)
-        pos = len(positions) - 1
-      used.add(pos)
-      where[i] = (g, pos)
+  where: list[tuple[str, int]] = [("", -1)] * len(units)
+  taken: dict[tuple[int, str], set[int]] = {}
+  for u, unit in sorted(enumerate(units), key=lambda x: x[1].block):
+    i = unit.leaf
+    g = groups[i]
+    shape = tuple(shapes[i]) if unit.index is None else tuple(shapes[i][1:])
+    positions = slot.setdefault(g, [])
+    used = taken.setdefault((unit.block, g), set())
+    sig = (shape, dtypes[i])
+    pos = next((j for j, s in enumerate(positions) if s == sig and j not in used), None)
+    if pos is None:
+      positions.append(sig)
+      pos = len(positions) - 1
+    used.add(pos)
+    where[u] = (g, pos)
   return slot, where
+
+
+def _size(shape: tuple[int, ...]) -> int:
+  n = 1
+  for d in shape:
+    n *= int(d)
+  return n
+
+
+def describe_blocks(params: Any, blocks: BlockSpec = None) -> str:
+  r"""A printable table of a BAdam partition: each block's members, parameter count and bytes.
+
+  Stacked leaves appear with the layer slice a block owns (``layers.mlp.kernel[3]``); frozen leaves
+  are summed on the last line.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    blocks: any ``blocks=`` spec of :func:`badam` (``None``: :func:`block_labels`' default).
+
+  Returns:
+    A multi-line string.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_memopt
+    >>> params = {'embed': jnp.zeros((10, 4)), 'layers': {'w': jnp.zeros((2, 4, 4))}}
+    >>> print(optax_memopt.describe_blocks(params))
+    block   params  bytes  members
+         0      16     64  layers.w[0]
+         1      16     64  layers.w[1]
+    frozen      40    160  embed
+    2 blocks; the largest has 16 parameters
+  """
+  labels = resolve_blocks(blocks, params)
+  paths = leaf_paths(params)
+  leaves = jax.tree_util.tree_leaves(params)
+  rows: dict[int, list[tuple[str, int, int]]] = {}
+  for unit in units_of(labels):
+    x = leaves[unit.leaf]
+    shape = tuple(x.shape) if unit.index is None else tuple(x.shape[1:])
+    name = paths[unit.leaf] + ("" if unit.index is None else f"[{unit.index}]")
+    size = _size(shape)
+    rows.setdefault(unit.block, []).append((name, size, size * jax.numpy.dtype(x.dtype).itemsize))
+  frozen = [(paths[i] + ("" if isinstance(lab, int) else f"[{s}]"),
+             _size(leaves[i].shape[0 if isinstance(lab, int) else 1:]),
+             jax.numpy.dtype(leaves[i].dtype).itemsize)
+            for i, lab in enumerate(labels)
+            for s in (range(1) if isinstance(lab, int) else range(len(lab)))
+            if (lab if isinstance(lab, int) else lab[s]) == -1]
+  table = [("block", "params", "bytes", "members")]
+  for b in sorted(rows):
+    members = [m for m, _, _ in rows[b]]
+    shown = ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else "")
+    table.append((str(b), f"{sum(s for _, s, _ in rows[b]):,}",
+                  f"{sum(n for _, _, n in rows[b]):,}", shown))
+  if frozen:
+    members = [m for m, _, _ in frozen]
+    shown = ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else "")
+    table.append(("frozen", f"{sum(s for _, s, _ in frozen):,}",
+                  f"{sum(s * k for _, s, k in frozen):,}", shown))
+  widths = [max(len(r[c]) for r in table) for c in range(3)]
+  lines = [f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
+           for r in table]
+  lines[0] = f"{'block':<{widths[0]}}  {'params':>{widths[1]}}  {'bytes':>{widths[2]}}  members"
+  largest = max(sum(s for _, s, _ in r) for r in rows.values())
+  lines.append(f"{len(rows)} blocks; the largest has {largest:,} parameters")
+  return "\n".join(lines)
 
 
 def as_callable_mask(mask: Any) -> Callable[[Any], Any] | None:

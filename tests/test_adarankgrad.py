@@ -128,6 +128,8 @@ def test_vectors_and_masked_out_matrices_get_plain_adam():
   ref, _ = _run(optax.scale_by_adam(), seq)
   assert states[-1].projector["w"] == optax.MaskedNode() and states[-1].mu["w"].shape == (8, 6)
   assert effective_ranks(states[-1]) == {}
+  # The same gradient sequence feeds both (no feedback through the parameters), so only the last
+  # bits of the elementwise Adam arithmetic can differ: ~1e-7 relative, inside rtol=1e-5.
   for a, b in zip(ours, ref, strict=True):
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -210,9 +210,12 @@ def reference_badam(params, order, k, lr, wd, labels, eps):
 
 @pytest.mark.parametrize("mode", ["random", "ascending", "descending", "fixed"])
 def test_trajectory_matches_reference(mode):
-  # eps well above float32 rounding of tiny gradients, so that Adam's normalisation does not
-  # amplify the last-bit differences between two correct float32 computations.
-  n_layers, k, lr, wd, eps = 4, 3, 3e-2, 0.1, 1e-4
+  # Two correct float32 programs (the slot update vs optax.adamw on the block alone) may round the
+  # last bit differently (FMA contraction depends on the CPU), and the next gradient then differs by a
+  # rounding dg. Adam turns that into a step error of at most lr * dg / eps: with eps=1e-3, lr=3e-2 and
+  # |dg| <~ 1e-7 it is <= 3e-6 per update, <= 7e-5 over the 24 updates, under the atol of 1e-4 below,
+  # which is 300x below the ~lr that a wrong block, order or moment reset moves a parameter by.
+  n_layers, k, lr, wd, eps = 4, 3, 3e-2, 0.1, 1e-3
   params = make_params(n_layers)
   start = 2
   tx = optax_memopt.badam(lr, switch_every=k, switch_mode=mode, start_block=start,
@@ -236,7 +239,7 @@ def test_trajectory_matches_reference(mode):
   labels = jax.tree_util.tree_leaves(optax_memopt.block_labels(params))
   expected = reference_badam(params, order, k, lr, wd, labels, eps)
   for got, want in zip(trajectory, expected):
-    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
   # Frozen leaves never move.
   np.testing.assert_array_equal(trajectory[-1]["embed"], params["embed"])
   np.testing.assert_array_equal(trajectory[-1]["lm_head"], params["lm_head"])
@@ -413,8 +416,11 @@ def test_inject_hyperparams():
 def test_multisteps_averages_gradients():
   params = make_params(2)
   k = 3
-  ms = optax.MultiSteps(optax_memopt.badam(1e-2, switch_every=2), every_k_schedule=k)
-  plain = optax_memopt.badam(1e-2, switch_every=2)
+  # MultiSteps averages incrementally, the reference sums then divides: gradients differ by a rounding
+  # dg, which Adam turns into at most lr * dg / eps per update; eps=1e-3 keeps that <= 1e-6 per
+  # update (4 updates: within atol=1e-5, 1000x below the lr=1e-2 a wrong average would move by).
+  ms = optax.MultiSteps(optax_memopt.badam(1e-2, switch_every=2, eps=1e-3), every_k_schedule=k)
+  plain = optax_memopt.badam(1e-2, switch_every=2, eps=1e-3)
   s_ms, s_plain = ms.init(params), plain.init(params)
   xs = [jnp.arange(6) % 11, (jnp.arange(6) * 3) % 11, (jnp.arange(6) + 5) % 11]
   p_ms = p_plain = params
@@ -425,7 +431,7 @@ def test_multisteps_averages_gradients():
     g = jax.tree.map(lambda *g: sum(g) / k, *[jax.grad(loss_fn)(p_plain, x) for x in xs])
     u, s_plain = plain.update(g, s_plain, p_plain)
     p_plain = optax.apply_updates(p_plain, u)
-  chex.assert_trees_all_close(p_ms, p_plain, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p_ms, p_plain, rtol=1e-5, atol=1e-5)
   assert int(optax_memopt.active_block(s_ms)) == int(optax_memopt.active_block(s_plain))
 
 

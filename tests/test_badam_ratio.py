@@ -35,8 +35,12 @@ X = jax.random.normal(jax.random.key(1), (5, 16))
 def test_matches_adam_on_selected_coordinates(mode):
   ratio, k, lr = 0.1, 3, 1e-2
   params = make_params()
+  # Each side computes its own gradients, so a last-bit difference in the update arithmetic (FMA
+  # contraction depends on the CPU) becomes a gradient difference dg, which Adam turns into a step
+  # error of at most lr * dg / eps: with eps=1e-3, lr=1e-2, |dg| <~ 1e-7, <= 1e-6 per update, 9e-6 over
+  # the 9 updates, inside atol=2e-5 and 500x below the lr step a wrong coordinate would take.
   tx = optax_memopt.badam_ratio(lr, update_ratio=ratio, switch_every=k, mask_mode=mode, min_size=100,
-                                eps=1e-4)
+                                eps=1e-3)
   state = tx.init(params)
   update = jax.jit(tx.update)
   grad_fn = jax.jit(jax.grad(loss_fn))
@@ -46,7 +50,7 @@ def test_matches_adam_on_selected_coordinates(mode):
     index = jax.tree.map(np.asarray, state.index)
     selections.append(index)
     # Reference: a fresh Adam on the selected coordinates only (small leaves: all coordinates).
-    adam = optax.adam(lr, eps=1e-4)
+    adam = optax.adam(lr, eps=1e-3)
 
     def pick(tree, index=index):
       return jax.tree.map(
@@ -62,7 +66,7 @@ def test_matches_adam_on_selected_coordinates(mode):
       ref = jax.tree.map(
           lambda x, i, r: (x.reshape(-1).at[i].add(r) if i.size else x.reshape(-1) + r).reshape(x.shape),
           ref, index, ru)
-      chex.assert_trees_all_close(params, ref, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(params, ref, rtol=1e-5, atol=2e-5)
     n_w1 = math.ceil(ratio * 16 * 24)
     assert nonzero["w1"] <= n_w1 and nonzero["b"] <= 24
   # The selection moves on at each switch.

@@ -9,8 +9,17 @@ import pytest
 
 import optax_memopt
 
-# eps=1e-4 in the comparisons: Adam normalises tiny gradient entries, amplifying float32 rounding.
 N_LAYERS, WIDTH, VOCAB = 6, 32, 16
+
+# Comparing the block step with the drop-in path. The block step differentiates only the active
+# block, the drop-in path the whole model, so XLA reduces the gradients in different orders, and which
+# order depends on the CPU's vector width (measured on an AMD EPYC: 1.5e-6 absolute, 4e-5 relative after
+# 5 updates at eps=1e-4). Adam turns a gradient rounding error dg into a step error of at most
+# lr * dg / eps, so the comparisons use EPS=1e-3: at lr=1e-2 and |dg| <~ 1e-7 that is <= 1e-6 per update,
+# <= 2.4e-5 over the longest run (24 updates). ATOL leaves 4x headroom above that and is still 100x
+# below the ~lr = 1e-2 that one update of a wrong block or a wrong gradient moves a parameter by.
+EPS = 1e-3
+ATOL = RTOL = 1e-4
 
 
 def make_params(n_layers=N_LAYERS, width=WIDTH, seed=0):
@@ -71,7 +80,7 @@ def drop_in(tx, params, steps, loss=loss_fn, tokens=TOKENS, active_only=False):
 def test_same_parameters_as_drop_in(mode):
   k = 2
   tx = optax_memopt.badam(1e-2, switch_every=k, switch_mode=mode, start_block=1, weight_decay=0.01,
-                          eps=1e-4)
+                          eps=EPS)
   params = make_params()
   steps = 2 * N_LAYERS * k
   want, want_state = drop_in(tx, params, steps)
@@ -82,7 +91,7 @@ def test_same_parameters_as_drop_in(mode):
   for _ in range(steps):
     p, s, loss = step(p, s, TOKENS)
     losses.append(float(loss))
-  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p, want, rtol=RTOL, atol=ATOL)
   assert int(s.count) == steps and int(s.active_block) == int(want_state.active_block)
   # At most one compilation per block, none after the first block-epoch.
   expected_blocks = 1 if mode == "fixed" else N_LAYERS
@@ -93,13 +102,15 @@ def test_same_parameters_as_drop_in(mode):
 
 def test_chain_clip_multisteps_and_aux():
   inner = optax.chain(optax.clip_by_global_norm(0.5),
-                      optax_memopt.badam(1e-2, switch_every=2, switch_mode="ascending", eps=1e-4))
+                      optax_memopt.badam(1e-2, switch_every=2, switch_mode="ascending", eps=EPS))
   tx = optax.MultiSteps(inner, every_k_schedule=2)
   params = make_params()
   # The clip sees the active block's gradient only (documented), so the reference masks the rest.
   want, _ = drop_in(tx, params, 10, active_only=True)
   unmasked, _ = drop_in(tx, params, 10)
-  assert not np.allclose(unmasked["layers"][0]["up"], want["layers"][0]["up"], rtol=1e-4)
+  # ... and that makes a difference this test can see: well beyond the tolerance used below.
+  gap = float(jnp.max(jnp.abs(unmasked["layers"][0]["up"] - want["layers"][0]["up"])))
+  assert gap > 10 * ATOL, gap
 
   def loss_with_aux(params, tokens):
     loss = loss_fn(params, tokens)
@@ -110,21 +121,21 @@ def test_chain_clip_multisteps_and_aux():
   for _ in range(10):
     p, s, (loss, aux) = step(p, s, TOKENS)
     np.testing.assert_allclose(aux["twice"], 2 * loss, rtol=1e-6)
-  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p, want, rtol=RTOL, atol=ATOL)
   # 10 mini-steps = 5 optimizer steps with K=2: blocks 0, 1 and 2 were active.
   assert sorted(step.compiled_blocks) == [0, 1, 2]
 
 
 def test_inject_hyperparams_and_kwargs():
   tx = optax.inject_hyperparams(optax_memopt.badam, static_args=("switch_every", "switch_mode"))(
-      learning_rate=1e-2, switch_every=3, switch_mode="descending", eps=1e-4)
+      learning_rate=1e-2, switch_every=3, switch_mode="descending", eps=EPS)
   params = make_params()
   want, _ = drop_in(tx, params, 7)
   step = optax_memopt.make_block_step(lambda p, tokens: loss_fn(p, tokens), tx)
   p, s = make_params(), tx.init(params)
   for _ in range(7):
     p, s, _ = step(p, s, tokens=TOKENS)
-  chex.assert_trees_all_close(p, want, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(p, want, rtol=RTOL, atol=ATOL)
 
 
 def test_nnx_split_merge():
