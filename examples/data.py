@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from examples.config import UsageError
+
+if TYPE_CHECKING:
+  import numpy as np
 
 # Files a Hugging Face tokenizer is loaded from; a directory needs one of these sets.
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"),
@@ -151,6 +152,8 @@ def load_hub_dataset(name: str, *args, **kwargs):
 
 def pad_rows(data: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
   """Pads every array to a multiple of ``multiple`` rows; padded rows get ``weight`` 0."""
+  import numpy as np
+
   n = len(next(iter(data.values())))
   extra = -n % multiple
   out = {k: np.concatenate([v, np.repeat(v[:1], extra, axis=0)]) for k, v in data.items()}
@@ -160,6 +163,8 @@ def pad_rows(data: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
   """Rows of the batch at ``step``: a pure function of (seed, step), so resuming is exact."""
+  import numpy as np
+
   per_epoch = n // batch_size
   epoch, i = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(n)

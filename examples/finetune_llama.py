@@ -22,13 +22,11 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import numpy as np
-
 from examples import config, data
 from examples.config import field
 
-# JAX, Flax and the model are imported inside the functions that need them: importing them takes
-# a few seconds, and the script says what it builds first.
+# NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
+# them takes seconds on a busy machine, and the script says what it builds first.
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -118,6 +116,7 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
   call returns a fresh copy of the pretrained model."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
 
   from examples import training
@@ -178,6 +177,8 @@ def encode(examples: Sequence[dict], tok: data.Tokenizer, seq_len: int,
   ``prompt_fn(example)`` gives the prompt text (default: the instruction prompt); with
   ``lambda ex: ""`` every token after bos is a target (plain language modelling).
   """
+  import numpy as np
+
   prompt_fn = prompt_fn or prompt_of
   n = len(examples)
   ids = np.full((n, seq_len), tok.pad_id, np.int32)
@@ -209,6 +210,7 @@ def lm_loss(model, batch: dict):
 
 def build_task(cfg: Config):
   """The ``training.Task``: tokenized train/eval split, tokenizer, model factory, generations."""
+  import numpy as np
   from flax import nnx
 
   from examples import sharding, training

@@ -22,13 +22,11 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import numpy as np
-
 from examples import config, data
 from examples.config import field
 
-# JAX, Flax and the model are imported inside the functions that need them: importing them takes
-# a few seconds, and the script says what it builds first.
+# NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
+# them takes seconds on a busy machine, and the script says what it builds first.
 
 SPECIAL = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4 (pad = 1)
 # SuperGLUE tasks with one or two text fields and a label (hub dataset "aps/super_glue").
@@ -126,6 +124,8 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict] | None]:
 def encode(rows: Sequence[dict], tok: data.Tokenizer, seq_len: int,
            label_ids: dict) -> dict:
   """``<s> text </s>`` or ``<s> premise </s></s> hypothesis </s>``, right-padded."""
+  import numpy as np
+
   n = len(rows)
   ids = np.full((n, seq_len), tok.pad_id, np.int32)
   for i, r in enumerate(rows):
@@ -157,6 +157,7 @@ def classification_loss(model, batch: dict):
 
 def build_task(cfg: Config):
   """The ``training.Task``: tokenized train/eval split, tokenizer, model factory."""
+  import numpy as np
   from flax import nnx
 
   from examples import training

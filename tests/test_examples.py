@@ -310,10 +310,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
 
 
 def test_first_output_before_jax():
-  """The scripts print what they build before importing JAX (seconds), and transformers' "PyTorch
-  was not found" advisory is silenced."""
+  """The scripts print what they build before importing NumPy and JAX (seconds on a busy machine),
+  and transformers' "PyTorch was not found" advisory is silenced."""
   proc = _run_script(["-c", "import sys; import examples.finetune_llama, examples.finetune_roberta; "
-                      "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))"])
+                      "print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))"])
   stdout, stderr = proc.communicate(timeout=120)
   assert stdout.strip() == "[]", stderr
   proc = _run_script(["-c", "from examples.models import base; "
