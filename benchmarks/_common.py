@@ -1,12 +1,13 @@
 """What the benchmark scripts share: environment header, timing, tables, JSON, optimizer setups.
 
 Optimizer construction, the model split and the training steps are the examples' own
-(``examples/common.py``); this module only names the benchmark variants on top of them:
+(``examples/optimizers.py``, ``examples/training.py``); this module only names the benchmark
+variants on top of them:
 
 * ``badam_dropin``: ``optax_memopt.badam`` used as an ordinary optax transformation
   (``jax.grad`` of every parameter, then ``tx.update``);
 * ``badam_block``: the same optimizer through ``optax_memopt.make_block_step``, which
-  differentiates only the active block (what ``examples/common.py`` uses for ``badam``).
+  differentiates only the active block (what ``examples/training.py`` uses for ``badam``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import optax
 from flax import nnx
 
 import optax_memopt
-from examples import common
+from examples import config, optimizers, training
 from examples.models import llama
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -159,12 +160,12 @@ def llama_config(shape: str | dict, *, seq_len: int, param_dtype: str = "float32
                            pad_token_id=0, scan_layers=scan_layers)
 
 
-def llama_task(model_cfg: llama.LlamaConfig, *, from_scratch: bool, seed: int = 0) -> common.Task:
+def llama_task(model_cfg: llama.LlamaConfig, *, from_scratch: bool, seed: int = 0) -> training.Task:
   """A Task for ``make_optimizer`` (no data): the instruction-tuning loss of the Llama example."""
   from examples import finetune_llama
 
   empty = {"weight": np.zeros(0, np.float32)}
-  return common.Task(name="bench", make_model=lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(seed)),
+  return training.Task(name="bench", make_model=lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(seed)),
                      loss_fn=finetune_llama.lm_loss, train_data=empty, eval_data=empty,
                      from_scratch=from_scratch)
 
@@ -198,7 +199,7 @@ class Setup:
     return self.step.lower(self.params, self.opt_state, self.rest, batch)
 
 
-def make_setup(variant: str, task: common.Task, cfg: common.TrainConfig, *,
+def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
                abstract: bool) -> Setup:
   """The examples' model split, optimizer and training step for ``variant``.
 
@@ -210,23 +211,23 @@ def make_setup(variant: str, task: common.Task, cfg: common.TrainConfig, *,
   def build():
     model = task.make_model()
     if name == "lora":
-      # As examples.common.train does (inline there): adapters on the decoder layers' projections.
+      # As examples.optimizers.add_adapters does: adapters on the decoder layers' projections.
       rngs = nnx.Rngs(cfg.seed + 1)
       for layer in model.layers:
-        common.apply_lora(layer, cfg.lora_rank, rngs)
+        optimizers.apply_lora(layer, cfg.lora_rank, rngs)
     return model
 
   model = nnx.eval_shape(build) if abstract else build()
   trainable = (nnx.Any(nnx.LoRAParam, *[nnx.PathContains(h) for h in task.head])
                if name == "lora" else nnx.Param)
-  split = common._Trainable(model, trainable)
-  tx = common.make_optimizer(cfg, name, split.params, task)
+  split = training.Trainable(model, trainable)
+  tx = optimizers.make_optimizer(cfg, name, split.params, task)
   if abstract:
     opt_state = jax.eval_shape(tx.init, split.params)
   else:
     opt_state = jax.tree.map(jnp.copy, tx.init(split.params))
   # The examples' step for "badam" is the block step; any other name gives jax.grad + tx.update.
-  step, _ = common._make_steps(split, task.loss_fn, tx,
+  step, _ = training.make_steps(split, task.loss_fn, tx,
                                "badam" if variant == "badam_block" else "adamw")
   labels = None
   if name == "badam":

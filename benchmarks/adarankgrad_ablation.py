@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks import _common as bc
 from benchmarks import convergence
-from examples import common
+from examples import config, training
 
 # name -> (optimizer, extra example options)
 VARIANTS = {
@@ -69,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for variant in args.variants:
       optimizer, extra = VARIANTS[variant]
       out = runs_dir / name / str(len(rows))
-      cfg = common.parse_config(module.Config, base + extra + ["--out", str(out)],
+      cfg = config.parse_config(module.Config, base + extra + ["--out", str(out)],
                                 module.__doc__.splitlines()[0])
       task = task or module.build_task(cfg)  # same data and tokenizer for every variant
-      summary = common.train(cfg, task, optimizer, out)
+      summary = training.train(cfg, task, optimizer, out)
       rows.append({"variant": variant, "optimizer": optimizer, "options": extra,
                    "mean_rank": mean_rank(out), **summary})
       print(f"{name}/{variant}: final loss {summary['final_loss']:.4f}", flush=True)

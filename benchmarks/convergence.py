@@ -1,6 +1,6 @@
 """Final loss of each optimizer on the examples' tasks, same data, seed and number of steps.
 
-The tasks are the examples' own, built and trained by ``examples/common.py`` (``build_task`` and
+The tasks are the examples' own, built and trained by ``examples/training.py`` (``build_task`` and
 ``train``): Llama instruction tuning on the offline pydoc instruction set (loss on the response
 tokens), and RoBERTa sequence classification of pydoc paragraphs (three classes). Both models are
 small and randomly initialised, so BAdam also trains the embedding and the head (as the examples
@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from benchmarks import _common as bc
-from examples import common, finetune_llama, finetune_roberta
+from examples import config, finetune_llama, finetune_roberta, reporting, training
 
 TASKS = {"llama": finetune_llama, "llama-pretrained": finetune_llama, "roberta": finetune_roberta}
 # "llama-pretrained": the papers' setting, fine-tuning a pretrained model. The random-init Llama is
@@ -82,16 +82,16 @@ def task_options(name: str, steps: int, batch_size: int, quick: bool) -> list[st
 def run_task(name: str, overrides: list[str], optimizers: Sequence[str], runs_dir: pathlib.Path,
              png: pathlib.Path) -> dict:
   module = TASKS[name]
-  cfg = common.parse_config(module.Config, overrides + ["--out", str(runs_dir / name)],
+  cfg = config.parse_config(module.Config, overrides + ["--out", str(runs_dir / name)],
                             module.__doc__.splitlines()[0])
   task = module.build_task(cfg)
   summaries, curves = {}, {}
   for opt in optimizers:
     out = runs_dir / name / opt
-    summaries[opt] = common.train(cfg, task, opt, out)
+    summaries[opt] = training.train(cfg, task, opt, out)
     curves[opt] = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     print(f"{name}/{opt}: final loss {summaries[opt]['final_loss']:.4f}", flush=True)
-  common.plot_curves(curves, png, title=f"{name}: {cfg.steps} steps, batch {cfg.batch_size}")
+  reporting.plot_curves(curves, png, title=f"{name}: {cfg.steps} steps, batch {cfg.batch_size}")
   return {"task": name, "config_overrides": overrides, "steps": cfg.steps,
           "batch_size": cfg.batch_size, "rank": cfg.rank, "plot": png.name,
           "summaries": summaries, "targets": _targets(summaries)}
@@ -117,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bc.add_output_args(parser, "convergence")
   parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=tuple(TASKS))
-  parser.add_argument("--optimizers", nargs="*", default=list(common.OPTIMIZERS),
-                      choices=common.OPTIMIZERS)
+  parser.add_argument("--optimizers", nargs="*", default=list(config.OPTIMIZERS),
+                      choices=config.OPTIMIZERS)
   parser.add_argument("--steps", type=int, default=None, help="steps (default 200; --quick: 20)")
   parser.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 8)")
   parser.add_argument("--runs-dir", type=pathlib.Path, default=None,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 
 from benchmarks import _common as bc
-from examples import common
+from examples import config
 
 VARIANTS = tuple(bc.VARIANTS)
 FULL_XLA_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
@@ -61,8 +61,8 @@ PAPER_GB = {
 }
 
 
-def _train_config(args) -> common.TrainConfig:
-  return common.TrainConfig(optimizer="adamw", steps=1000, rank=args.rank, lora_rank=args.lora_rank,
+def _train_config(args) -> config.TrainConfig:
+  return config.TrainConfig(optimizer="adamw", steps=1000, rank=args.rank, lora_rank=args.lora_rank,
                             switch_every=100)
 
 

@@ -30,7 +30,7 @@ from optax import contrib as optax_contrib
 
 from benchmarks import _common as bc
 from benchmarks import adarankgrad_refresh as refresh_bench
-from examples import common
+from examples import config
 from optax_memopt import AdaRankGradState, adarankgrad
 
 VARIANTS = tuple(bc.VARIANTS)
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   model_cfg = bc.llama_config(shape, seq_len=seq_len)
   task = bc.llama_task(model_cfg, from_scratch=False)
-  cfg = common.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, rank=args.rank,
+  cfg = config.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, rank=args.rank,
                            switch_every=1, switch_mode="ascending")
   batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=False)
   setups = {v: bc.make_setup(v, task, cfg, abstract=False) for v in variants}

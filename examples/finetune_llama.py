@@ -4,7 +4,7 @@ Default (fully offline): a small random-init Llama, a byte-level BPE trained in 
 instruction set built from the Python reference manual that ships with Python (``pydoc_data``):
 "Explain the Python topic X" → the opening paragraphs of its text. Then prints a greedy generation.
 
-  python examples/finetune_llama.py                         # BAdam, about 2 minutes on 2 CPU cores
+  python examples/finetune_llama.py                         # BAdam, see the README for its time
   python examples/finetune_llama.py --optimizer lora --lora-rank 8
   python examples/finetune_llama.py --compare adamw,badam,adarankgrad
   python examples/finetune_llama.py --model DIR --data alpaca.json   # an HF Llama checkpoint
@@ -22,15 +22,11 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+from examples import config, data
+from examples.config import field
 
-from examples import common, sharding
-from examples.common import field
-from examples.models import base, llama
+# NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
+# them takes seconds on a busy machine, and the script says what it builds first.
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -38,7 +34,7 @@ SPECIAL = ("<pad>", "<s>", "</s>")
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
+class Config(config.TrainConfig):
   name: str = field("llama", "run name: the default run directory is runs/<name>")
   data: str | None = field(None, "Alpaca-format JSON/JSONL (instruction, input, output) or a "
                            "`datasets` hub name; default: built from pydoc_data.topics")
@@ -65,19 +61,19 @@ class Config(common.TrainConfig):
   def __post_init__(self):
     super().__post_init__()
     if self.seq_len < 16:
-      raise common.UsageError("--seq-len must be at least 16")
+      raise config.UsageError("--seq-len must be at least 16")
     if not 0 < self.eval_fraction < 1:
-      raise common.UsageError("--eval-fraction must be between 0 and 1")
+      raise config.UsageError("--eval-fraction must be between 0 and 1")
     if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
-      raise common.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
+      raise config.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
                               "Hugging Face Llama checkpoint")
     if self.pretrain_steps < 0:
-      raise common.UsageError("--pretrain-steps must be >= 0")
+      raise config.UsageError("--pretrain-steps must be >= 0")
     if self.pretrain_steps and self.model is not None:
-      raise common.UsageError("--pretrain-steps is for the random-init model; --model is "
+      raise config.UsageError("--pretrain-steps is for the random-init model; --model is "
                               "pretrained already")
     if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-      raise common.UsageError("--hidden-size must be a multiple of --num-heads, and --num-heads "
+      raise config.UsageError("--hidden-size must be a multiple of --num-heads, and --num-heads "
                               "of --num-kv-heads")
 
 
@@ -114,32 +110,40 @@ def manual_paragraphs() -> list[str]:
   return out
 
 
-def pretrained_model_factory(cfg: Config, tok: common.Tokenizer, model_cfg, out: pathlib.Path,
+def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: pathlib.Path,
                              texts: Sequence[str]):
   """``make_model`` for ``--pretrain-steps``: AdamW language modelling on ``texts``, once; every
   call returns a fresh copy of the pretrained model."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from examples import training
+  from examples.models import llama
+
   cache: dict = {}
 
   def make_model():
     if "state" not in cache:
       order = np.random.default_rng(cfg.seed).permutation(len(texts))
-      data = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
+      rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
                     prompt_fn=lambda ex: "")
       held = max(1, len(texts) // 20)
       pre_cfg = dataclasses.replace(
           cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
-          stop_at=None, resume=False, eval_every=cfg.pretrain_steps,
+          stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
           checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
                                                                 cfg.pretrain_steps // 10))
-      pre_task = common.Task(
+      pre_task = training.Task(
           name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=lambda: llama.Llama(
               model_cfg, rngs=nnx.Rngs(cfg.seed)),
-          train_data={k: v[held:] for k, v in data.items()},
-          eval_data={k: v[:held] for k, v in data.items()},
-          after_training=lambda model: cache.update(zip(("graphdef", "state"), nnx.split(model))))
+          train_data={k: v[held:] for k, v in rows.items()},
+          eval_data={k: v[:held] for k, v in rows.items()},
+          after_training=lambda model, _: cache.update(zip(("graphdef", "state"), nnx.split(model))))
       print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference manual "
             f"({cfg.pretrain_steps} AdamW steps)")
-      common.train(pre_cfg, pre_task, "adamw", out / "pretrain")
+      training.train(pre_cfg, pre_task, "adamw", out / "pretrain")
     return nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
 
   return make_model
@@ -150,12 +154,12 @@ def load_examples(cfg: Config) -> list[dict]:
     return topic_examples()
   path = pathlib.Path(cfg.data)
   if path.suffix in (".json", ".jsonl") or path.exists() or "/" not in cfg.data:
-    rows = common.read_records(cfg.data, "--data")
+    rows = data.read_records(cfg.data, "--data")
   else:
-    rows = list(common.load_hub_dataset(cfg.data, split="train"))
+    rows = list(data.load_hub_dataset(cfg.data, split="train"))
   bad = [i for i, r in enumerate(rows) if "instruction" not in r or "output" not in r]
   if bad:
-    raise common.UsageError(f"--data {cfg.data}: record {bad[0]} lacks 'instruction' or 'output' "
+    raise config.UsageError(f"--data {cfg.data}: record {bad[0]} lacks 'instruction' or 'output' "
                             "(Alpaca format: instruction, input, output)")
   return rows
 
@@ -166,13 +170,15 @@ def prompt_of(example: dict) -> str:
   return PROMPT.format(instruction=example["instruction"])
 
 
-def encode(examples: Sequence[dict], tok: common.Tokenizer, seq_len: int,
+def encode(examples: Sequence[dict], tok: data.Tokenizer, seq_len: int,
            prompt_fn=None) -> dict:
   """Prompt + response + eos, right-padded; ``loss_mask`` marks the response tokens.
 
   ``prompt_fn(example)`` gives the prompt text (default: the instruction prompt); with
   ``lambda ex: ""`` every token after bos is a target (plain language modelling).
   """
+  import numpy as np
+
   prompt_fn = prompt_fn or prompt_of
   n = len(examples)
   ids = np.full((n, seq_len), tok.pad_id, np.int32)
@@ -189,8 +195,11 @@ def encode(examples: Sequence[dict], tok: common.Tokenizer, seq_len: int,
           "weight": np.ones(n, np.float32)}
 
 
-def lm_loss(model: llama.Llama, batch: dict):
+def lm_loss(model, batch: dict):
   """Mean next-token cross-entropy over the response tokens."""
+  import jax.numpy as jnp
+  import optax
+
   ids = batch["input_ids"]
   logits = model(ids[:, :-1], batch["attention_mask"][:, :-1])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
@@ -199,8 +208,15 @@ def lm_loss(model: llama.Llama, batch: dict):
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count}
 
 
-def build_task(cfg: Config) -> common.Task:
-  out = pathlib.Path(cfg.out or pathlib.Path("runs") / cfg.name)
+def build_task(cfg: Config):
+  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory, generations."""
+  import numpy as np
+  from flax import nnx
+
+  from examples import sharding, training
+  from examples.models import base, llama
+
+  out = config.output_dir(cfg)
   examples = load_examples(cfg)
   if cfg.max_examples:
     examples = examples[:cfg.max_examples]
@@ -209,7 +225,7 @@ def build_task(cfg: Config) -> common.Task:
   eval_ex = [examples[i] for i in order[:n_eval]]
   train_ex = [examples[i] for i in order[n_eval:]]
   if not train_ex:
-    raise common.UsageError(f"--data {cfg.data}: too few examples ({len(examples)})")
+    raise config.UsageError(f"--data {cfg.data}: too few examples ({len(examples)})")
 
   options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
                  scan_layers=cfg.scan_layers)
@@ -217,14 +233,14 @@ def build_task(cfg: Config) -> common.Task:
     try:
       base.read_hf_config(cfg.model, ["llama"])
     except ValueError as e:
-      raise common.UsageError(f"--model: {e}") from None
-    tok = common.pretrained_tokenizer(cfg.model)
+      raise config.UsageError(f"--model: {e}") from None
+    tok = data.pretrained_tokenizer(cfg.model)
 
     def make_model():
       try:
         return llama.Llama.load_pretrained(cfg.model, seed=cfg.seed, **options)
       except ValueError as e:
-        raise common.UsageError(f"--model: {e}") from None
+        raise config.UsageError(f"--model: {e}") from None
   else:
     texts = [prompt_of(ex) + ex["output"] for ex in train_ex]
     if cfg.pretrain_steps:
@@ -233,8 +249,9 @@ def build_task(cfg: Config) -> common.Task:
       responses = {" ".join(ex["output"].split()) for ex in examples}
       pretrain_texts = [t for t in manual_paragraphs() if t not in responses]
       texts += pretrain_texts
-    tok = common.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
-                               special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
+    tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
+                             special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
+                             single="<s> $A", pair="<s> $A $B")
     model_cfg = llama.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -248,25 +265,38 @@ def build_task(cfg: Config) -> common.Task:
     if cfg.pretrain_steps:
       make_model = pretrained_model_factory(cfg, tok, model_cfg, out, pretrain_texts)
 
-  def show_generations(model: llama.Llama) -> None:
+  def show_generations(model, optimizer: str) -> None:
     if cfg.gen_tokens <= 0:
       return
     for label, ex in (("train", train_ex[0]), ("held-out", eval_ex[0])):
       prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_of(ex))
       text = tok.decode(llama.generate(model, prompt, cfg.gen_tokens, eos_id=tok.eos_id))
-      print(f"\n[{label}] {ex['instruction']}\n→ {text.strip()}")
+      given = f"\n  input: {ex['input']}" if ex.get("input") else ""
+      print(f"\n[{optimizer}, {label}] {ex['instruction']}{given}\n→ {text.strip()}")
 
-  return common.Task(
+  print(f"{len(train_ex)} train / {len(eval_ex)} held-out examples, vocabulary {tok.vocab_size}")
+  return training.Task(
       name=cfg.name, make_model=make_model, loss_fn=lm_loss,
       train_data=encode(train_ex, tok, cfg.seq_len), eval_data=encode(eval_ex, tok, cfg.seq_len),
       from_scratch=cfg.model is None and not cfg.pretrain_steps, after_training=show_generations,
-      sharding_rules=sharding.LLAMA_RULES)
+      sharding_rules=sharding.LLAMA_RULES, tokenizer=tok)
 
 
-@common.main_guard
+def describe(cfg: Config) -> str:
+  """The model and data, for the first line the script prints."""
+  if cfg.model:
+    model = f"the Llama checkpoint {cfg.model}"
+  else:
+    model = f"a random-init Llama ({cfg.num_layers} layers, width {cfg.hidden_size})"
+    if cfg.pretrain_steps:
+      model += f" pretrained for {cfg.pretrain_steps} steps"
+  return f"{model} on {cfg.data or 'instructions from the Python reference manual'}"
+
+
+@config.main_guard
 def main(argv: Sequence[str] | None = None):
-  cfg = common.parse_config(Config, argv, __doc__.splitlines()[0])
-  return common.run(cfg, build_task(cfg))
+  cfg = config.parse_config(Config, argv, __doc__)
+  return config.launch(cfg, describe(cfg), build_task)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,11 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+from examples import config, data
+from examples.config import field
 
-from examples import common
-from examples.common import field
-from examples.models import base, roberta
+# NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
+# them takes seconds on a busy machine, and the script says what it builds first.
 
 SPECIAL = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4 (pad = 1)
 # SuperGLUE tasks with one or two text fields and a label (hub dataset "aps/super_glue").
@@ -47,7 +44,7 @@ TOPIC_CLASSES = ("statements", "expressions", "data model & types")
 
 
 @dataclasses.dataclass
-class Config(common.TrainConfig):
+class Config(config.TrainConfig):
   name: str = field("roberta", "run name: the default run directory is runs/<name>")
   task: str = field("topics", "'topics' (offline default) or a SuperGLUE task loaded with "
                     f"`datasets`: {', '.join(SUPERGLUE)}")
@@ -70,14 +67,14 @@ class Config(common.TrainConfig):
   def __post_init__(self):
     super().__post_init__()
     if self.task != "topics" and self.task not in SUPERGLUE and self.train is None:
-      raise common.UsageError(f"unknown --task {self.task!r}; use topics, "
+      raise config.UsageError(f"unknown --task {self.task!r}; use topics, "
                               f"{', '.join(SUPERGLUE)}, or --train FILE")
     if self.eval is not None and self.train is None:
-      raise common.UsageError("--eval needs --train")
+      raise config.UsageError("--eval needs --train")
     if not 0 < self.eval_fraction < 1:
-      raise common.UsageError("--eval-fraction must be between 0 and 1")
+      raise config.UsageError("--eval-fraction must be between 0 and 1")
     if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
-      raise common.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
+      raise config.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
                               "Hugging Face RoBERTa checkpoint")
 
 
@@ -96,7 +93,7 @@ def topic_rows() -> list[dict]:
 
 
 def _hub_rows(task: str) -> tuple[list[dict], list[dict]]:
-  ds = common.load_hub_dataset("aps/super_glue", task)
+  ds = data.load_hub_dataset("aps/super_glue", task)
   a, b = SUPERGLUE[task]
   convert = lambda split: [{"premise": r[a], "hypothesis": r[b], "label": r["label"]}
                            for r in ds[split]]
@@ -106,17 +103,17 @@ def _hub_rows(task: str) -> tuple[list[dict], list[dict]]:
 def _check_rows(rows: list[dict], what: str) -> None:
   for i, r in enumerate(rows):
     if "label" not in r or not ("text" in r or ("premise" in r and "hypothesis" in r)):
-      raise common.UsageError(f"{what}: record {i} needs 'label' and 'text' (or 'premise' and "
+      raise config.UsageError(f"{what}: record {i} needs 'label' and 'text' (or 'premise' and "
                               "'hypothesis')")
 
 
 def load_rows(cfg: Config) -> tuple[list[dict], list[dict] | None]:
   if cfg.train is not None:
-    train = common.read_records(cfg.train, "--train")
+    train = data.read_records(cfg.train, "--train")
     _check_rows(train, f"--train {cfg.train}")
     evals = None
     if cfg.eval is not None:
-      evals = common.read_records(cfg.eval, "--eval")
+      evals = data.read_records(cfg.eval, "--eval")
       _check_rows(evals, f"--eval {cfg.eval}")
     return train, evals
   if cfg.task == "topics":
@@ -124,9 +121,11 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[dict] | None]:
   return _hub_rows(cfg.task)
 
 
-def encode(rows: Sequence[dict], tok: common.Tokenizer, seq_len: int,
+def encode(rows: Sequence[dict], tok: data.Tokenizer, seq_len: int,
            label_ids: dict) -> dict:
   """``<s> text </s>`` or ``<s> premise </s></s> hypothesis </s>``, right-padded."""
+  import numpy as np
+
   n = len(rows)
   ids = np.full((n, seq_len), tok.pad_id, np.int32)
   for i, r in enumerate(rows):
@@ -143,7 +142,11 @@ def encode(rows: Sequence[dict], tok: common.Tokenizer, seq_len: int,
           "weight": np.ones(n, np.float32)}
 
 
-def classification_loss(model: roberta.Roberta, batch: dict):
+def classification_loss(model, batch: dict):
+  """Mean cross-entropy of the class logits; the stats count correct predictions too."""
+  import jax.numpy as jnp
+  import optax
+
   logits = model(batch["input_ids"], batch["attention_mask"])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   w = batch["weight"]
@@ -152,8 +155,15 @@ def classification_loss(model: roberta.Roberta, batch: dict):
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count, "correct": correct}
 
 
-def build_task(cfg: Config) -> common.Task:
-  out = pathlib.Path(cfg.out or pathlib.Path("runs") / cfg.name)
+def build_task(cfg: Config):
+  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory."""
+  import numpy as np
+  from flax import nnx
+
+  from examples import training
+  from examples.models import base, roberta
+
+  out = config.output_dir(cfg)
   train_rows, eval_rows = load_rows(cfg)
   if cfg.max_examples:  # a random subset: the default rows are grouped by label
     keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[:cfg.max_examples]
@@ -166,7 +176,7 @@ def build_task(cfg: Config) -> common.Task:
   labels = sorted({r["label"] for r in train_rows + eval_rows}, key=str)
   label_ids = {label: i for i, label in enumerate(labels)}
   if len(labels) < 2:
-    raise common.UsageError("the data has a single label; classification needs at least two")
+    raise config.UsageError("the data has a single label; classification needs at least two")
 
   options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
                  scan_layers=cfg.scan_layers)
@@ -174,19 +184,21 @@ def build_task(cfg: Config) -> common.Task:
     try:
       base.read_hf_config(cfg.model, ["roberta"])
     except ValueError as e:
-      raise common.UsageError(f"--model: {e}") from None
-    tok = common.pretrained_tokenizer(cfg.model)
+      raise config.UsageError(f"--model: {e}") from None
+    tok = data.pretrained_tokenizer(cfg.model)
 
     def make_model():
       try:
         return roberta.Roberta.load_pretrained(cfg.model, seed=cfg.seed, num_labels=len(labels),
                                                **options)
       except ValueError as e:
-        raise common.UsageError(f"--model: {e}") from None
+        raise config.UsageError(f"--model: {e}") from None
   else:
     texts = [r.get("text") or f"{r['premise']} {r['hypothesis']}" for r in train_rows]
-    tok = common.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
-                               special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
+    tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
+                             special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
+                             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                             unk_token="<unk>", mask_token="<mask>")
     model_cfg = roberta.RobertaConfig(
         vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -196,20 +208,35 @@ def build_task(cfg: Config) -> common.Task:
     def make_model():
       return roberta.Roberta(model_cfg, rngs=nnx.Rngs(cfg.seed))
 
+  topics = cfg.train is None and cfg.task == "topics"
+  names = [TOPIC_CLASSES[label] for label in labels] if topics else labels
   train_data = encode(train_rows, tok, cfg.seq_len, label_ids)
   eval_data = encode(eval_rows, tok, cfg.seq_len, label_ids)
   majority = np.bincount(eval_data["labels"]).max() / len(eval_rows)
   print(f"{len(train_rows)} train / {len(eval_rows)} eval examples, {len(labels)} classes "
         f"(majority-class accuracy {majority:.3f})")
-  return common.Task(name=cfg.name, make_model=make_model, loss_fn=classification_loss,
-                     train_data=train_data, eval_data=eval_data, head=("classifier",),
-                     from_scratch=cfg.model is None)
+  return training.Task(name=cfg.name, make_model=make_model, loss_fn=classification_loss,
+                       train_data=train_data, eval_data=eval_data, head=("classifier",),
+                       from_scratch=cfg.model is None, tokenizer=tok, labels=names)
 
 
-@common.main_guard
+def describe(cfg: Config) -> str:
+  """The model and data, for the first line the script prints."""
+  model = (f"the RoBERTa checkpoint {cfg.model}" if cfg.model else
+           f"a random-init RoBERTa ({cfg.num_layers} layers, width {cfg.hidden_size})")
+  if cfg.train:
+    task = cfg.train
+  elif cfg.task == "topics":
+    task = "classifying paragraphs of the Python reference manual"
+  else:
+    task = f"SuperGLUE {cfg.task}"
+  return f"{model} on {task}"
+
+
+@config.main_guard
 def main(argv: Sequence[str] | None = None):
-  cfg = common.parse_config(Config, argv, __doc__.splitlines()[0])
-  return common.run(cfg, build_task(cfg))
+  cfg = config.parse_config(Config, argv, __doc__)
+  return config.launch(cfg, describe(cfg), build_task)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 import json
 import pathlib
+import re
 
 import pytest
 
 from examples import finetune_llama, finetune_roberta
 
 pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,7 +49,7 @@ def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
   [summary] = finetune_llama.main(LLAMA + ["--out", str(full)])
   assert summary["optimizer"] == "badam" and summary["steps"] == 6
   assert (full / "loss.png").is_file() and (full / "tokenizer.json").is_file()
-  assert "[held-out]" in capsys.readouterr().out  # the generation is printed
+  assert "[badam, held-out]" in capsys.readouterr().out  # the generation is printed
 
   finetune_llama.main(LLAMA + ["--out", str(cut), "--stop-at", "3", "--gen-tokens", "0"])
   assert sorted(_losses(cut)) == [1, 2, 3]
@@ -56,12 +58,14 @@ def test_llama_badam_runs_and_resumes_exactly(tmp_path, capsys):
   assert _losses(cut) == _losses(full)  # bit-identical, step by step
 
 
-def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path):
+def test_llama_sharded_on_a_mesh_matches_one_device(tmp_path, capsys):
   """--mesh data=2,model=4 on the 8 simulated CPU devices (conftest.py): same losses as one device;
-  a sharded run resumes from its checkpoint."""
+  a sharded run says so and resumes from its checkpoint."""
   args = LLAMA + ["--gen-tokens", "0", "--stop-at", "4"]
   finetune_llama.main(args + ["--out", str(tmp_path / "one")])
+  assert "sharded over" not in capsys.readouterr().out
   finetune_llama.main(args + ["--out", str(tmp_path / "mesh"), "--mesh", "data=2,model=4"])
+  assert "sharded over a data=2 x model=4 mesh of 8 devices" in capsys.readouterr().out
   one, mesh = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
   assert sorted(mesh) == [1, 2, 3, 4]
   for step, loss in one.items():
@@ -92,22 +96,29 @@ def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
   args = LLAMA + ["--gen-tokens", "0", "--stop-at", "2"]
   [scratch] = finetune_llama.main(args + ["--out", str(tmp_path / "scratch")])
   [tuned] = finetune_llama.main(args + ["--out", str(tmp_path / "tuned"), "--pretrain-steps", "4"])
-  assert "pretraining on" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "pretraining on" in out
   assert sorted(_losses(tmp_path / "tuned" / "pretrain")) == [1, 2, 3, 4]
   assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding or head block
+  # Two steps logged at once (--log-every 2): the one interval holds the compiling first step.
+  # summary.json stays strict JSON, and the median step leaves the first step out.
+  summary = json.loads((tmp_path / "scratch" / "summary.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+  assert summary["median_step_s"] > 0
+  assert "nan" not in out.lower()
 
 
-def test_llama_from_a_checkpoint_directory(tmp_path):
-  """--model DIR: HF weights and the checkpoint's own tokenizer."""
+def _tiny_checkpoint(tmp_path):
+  """A random-init Llama saved as a Hugging Face checkpoint, with its tokenizer."""
   from flax import nnx
   from transformers import PreTrainedTokenizerFast
 
-  from examples import common
+  from examples import data
   from examples.models import llama
 
   tok_file = tmp_path / "tok.json"
-  tok = common.bpe_tokenizer(["def f(x): return x + 1"] * 20, tok_file, vocab_size=280,
-                             special=finetune_llama.SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
+  tok = data.bpe_tokenizer(["def f(x): return x + 1"] * 20, tok_file, vocab_size=280,
+                           special=finetune_llama.SPECIAL, bos="<s>", eos="</s>", pad="<pad>")
   ckpt = tmp_path / "ckpt"
   cfg = llama.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -115,23 +126,59 @@ def test_llama_from_a_checkpoint_directory(tmp_path):
   llama.Llama(cfg, rngs=nnx.Rngs(0)).save_pretrained(ckpt)
   PreTrainedTokenizerFast(tokenizer_file=str(tok_file), bos_token="<s>", eos_token="</s>",
                           pad_token="<pad>").save_pretrained(ckpt)
-  data = tmp_path / "alpaca.jsonl"
-  data.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 1.", "input": "",
-                                        "output": f"{i + 1}"}) for i in range(12)))
-  [summary] = finetune_llama.main(LLAMA + ["--model", str(ckpt), "--data", str(data),
-                                           "--optimizer", "lora", "--out", str(tmp_path / "r"),
-                                           "--steps", "2", "--gen-tokens", "0"])
-  assert summary["final_loss"] == summary["final_loss"]  # not NaN
+  return ckpt
 
 
-def test_roberta_compare(tmp_path, capsys):
-  out = tmp_path / "cmp"
+def test_llama_from_a_checkpoint_directory_exports_the_result(tmp_path, capsys):
+  """--model DIR: HF weights and the checkpoint's own tokenizer; the fine-tuned model (LoRA merged
+  in) is exported to <run>/hf, and the export reloads to the model the run evaluated."""
+  from transformers import AutoConfig, AutoTokenizer
+
+  from examples import config
+  from examples.models import llama
+
+  ckpt = _tiny_checkpoint(tmp_path)
+  data_file = tmp_path / "alpaca.jsonl"
+  data_file.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 1.", "input": f"x = {i}",
+                                             "output": f"{i + 1}"}) for i in range(12)))
+  argv = LLAMA + ["--model", str(ckpt), "--data", str(data_file), "--optimizer", "lora",
+                  "--out", str(tmp_path / "r"), "--steps", "2", "--gen-tokens", "2",
+                  "--learning-rate", "0.05"]
+  [summary] = finetune_llama.main(argv)
+  out = capsys.readouterr().out
+  assert "\n  input: x = " in out  # a generation shows the input its instruction refers to
+  export = tmp_path / "r" / "hf"
+  assert f"to {export}" in out
+  assert AutoConfig.from_pretrained(export).model_type == "llama"
+  hf_tok = AutoTokenizer.from_pretrained(export)
+  assert hf_tok("x = 3", add_special_tokens=False)["input_ids"] == AutoTokenizer.from_pretrained(
+      ckpt)("x = 3", add_special_tokens=False)["input_ids"]
+  # The exported (merged) model gives the eval loss the run measured with the adapters.
+  cfg = config.parse_config(finetune_llama.Config, argv, "")
+  task = finetune_llama.build_task(cfg)
+  exported = llama.Llama.load_pretrained(export)
+  _, stats = finetune_llama.lm_loss(exported, task.eval_data)
+  eval_loss = float(stats["nll_sum"]) / float(stats["count"])
+  assert abs(eval_loss - summary["eval_loss"]) < 1e-4 * summary["eval_loss"]  # f32 rounding
+  before = llama.Llama.load_pretrained(ckpt)  # and training changed it (lr 0.05, LoRA merged)
+  _, stats = finetune_llama.lm_loss(before, task.eval_data)
+  assert abs(float(stats["nll_sum"]) / float(stats["count"]) - eval_loss) > 1e-3
+
+
+def test_roberta_compare(tmp_path, capsys, monkeypatch):
+  """--compare without --out: its own directory (runs/roberta-compare/<optimizer>), not inside the
+  single run's runs/roberta."""
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "runs" / "roberta-compare"
   names = ["adamw", "lora", "adarankgrad"]
-  summaries = finetune_roberta.main(ROBERTA + ["--out", str(out), "--compare", ",".join(names)])
+  summaries = finetune_roberta.main(ROBERTA + ["--compare", ",".join(names)])
   assert [s["optimizer"] for s in summaries] == names
   assert all(0.0 <= s["eval_accuracy"] <= 1.0 for s in summaries)
   assert (out / "compare.png").is_file() and (out / "compare.md").is_file()
-  assert "| eval accuracy |" in capsys.readouterr().out
+  assert all((out / name / "checkpoints").is_dir() for name in names)
+  assert not (tmp_path / "runs" / "roberta").exists()
+  text = capsys.readouterr().out
+  assert "| eval accuracy |" in text and "| train loss (mean of last 10 steps) |" in text
   by_name = {s["optimizer"]: s for s in summaries}
   assert by_name["lora"]["opt_state_bytes"] < by_name["adamw"]["opt_state_bytes"] / 2
   assert by_name["lora"]["trainable_params"] < by_name["adamw"]["trainable_params"] / 2
@@ -142,12 +189,12 @@ def test_optimizers_step(name):
   import jax
   import jax.numpy as jnp
 
-  from examples import common
+  from examples import optimizers, training
 
   params = {"embed_tokens": {"embedding": jnp.ones((8, 4))},
             "layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(2)}}
-  task = common.Task("t", lambda: None, lambda m, b: None, {}, {}, from_scratch=False)
-  tx = common.make_optimizer(finetune_roberta.Config(switch_every=1), name, params, task)
+  task = training.Task("t", lambda: None, lambda m, b: None, {}, {}, from_scratch=False)
+  tx = optimizers.make_optimizer(finetune_roberta.Config(switch_every=1), name, params, task)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   for _ in range(2):  # the warmup's first learning rate is 0
@@ -157,16 +204,16 @@ def test_optimizers_step(name):
 
 
 def test_roberta_pair_encoding():
-  from examples import common
+  from examples import data
 
   class Chars:
     def get_vocab_size(self):
       return 300
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
       return type("E", (), {"ids": [5 + ord(c) % 250 for c in text]})()
 
-  tok = common.Tokenizer(Chars(), bos=0, eos=2, pad=1)
+  tok = data.Tokenizer(Chars(), bos=0, eos=2, pad=1)
   rows = [{"premise": "a" * 30, "hypothesis": "bb", "label": True},
           {"text": "hello", "label": False}]
   data = finetune_roberta.encode(rows, tok, 16, {False: 0, True: 1})
@@ -187,12 +234,16 @@ def test_roberta_pair_encoding():
     (finetune_roberta, ["--train", "missing.jsonl"], "not found"),
     (finetune_roberta, ["--model", "."], "has no config.json"),
     (finetune_roberta, ["--task", "squad"], "unknown --task 'squad'"),
+    (finetune_llama, ["--resume"], "--resume: nothing to resume"),
+    (finetune_roberta, ["--compare", "adamw,badam", "--resume"], "--resume: nothing to resume"),
+    (finetune_llama, ["--resume", "--overwrite"], "give one of them"),
 ])
 def test_bad_input_is_one_line(script, argv, message, tmp_path):
   with pytest.raises(SystemExit) as e:
     script.main(argv + ["--out", str(tmp_path)])
   text = str(e.value.code)
   assert message in text and "\n" not in text
+  assert not (tmp_path / "tokenizer.json").exists()  # found before building the data
 
 
 @pytest.mark.parametrize("script", [finetune_llama, finetune_roberta])
@@ -201,8 +252,13 @@ def test_help_lists_every_option(script, capsys):
     script.main(["--help"])
   assert e.value.code == 0
   text = capsys.readouterr().out
-  for option in ("--optimizer", "--learning-rate", "--mesh", "--resume", "--compare", "--model"):
+  for option in ("--optimizer", "--learning-rate", "--mesh", "--resume", "--compare", "--model",
+                 "--export", "--overwrite"):
     assert option in text
+  flat = " ".join(text.split())  # argparse wraps lines
+  assert "(default: None)" not in flat and "DEFAULT_LEARNING_RATES" not in flat
+  assert "the library's" not in flat
+  assert "default: 0.001 for adamw; 0.003 for galore" in flat  # the learning rates themselves
 
 
 @pytest.mark.parametrize("content", ["{not json", '[{"instruction": "x"}]', "[]"])
@@ -219,3 +275,87 @@ def test_checkpoint_of_another_model_type(tmp_path):
   with pytest.raises(SystemExit) as e:
     finetune_llama.main(LLAMA + ["--model", str(fixtures / "roberta"), "--out", str(tmp_path)])
   assert "'roberta' model" in str(e.value.code)
+
+
+def _run_script(args, **kwargs):
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  env["PYTHONPATH"] = str(ROOT)
+  return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
+  """SIGINT during training: a checkpoint at the current step, one line, non-zero exit, no
+  traceback; a new run refuses to start over it; --resume continues from it."""
+  import signal
+  import time
+
+  out = tmp_path / "run"
+  args = LLAMA + ["--gen-tokens", "0", "--steps", "100000", "--log-every", "1",
+                  "--checkpoint-every", "100000", "--out", str(out)]
+  proc = _run_script(["examples/finetune_llama.py", *args])
+  metrics = out / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=240)
+  assert proc.returncode != 0
+  assert "Traceback" not in stderr and "Traceback" not in stdout
+  last = stderr.strip().splitlines()[-1]
+  match = re.fullmatch(r"interrupted at step (\d+); continue with --resume", last)
+  assert match, stderr
+  step = int(match.group(1))
+  assert step >= 2 and (out / "checkpoints" / str(step)).is_dir()
+
+  with pytest.raises(SystemExit) as e:  # a new run does not delete the interrupted one
+    finetune_llama.main(args)
+  assert "--resume" in str(e.value.code) and "--overwrite" in str(e.value.code)
+  assert (out / "checkpoints" / str(step)).is_dir()
+
+  finetune_llama.main(args + ["--resume", "--steps", str(step + 1)])
+  assert f"resumed badam from step {step}" in capsys.readouterr().out
+  assert sorted(_losses(out)) == list(range(1, step + 2))
+
+
+def test_first_output_before_jax():
+  """The scripts print what they build before importing NumPy and JAX (seconds on a busy machine),
+  and transformers' "PyTorch was not found" advisory is silenced."""
+  proc = _run_script(["-c", "import sys; import examples.finetune_llama, examples.finetune_roberta; "
+                      "print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))"])
+  stdout, stderr = proc.communicate(timeout=120)
+  assert stdout.strip() == "[]", stderr
+  proc = _run_script(["-c", "from examples.models import base; "
+                      "base.read_hf_config('tests/fixtures/llama', ['llama'])"])
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "PyTorch" not in stdout + stderr, stderr
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+  import shutil
+
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(ROOT / "tests" / "fixtures" / "llama", ckpt)
+  with pytest.raises(SystemExit) as e:
+    finetune_llama.main(["--model", str(ckpt), "--out", str(tmp_path / "r")])
+  text = str(e.value.code)
+  assert "no tokenizer" in text and "tokenizer.json" in text and "\n" not in text
+
+
+def test_output_directories():
+  from examples import config
+
+  single = finetune_llama.Config()
+  assert config.run_dirs(single) == {"badam": pathlib.Path("runs/llama")}
+  assert config.export_dir(single, "badam") is None
+  cmp = finetune_llama.Config(compare="adamw,badam", export="hf")
+  assert config.run_dirs(cmp) == {"adamw": pathlib.Path("runs/llama-compare/adamw"),
+                                  "badam": pathlib.Path("runs/llama-compare/badam")}
+  assert config.export_dir(cmp, "adamw") == pathlib.Path("hf/adamw")
+  tuned = finetune_llama.Config(model=str(ROOT / "tests" / "fixtures" / "llama"), out="o")
+  assert config.export_dir(tuned, "badam") == pathlib.Path("o/hf")

@@ -1,0 +1,249 @@
+"""The training loop: a :class:`Task` (model, loss, data) trained with one optimizer, or several.
+
+Training is functional: the model is split into the trainable parameters (a plain nested dict, so
+paths read ``layers.3.mlp.gate_proj.kernel`` for BAdam's block partitioner and every optax
+transformation sees plain arrays) and the rest (frozen LoRA bases). One jitted step serves every
+optimizer; BAdam instead uses ``optax_memopt.make_block_step``, which differentiates only the
+active block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_memopt
+from examples import checkpoints, config, optimizers, reporting
+from examples.data import batch_indices, pad_rows
+from examples.placement import Placement
+
+
+@dataclasses.dataclass
+class Task:
+  """What a script hands to the trainer."""
+
+  name: str  # run name (default directory runs/<name>)
+  make_model: Callable[[], nnx.Module]  # the model before fine-tuning (same for every optimizer)
+  loss_fn: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]  # → (mean loss, summed stats)
+  train_data: dict[str, np.ndarray]  # equal-length arrays, one row per example
+  eval_data: dict[str, np.ndarray]
+  tokens_key: str = "attention_mask"  # the array whose sum counts the tokens of a batch
+  head: tuple[str, ...] = ()  # top-level names of a new task head: trained by every optimizer
+  from_scratch: bool = True  # random-init model: BAdam also trains the embedding and head
+  # Called with the trained model and the optimizer's name, e.g. to print a generation.
+  after_training: Callable[[nnx.Module, str], None] | None = None
+  # (path regex, PartitionSpec) rules for --mesh (see examples/sharding.py); None: params are
+  # replicated and only the batch is split (data parallelism).
+  sharding_rules: Sequence[tuple[str, Any]] | None = None
+  tokenizer: Any = None  # an examples.data.Tokenizer, exported with the model
+  labels: Sequence[Any] | None = None  # a classifier's class names, exported with the model
+
+
+class Trainable:
+  """The model split into trainable params (a nested dict) and the frozen rest."""
+
+  def __init__(self, model: nnx.Module, trainable: Any):
+    self.graphdef, state, self.rest = nnx.split(model, trainable, ...)
+    self.params = nnx.to_pure_dict(state)
+    self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+  def merge(self, params, rest) -> nnx.Module:
+    state = jax.tree.map(lambda x: x, self._abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state, rest)
+
+
+def make_steps(split: Trainable, loss_fn, tx, optimizer: str):
+  """``train_step(params, opt_state, rest, batch) -> (params, opt_state, (loss, stats))`` and
+  ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step."""
+
+  def loss(params, rest, batch):
+    return loss_fn(split.merge(params, rest), batch)
+
+  if optimizer == "badam":
+    train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
+  else:
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, rest, batch):
+      (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, (value, aux)
+
+  @jax.jit
+  def eval_step(params, rest, batch):
+    return loss(params, rest, batch)[1]
+
+  return train_step, eval_step
+
+
+def evaluate(eval_step, params, rest, data: dict, batch_size: int, place: Placement) -> dict:
+  """Eval loss (and accuracy, if the loss reports ``correct``) over ``data``."""
+  totals: dict[str, float] = {}
+  for i in range(0, len(data["weight"]), batch_size):
+    batch = place.batch({k: v[i:i + batch_size] for k, v in data.items()})
+    for k, v in jax.device_get(eval_step(params, rest, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  out = {"eval_loss": totals["nll_sum"] / max(totals["count"], 1.0)}
+  if "correct" in totals:
+    out["eval_accuracy"] = totals["correct"] / max(totals["count"], 1.0)
+  return out
+
+
+def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path, *,
+          export: pathlib.Path | None = None) -> dict:
+  """Trains ``task`` with ``optimizer``; writes metrics, plot, checkpoints (and the export) to ``out``.
+
+  Starts over any checkpoints in ``out`` unless ``cfg.resume`` (the command line refuses that
+  without ``--overwrite`` before getting here). On Ctrl-C, saves a checkpoint at the current step
+  and raises :class:`examples.config.Interrupted`.
+
+  Returns:
+    The run's summary (also written to ``out/summary.json``).
+  """
+  out.mkdir(parents=True, exist_ok=True)
+  model = task.make_model()
+  split = Trainable(model, optimizers.add_adapters(model, optimizer, cfg, task))
+  tx = optimizers.make_optimizer(cfg, optimizer, split.params, task)
+  place = Placement(cfg, task.sharding_rules)
+  params, rest = place.params(split.params), place.replicated(split.rest)
+  opt_state = _distinct_buffers(place.opt_state(tx, params), params)
+  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer)
+  n_train = len(task.train_data["weight"])
+  if n_train < cfg.batch_size:
+    raise config.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
+                            "lower the batch size or add data")
+  eval_batch = 4 * cfg.batch_size  # no gradients: bigger batches fit
+  eval_data = pad_rows({k: v for k, v in task.eval_data.items() if k != "weight"}, eval_batch)
+
+  ckpts = checkpoints.Checkpoints(out / "checkpoints", fresh=not cfg.resume)
+  start = (cfg.resume and ckpts.latest_step()) or 0
+  if start:
+    state, meta = ckpts.restore(start, {"params": params, "opt": opt_state})
+    if meta["optimizer"] != optimizer:
+      raise config.UsageError(f"--resume: {ckpts.directory} holds a {meta['optimizer']} run, "
+                              f"not {optimizer}")
+    params, opt_state = state["params"], state["opt"]
+    print(f"resumed {optimizer} from step {start} ({ckpts.directory})")
+  elif cfg.resume:
+    print(f"no checkpoint of {optimizer} in {ckpts.directory}: starting from step 0")
+
+  state_bytes = optimizers.tree_bytes(opt_state)
+  end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+  progress = reporting.Progress(out / "metrics.jsonl", start=start, total=cfg.steps,
+                                desc=f"{task.name}/{optimizer}")
+  with _stop_on_ctrl_c() as stop:
+    for step in range(start, end):
+      batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, step)]
+               for k, v in task.train_data.items()}
+      params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
+      done = step + 1
+      progress.step(done, loss, int(batch[task.tokens_key].sum()))
+      if done % cfg.log_every == 0 or done == end or stop.requested:
+        progress.flush(**optimizers.optimizer_probe(optimizer, opt_state))
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        progress.log({"step": done, **evaluate(eval_step, params, rest, eval_data, eval_batch,
+                                               place)})
+        progress.restart_clock()
+      if done % cfg.checkpoint_every == 0 or done == end or stop.requested:
+        ckpts.save(done, {"params": params, "opt": opt_state},
+                   {"step": done, "optimizer": optimizer, "seed": cfg.seed})
+      if stop.requested:
+        progress.close()
+        ckpts.close()
+        raise config.Interrupted(done)
+  progress.close()
+  ckpts.close()
+
+  summary = {"optimizer": optimizer, "steps": end, **reporting.summarize(
+      progress.records, step_times=progress.step_times,
+      trainable_params=int(sum(x.size for x in jax.tree.leaves(params))),
+      opt_state_bytes=state_bytes, wall_s=time.perf_counter() - progress.start_time)}
+  (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+  reporting.plot_curves({optimizer: progress.records}, out / "loss.png", title=task.name)
+  if end == cfg.steps and (task.after_training is not None or export is not None):
+    trained = split.merge(params, rest)
+    if task.after_training is not None:
+      task.after_training(trained, optimizer)
+    if export is not None:
+      checkpoints.export_hf(trained, task.tokenizer, export, labels=task.labels)
+      print(f"exported the {optimizer} model as a Hugging Face checkpoint to {export}")
+  return summary
+
+
+def run(cfg: config.TrainConfig, task: Task) -> list[dict]:
+  """One run (``cfg.optimizer``) or, with ``--compare``, several on the same data and seed."""
+  dirs = config.run_dirs(cfg)
+  summaries = [train(cfg, task, name, out, export=config.export_dir(cfg, name))
+               for name, out in dirs.items()]
+  table = reporting.markdown_table(summaries)
+  print(table)
+  if not cfg.compare_list:
+    print(f"metrics, plot and checkpoints in {dirs[cfg.optimizer]}")
+    return summaries
+  out = config.output_dir(cfg)
+  runs = {name: [json.loads(line) for line in (d / "metrics.jsonl").open()]
+          for name, d in dirs.items()}
+  reporting.plot_curves(runs, out / "compare.png", title=f"{task.name}: {', '.join(runs)}")
+  (out / "compare.md").write_text(table + "\n")
+  print(f"plot: {out / 'compare.png'}; each run's metrics and checkpoints in {out}/<optimizer>")
+  return summaries
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the loop.
+
+
+class _StopFlag:
+  requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c():
+  """Turns the first Ctrl-C into a flag the loop checks after each step (a second one aborts).
+
+  Raising ``KeyboardInterrupt`` in the middle of a step could leave donated buffers half-consumed
+  (or crash inside XLA); stopping between steps lets the loop save a consistent checkpoint.
+  """
+  flag = _StopFlag()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def handler(signum, frame):
+    flag.requested = True
+    signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _distinct_buffers(tree, *others):
+  """Copies leaves that share a buffer with an earlier leaf or with ``others``: the train step
+  donates params and optimizer state, and one buffer cannot be donated twice."""
+  seen = {id(x) for x in jax.tree.leaves(others)}
+
+  def fresh(x):
+    if id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, tree)
