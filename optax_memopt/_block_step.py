@@ -9,11 +9,17 @@ it reads ``(active_block, block_step, switch_every)`` once at a block boundary (
 per ``switch_every`` steps) and calls the same compiled step until the next possible switch. That
 cache holds only while each call gets the state the previous call returned; any other state (a
 fresh ``init``, a restored checkpoint) is read again.
+
+Stacked layers: blocks that are the same slice of a set of stacked leaves (the default partition
+of a scanned model: block ``j`` = layer ``j`` of every stacked weight) share *one* compiled step, in
+which the slice index is read from the state on the device. With the stack run by
+:func:`optax_memopt.scan_layers`, that step differentiates the active layer only (see ``_scan``).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _badam, _blocks
+from optax_memopt import _badam, _blocks, _scan
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -40,6 +46,36 @@ def _block_state(opt_state):
         f"(alone or inside optax.chain, MultiSteps, inject_hyperparams); its state has {len(found)}"
     )
   return found[0]
+
+
+def _stack_groups(labels) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """Blocks that are one slice ``j`` of a fixed set of stacked leaves, grouped by that set.
+
+  Returns ``block -> (leaves, table)`` where ``table[b]`` is block ``b``'s slice index for every
+  block of the group (``-1`` for blocks outside it): such blocks share one compiled step with the
+  slice index traced.
+  """
+  members: dict[int, list[tuple[int, int | None]]] = {}
+  for unit in _blocks.units_of(labels):
+    members.setdefault(unit.block, []).append((unit.leaf, unit.index))
+  by_leaves: dict[tuple[int, ...], dict[int, int]] = {}
+  for block, units in members.items():
+    slices = {j for _, j in units}
+    if None in slices or len(slices) != 1:
+      continue  # a whole leaf, or slices at different depths: compiled on its own
+    leaves = tuple(sorted({i for i, _ in units}))
+    if len(leaves) != len(units):
+      continue
+    by_leaves.setdefault(leaves, {})[block] = slices.pop()
+  out = {}
+  d = _blocks.num_blocks(labels)
+  for leaves, slice_of in by_leaves.items():
+    if len(slice_of) < 2:
+      continue
+    table = tuple(slice_of.get(b, -1) for b in range(d))
+    for block in slice_of:
+      out[block] = (leaves, table)
+  return out
 
 
 def _distinct_buffers(tree):
@@ -88,7 +124,13 @@ def make_block_step(
   backward cost and with one block's gradient buffers.
 
   One function per block is compiled (lazily, the first time the block is active) and cached: over a
-  run at most one compilation per block and none after the first block-epoch.
+  run at most one compilation per block and none after the first block-epoch. Blocks that are layer
+  slices of stacked leaves (a scanned model, labelled per layer as :func:`block_labels` does) share a
+  single compiled step whatever their number: the active layer is a traced index. Run the stack with
+  :func:`optax_memopt.scan_layers` so that this step differentiates the active layer only (the layers
+  above it for their activations only, none below it); a stack run another way (``nnx.scan``,
+  ``lax.scan``) gets the right gradient at the cost of the whole stack's backward pass, with a
+  warning.
 
   Sharded training works as with any jitted step: pass params and state placed on a device mesh
   (``NamedSharding``); each block's step returns them with the shardings they had when that block was
@@ -217,6 +259,77 @@ def make_block_step(
 
     return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
 
+  def build_stack(leaf_index, table, shardings):
+    """One step for every block that is slice ``j`` of the stacked leaves ``leaf_index``: the slice
+    is read from the state's active block on the device, so this compiles once."""
+    table = jnp.asarray(table, jnp.int32)
+
+    def one_step(params, opt_state, *args, **kwargs):
+      step.trace_count += 1
+      leaves, treedef = jax.tree_util.tree_flatten(params)
+      k = table[_block_state(opt_state).active_block]
+      slices = [jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False) for i in leaf_index]
+      found: list[_scan._Active] = []
+
+      def block_loss(active):
+        full = list(leaves)
+        entries = {}
+        for i, a in zip(leaf_index, active):
+          full[i] = _scan.mark_active(leaves[i], a, k)
+          entries[id(full[i])] = _scan._Active(a, k)
+        with _scan.active_slices(entries):
+          out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
+        found.extend(entries.values())
+        loss = out[0] if has_aux else out
+        if not (hasattr(loss, "shape") and loss.shape == ()):
+          shape = getattr(loss, "shape", type(loss).__name__)
+          raise TypeError(f"make_block_step: loss_fn must return a scalar loss, got {shape}")
+        return out
+
+      out, slice_grads = jax.value_and_grad(block_loss, has_aux=has_aux)(slices)
+      if not all(e.used for e in found) and not step.warned:
+        step.warned = True
+        warnings.warn(
+            "make_block_step: the layer stack does not run through optax_memopt.scan_layers, so "
+            "the whole stack is differentiated for one layer's gradient (correct, not faster); "
+            "run the stack with optax_memopt.scan_layers for the savings",
+            stacklevel=4,
+        )
+      grads = [jnp.zeros_like(x) for x in leaves]
+      for i, g in zip(leaf_index, slice_grads):
+        grads[i] = jax.lax.dynamic_update_index_in_dim(grads[i], g.astype(grads[i].dtype), k, 0)
+      updates, opt_state = tx.update(
+          jax.tree_util.tree_unflatten(treedef, grads), opt_state, params
+      )
+      update_leaves = jax.tree_util.tree_leaves(updates)
+      new_leaves = list(leaves)
+      for i in leaf_index:
+        # Only slice k changes: written in place into the (donated) stacked leaf.
+        new = (jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False)
+               + jax.lax.dynamic_index_in_dim(update_leaves[i], k, keepdims=False))
+        new_leaves[i] = jax.lax.dynamic_update_index_in_dim(
+            leaves[i], new.astype(leaves[i].dtype), k, 0)
+      new_params, opt_state = _keep_shardings(
+          (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
+      )
+      return new_params, opt_state, out
+
+    return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
+
+  def compiled_for(block, params, opt_state, args, kwargs):
+    if block not in compiled:
+      labels = labels_of(params, opt_state, args, kwargs)
+      shardings = _mesh_shardings((params, opt_state))
+      group = _stack_groups(labels).get(block)
+      if group is None:
+        compiled[block] = build(block, labels, shardings)
+      else:
+        fn = build_stack(group[0], group[1], shardings)
+        for b, j in enumerate(group[1]):
+          if j >= 0:
+            compiled[b] = fn
+    return compiled[block]
+
   def step(params, opt_state, *args, **kwargs):
     state = _block_state(opt_state)
     if state.count is not host["returned"]:
@@ -235,22 +348,19 @@ def make_block_step(
       # hold it back), so the active block cannot change for at least this many calls.
       host["block"], host["left"] = block, period - block_step
     block = host["block"]
-    if block not in compiled:
-      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs),
-                              _mesh_shardings((params, opt_state)))
+    fn = compiled_for(block, params, opt_state, args, kwargs)
     host["left"] -= 1
-    out = compiled[block](params, opt_state, *args, **kwargs)
+    out = fn(params, opt_state, *args, **kwargs)
     host["returned"] = _block_state(out[1]).count
     return out
 
   def lower(block, params, opt_state, *args, **kwargs):
     """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""
-    if block not in compiled:
-      compiled[block] = build(block, labels_of(params, opt_state, args, kwargs),
-                              _mesh_shardings((params, opt_state)))
-    return compiled[block].lower(params, opt_state, *args, **kwargs)
+    return compiled_for(block, params, opt_state, args, kwargs).lower(
+        params, opt_state, *args, **kwargs)
 
   step.trace_count = 0
+  step.warned = False
   step.compiled_blocks = compiled.keys()
   step.lower = lower
   return step

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import optax_memopt
+
 WeightMap = list[tuple[tuple[Any, ...], str, bool]]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,19 +81,26 @@ def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, r
 
 
 def apply_layers(layers, x, *args, scan: bool, remat: bool):
-  """Runs ``x = layer(x, *args)`` through the stack; ``args`` are shared by every layer."""
+  """Runs ``x = layer(x, *args)`` through the stack; ``args`` are shared by every layer.
 
-  def body(layer, x, *args):
-    return layer(x, *args)
+  The scanned stack runs through ``optax_memopt.scan_layers`` (a ``lax.scan`` whose backward pass
+  differentiates only BAdam's active layer under ``make_block_step``). The layers hold parameters
+  only, so the stacked module is split into its graph and state and merged again inside each step.
+  """
+  if not scan:
+    body = nnx.remat(lambda layer, x, *args: layer(x, *args)) if remat else None
+    for layer in layers:
+      x = body(layer, x, *args) if remat else layer(x, *args)
+    return x
+
+  graphdef, state = nnx.split(layers)
+
+  def one(layer_state, x, *args):
+    return nnx.merge(graphdef, layer_state)(x, *args)
 
   if remat:
-    body = nnx.remat(body)
-  if scan:
-    scanned = nnx.scan(body, in_axes=(0, nnx.Carry) + (None,) * len(args), out_axes=nnx.Carry)
-    return scanned(layers, x, *args)
-  for layer in layers:
-    x = body(layer, x, *args)
-  return x
+    one = jax.checkpoint(one)
+  return optax_memopt.scan_layers(one, state, x, *args)
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
