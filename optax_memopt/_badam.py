@@ -11,7 +11,8 @@ Design: the slot.
   slot position across blocks, so for the default partition of identical transformer layers the slot
   is exactly one layer, and the inner optimizer's state on it is exactly one layer's AdamW state. At
   each step the active block's gradients are gathered into the slot with ``lax.switch`` on the
-  active-block index (only the selected branch runs, so the gather costs one block's copy), the inner
+  active-block index (only the selected branch runs, so the gather costs one block's copy; a layer
+  slice of a stacked leaf is a ``dynamic_slice`` at the active layer's index instead), the inner
   transformation runs on the slot, and the slot's updates are written back to their leaves. The
   schedule (global step, step within the block, active block, the current block-epoch's order, the
   PRNG key) lives in the state as int32/uint32 scalars and vectors, so resuming from a checkpoint is
@@ -288,30 +289,68 @@ def block_coordinate(
 
   def gather(plan, block, *trees):
     """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s units (zeros
-    where the block has none), cast by ``dtype_of`` (``None``: kept). One ``lax.switch`` for all."""
+    where the block has none), cast by ``dtype_of`` (``None``: kept).
+
+    With a traced block, a slot position that every block fills from slices of one stacked leaf
+    (the layers of a scanned model) is a ``dynamic_slice`` at the block's slice index: no
+    conditional, so nothing upstream has to be materialised whole (a gradient that is zero outside
+    the active layer stays an unmaterialised expression). Every other position is gathered by one
+    ``lax.switch`` on the block, which runs only the selected branch.
+    """
     def take(leaves, unit):
       x = leaves[unit.leaf]
       return x if unit.index is None else x[unit.index]
 
-    def fill(b, leaves, dtype_of):
+    def cast(x, dt, dtype_of):
+      return x.astype(dtype_of(dt) if dtype_of else dt)
+
+    def fill(b, leaves, dtype_of, positions):
       out = {}
-      for g, sigs in plan.slot.items():
-        out[g] = tuple(
-            take(leaves, plan.members[b][(g, j)]).astype(dtype_of(dt) if dtype_of else dt)
-            if (g, j) in plan.members[b]
-            else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt)
-            for j, (shape, dt) in enumerate(sigs)
-        )
+      for g, j in positions:
+        shape, dt = plan.slot[g][j]
+        unit = plan.members[b].get((g, j))
+        out[(g, j)] = (cast(take(leaves, unit), dt, dtype_of) if unit is not None
+                       else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt))
       return out
 
-    def branch(b, all_leaves):
-      return tuple(fill(b, leaves, dtype_of) for leaves, (_, dtype_of) in zip(all_leaves, trees))
-
+    positions = [(g, j) for g, sigs in plan.slot.items() for j in range(len(sigs))]
     all_leaves = tuple(leaves for leaves, _ in trees)
     if isinstance(block, int):
-      return branch(block, all_leaves)
-    branches = [functools.partial(branch, b) for b in range(len(plan.members))]
-    return jax.lax.switch(block, branches, all_leaves)
+      filled = [fill(block, leaves, dtype_of, positions) for leaves, (_, dtype_of) in
+                zip(all_leaves, trees)]
+    else:
+      d = len(plan.members)
+      direct = {}
+      for w in positions:
+        units = [plan.members[b].get(w) for b in range(d)]
+        used = {u.leaf for u in units if u is not None}
+        if len(used) == 1 and all(u is None or u.index is not None for u in units):
+          direct[w] = (used.pop(), [-1 if u is None else u.index for u in units])
+      switched = [w for w in positions if w not in direct]
+      need = sorted({u.leaf for b in range(d) for w in switched
+                     if (u := plan.members[b].get(w)) is not None})
+      filled = [{} for _ in trees]
+      if switched:
+        def branch(b, operands):
+          out = []
+          for ops, (_, dtype_of) in zip(operands, trees):
+            leaves = dict(zip(need, ops))
+            out.append(fill(b, leaves, dtype_of, switched))
+          return out
+
+        operands = [[leaves[i] for i in need] for leaves in all_leaves]
+        filled = jax.lax.switch(block, [functools.partial(branch, b) for b in range(d)], operands)
+      for w, (leaf, table) in direct.items():
+        shape, dt = plan.slot[w[0]][w[1]]
+        index = jnp.asarray(table, jnp.int32)[block]
+        for out, leaves, (_, dtype_of) in zip(filled, all_leaves, trees):
+          x = cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0),
+                                                keepdims=False), dt, dtype_of)
+          out[w] = x if min(table) >= 0 else jnp.where(index >= 0, x, jnp.zeros_like(x))
+    return tuple(
+        {g: tuple(out[(g, j)] for j in range(len(sigs))) for g, sigs in plan.slot.items()}
+        for out in filled
+    )
 
   def scatter(plan, slot_values, block, like):
     """Full-shaped updates: the slot's values at the active block's units, zeros elsewhere."""

@@ -295,9 +295,14 @@ def make_block_step(
             "run the stack with optax_memopt.scan_layers for the savings",
             stacklevel=4,
         )
+      # Zero outside layer k, as an elementwise expression XLA fuses into its consumers (BAdam
+      # gathers layer k with a dynamic slice; a global-norm clip reduces over it): the stack-sized
+      # gradient is never materialised.
       grads = [jnp.zeros_like(x) for x in leaves]
       for i, g in zip(leaf_index, slice_grads):
-        grads[i] = jax.lax.dynamic_update_index_in_dim(grads[i], g.astype(grads[i].dtype), k, 0)
+        x = leaves[i]
+        layer = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+        grads[i] = jnp.where(layer == k, g.astype(x.dtype)[None], jnp.zeros((), x.dtype))
       updates, opt_state = tx.update(
           jax.tree_util.tree_unflatten(treedef, grads), opt_state, params
       )
