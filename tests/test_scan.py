@@ -189,3 +189,20 @@ def test_errors():
     optax_memopt.scan_layers(lambda layer, h: (h, h), params["layers"], jnp.ones((2, WIDTH)))
   with pytest.raises(TypeError, match="callable"):
     optax_memopt.scan_layers(None, params["layers"], jnp.ones((2, WIDTH)))
+
+
+def test_a_stacked_leaf_used_outside_the_scan_too_gets_both_contributions():
+  """The block step's mark is a real array: a use of the stacked leaf outside scan_layers (here a
+  penalty on every layer's scale) adds its gradient for the active layer to the scan's."""
+  params = make_params()
+
+  def loss(params, tokens):
+    return ours(params, tokens) + jnp.sum(params["layers"]["scale"] ** 2)
+
+  tx = optax_memopt.badam(1e-2, switch_every=1, switch_mode="ascending", eps=1e-3)
+  want = run_drop_in(tx, params, loss, N_LAYERS)
+  step = optax_memopt.make_block_step(loss, tx, donate=False)
+  got, state = params, tx.init(params)
+  for _ in range(N_LAYERS):
+    got, state, _ = step(got, state, TOKENS)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)  # eps=1e-3: see above
