@@ -65,6 +65,11 @@ def test_speed(tmp_path):
   assert rows["badam_block"]["target"].startswith("<= 0.7")
   refresh = result["refresh"]
   assert refresh["refresh_s"]["adarankgrad"] > 0 and refresh["speedup_vs_galore"] > 0
+  scanned = result["scanned"]  # the scanned model: one compiled block step for both layer blocks
+  assert sorted(scanned["block_step_s"]) == ["0", "1"]
+  assert scanned["traces_over_two_block_epochs"] == 1
+  assert scanned["max_rel_diff_vs_dropin"] < 1e-4  # Adam eps 1e-3: float32 rounding, not a step
+  assert "scanned" in result["table"].lower()
 
 
 def test_convergence(tmp_path):
