@@ -134,7 +134,12 @@ def randomized_svd(
     a = _mT(a)
   size = min(rank + oversample, min(m, n))
   q = randomized_range_finder(key, a, size, power_iters=power_iters)
-  ub, s, vt = jnp.linalg.svd(_mT(q) @ a, full_matrices=False)
+  # LAPACK's gesvd (SvdAlgorithm.QR), not jnp.linalg.svd's default gesdd: on a CPU device mesh,
+  # jaxlib's gesdd kernel waits on the shared intra-op thread pool and deadlocks when every device
+  # runs it at once (reproduced with 8 CPU devices, jax 0.10.2: a replicated batched SVD hangs,
+  # gesvd does not). The matrix is only (rank + oversample) x n, so gesvd costs little anywhere.
+  ub, s, vt = jax.lax.linalg.svd(_mT(q) @ a, full_matrices=False,
+                                 algorithm=jax.lax.linalg.SvdAlgorithm.QR)
   u = q @ ub[..., :rank]
   s, vt = s[..., :rank], vt[..., :rank, :]
   if transpose:
