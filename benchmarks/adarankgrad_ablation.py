@@ -37,6 +37,14 @@ VARIANTS = {
                                                           "--no-moment-transform"]),
     "eta 1.0, refresh threshold 0.8": ("adarankgrad", ["--info-threshold", "1.0",
                                                        "--refresh-threshold", "0.8"]),
+    "min rank 4": ("adarankgrad", ["--min-rank", "4"]),
+    "min rank 8": ("adarankgrad", ["--min-rank", "8"]),
+    "min rank 16 (= max rank)": ("adarankgrad", ["--min-rank", "16"]),
+    "refresh threshold 0.25": ("adarankgrad", ["--refresh-threshold", "0.25"]),
+    "min rank 8, refresh threshold 0.25": ("adarankgrad", ["--min-rank", "8",
+                                                           "--refresh-threshold", "0.25"]),
+    "eta 1.0, refresh threshold 0.25": ("adarankgrad", ["--info-threshold", "1.0",
+                                                        "--refresh-threshold", "0.25"]),
 }
 
 

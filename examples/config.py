@@ -74,6 +74,8 @@ class TrainConfig:
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
   info_threshold: float | None = field(None, "AdaRankGrad: fraction of each gradient's energy "
                                        "the adaptive rank keeps (default: optax_memopt's, 0.9)")
+  min_rank: int | None = field(None, "AdaRankGrad: smallest rank chosen at a refresh (default: "
+                              "optax_memopt's)")
   refresh_threshold: float | None = field(None, "AdaRankGrad: refresh a subspace once its "
                                           "projected gradient norm falls below this fraction of "
                                           "its value at the last refresh (default: "
@@ -117,6 +119,8 @@ class TrainConfig:
         raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < self.update_ratio <= 1:
       raise UsageError("--update-ratio must be in (0, 1]")
+    if self.min_rank is not None and not 1 <= self.min_rank <= self.rank:
+      raise UsageError("--min-rank must be between 1 and --rank")
     for name in ("info_threshold", "refresh_threshold"):
       value = getattr(self, name)
       if value is not None and not 0 < value <= 1:

@@ -96,7 +96,7 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    extra = {k: getattr(cfg, k) for k in ("info_threshold", "refresh_threshold")
+    extra = {k: getattr(cfg, k) for k in ("info_threshold", "refresh_threshold", "min_rank")
              if getattr(cfg, k) is not None}
     tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay,
                                   moment_transform=cfg.moment_transform, **extra)
