@@ -125,10 +125,12 @@ def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
           [_strip_header(refresh["table"])])
   convergence = _load("convergence", results)
   if convergence:
-    block("**Convergence** on the examples' tasks (same data, seed and steps), `python -m "
-          "benchmarks.convergence`:", convergence,
-          [f"*{t['task']}*, {t['steps']} steps, batch {t['batch_size']}:\n\n"
-           + convergence_lib.task_table(t) for t in convergence["tasks"]])
+    block("**Convergence** on the examples' tasks, mean ± std over seeds (a seed fixes the "
+          "initialisation, the held-out split and the data order, shared by all optimizers), "
+          "held-out loss against steps and measured time, `python -m benchmarks.convergence`:",
+          convergence,
+          [convergence_lib.task_header(t) + "\n\n" + convergence_lib.task_table(t)
+           for t in convergence["tasks"]])
   ablation = _load("adarankgrad_ablation", results)
   if ablation:
     block("**AdaRankGrad ablation** of its unpublished defaults (information threshold eta, "
