@@ -61,20 +61,22 @@ BADAM_GAP = 0.02  # the issue's target: BAdam's held-out loss within 2% of AdamW
 
 
 def task_options(name: str, steps: int, batch_size: int, quick: bool,
-                 eval_every: int | None = None) -> list[str]:
+                 eval_every: int | None = None, pretrain_steps: int | None = None) -> list[str]:
   """The example options of a benchmark run of task ``name`` (without ``--seed``)."""
   eval_every = eval_every or steps
   options = ["--steps", str(steps), "--batch-size", str(batch_size),
              "--eval-every", str(eval_every), "--checkpoint-every", str(steps),
              "--log-every", str(min(10, eval_every)),
-             # quick: few block switches, so that few BAdam block steps are compiled
-             "--switch-every", str(max(steps // 2, 1) if quick else 20)]
+             # quick: few block switches, so that few BAdam block steps are compiled; else ten
+             # switches per run (the examples' 20 steps per block at 200 steps)
+             "--switch-every", str(max(steps // 2, 1) if quick else max(steps // 10, 1))]
   if quick:
     options += QUICK_MODEL + (QUICK_LLAMA if name.startswith("llama") else [])
   if name.startswith("llama"):
     options += ["--gen-tokens", "0"]
   if name in PRETRAINED:
-    options += ["--pretrain-steps", str(PRETRAIN_STEPS["quick" if quick else "full"][name])]
+    options += ["--pretrain-steps",
+                str(pretrain_steps or PRETRAIN_STEPS["quick" if quick else "full"][name])]
   return options
 
 
@@ -187,21 +189,44 @@ def targets(name: str, runs: dict[str, list[dict]], majority: float | None) -> l
 # Running.
 
 
+def reusable_runs(paths: Sequence[pathlib.Path]) -> dict:
+  """``(task, options, seed, optimizer) -> run`` of earlier results (``--reuse``)."""
+  found = {}
+  for path in paths:
+    for t in json.loads(pathlib.Path(path).read_text())["tasks"]:
+      for opt, per_seed in t["runs"].items():
+        for r in per_seed:
+          found[(t["task"], tuple(t["config_overrides"]), r["seed"], opt)] = {
+              **r, "majority_accuracy": t.get("majority_accuracy")}
+  return found
+
+
 def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: Sequence[int],
-             runs_dir: pathlib.Path, png: pathlib.Path) -> dict:
-  """Every optimizer on task ``name`` for each seed (optimizers of a seed back to back)."""
+             runs_dir: pathlib.Path, png: pathlib.Path, reuse: dict | None = None) -> dict:
+  """Every optimizer on task ``name`` for each seed (optimizers of a seed back to back); runs
+  found in ``reuse`` (same task, options, seed and optimizer) are taken from there."""
   module = TASKS[name]
   runs: dict[str, list[dict]] = {opt: [] for opt in optimizers}
   majority = []
+  reuse = reuse or {}
   for seed in seeds:
     cfg = config.parse_config(
         module.Config, overrides + ["--seed", str(seed), "--out", str(runs_dir / name / str(seed))],
         module.__doc__.splitlines()[0])
-    task = module.build_task(cfg)  # split, tokenizer and (pre)trained init of this seed
-    labels = task.eval_data.get("labels")
-    if labels is not None:
-      majority.append(float(np.bincount(labels).max() / len(labels)))
+    earlier = {opt: reuse.get((name, tuple(overrides), seed, opt)) for opt in optimizers}
+    task = None
+    if not all(earlier.values()):
+      task = module.build_task(cfg)  # split, tokenizer and (pre)trained init of this seed
+      labels = task.eval_data.get("labels")
+      if labels is not None:
+        majority.append(float(np.bincount(labels).max() / len(labels)))
+    elif next(iter(earlier.values()))["majority_accuracy"] is not None:
+      majority.append(next(iter(earlier.values()))["majority_accuracy"])
     for opt in optimizers:
+      if earlier[opt]:
+        runs[opt].append({k: earlier[opt][k] for k in ("seed", "summary", "curve")}
+                         | {"reused": True})
+        continue
       out = runs_dir / name / str(seed) / opt
       summary = training.train(cfg, task, opt, out)
       curve = timeline([json.loads(line) for line in (out / "metrics.jsonl").open()])
@@ -313,10 +338,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--eval-every", type=int, default=None,
                       help="evaluate every this many steps (default steps/10, --quick: steps/2)")
   parser.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick: 8)")
+  parser.add_argument("--pretrain-steps", type=int, default=None,
+                      help="AdamW pretraining steps of the *-pretrained tasks (default 600, "
+                      "--quick: 10)")
   parser.add_argument("--runs-dir", type=pathlib.Path, default=None,
                       help="where the examples' run directories go (default: a temporary one)")
   parser.add_argument("--task-args", default="",
                       help="extra example options for every task, e.g. '--num-layers 1'")
+  parser.add_argument("--reuse", type=pathlib.Path, nargs="*", default=[],
+                      help="earlier result JSONs: their runs with the same task options, seed and "
+                      "optimizer are taken from there instead of being run again (e.g. to add an "
+                      "optimizer, or to merge tasks run in separate processes)")
   args = parser.parse_args(argv)
   steps = args.steps or (10 if args.quick else 200)
   eval_every = args.eval_every or max(1, steps // (2 if args.quick else 10))
@@ -326,13 +358,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
   env = bc.environment()
   start = time.perf_counter()
   runs_dir = args.runs_dir or pathlib.Path(tempfile.mkdtemp(prefix="convergence_"))
-  result = {"benchmark": "convergence", "quick": args.quick, "environment": env, "tasks": []}
+  result = {"benchmark": "convergence", "quick": args.quick, "environment": env, "tasks": [],
+            "reused": [str(p) for p in args.reuse],
+            "reused_environments": [json.loads(p.read_text())["environment"] for p in args.reuse]}
   for name in tasks:
-    overrides = task_options(name, steps, batch_size, args.quick, eval_every) + \
-        args.task_args.split()
+    overrides = task_options(name, steps, batch_size, args.quick, eval_every,
+                             args.pretrain_steps) + args.task_args.split()
     png = args.out.with_name(f"{args.out.stem}_{name}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
-    result["tasks"].append(run_task(name, overrides, args.optimizers, seeds, runs_dir, png))
+    result["tasks"].append(run_task(name, overrides, args.optimizers, seeds, runs_dir, png,
+                                    reusable_runs(args.reuse)))
     bc.write_json(args.out, result | {"complete": False})
   result["wall_s"] = time.perf_counter() - start
   result["complete"] = True
