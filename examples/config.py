@@ -83,6 +83,9 @@ class TrainConfig:
   moment_transform: bool = field(True, "AdaRankGrad: carry the Adam moments into a refreshed "
                                  "subspace (--no-moment-transform resets them)")
   galore_update_gap: int = field(50, "GaLore: steps between projection updates")
+  projection: str = field("layers", "GaLore and AdaRankGrad: which matrices are projected: "
+                          "'layers' (those inside the model's layers; the embeddings and heads "
+                          "get plain Adam, as in the papers) or 'all' (every matrix)")
   lora_rank: int = field(8, "LoRA adapter rank")
   eval_every: int = field(100, "evaluate every this many steps (and at the end)")
   log_every: int = field(10, "progress bar and metrics every this many steps")
@@ -125,6 +128,8 @@ class TrainConfig:
       value = getattr(self, name)
       if value is not None and not 0 < value <= 1:
         raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    if self.projection not in ("layers", "all"):
+      raise UsageError("--projection must be layers or all")
     if self.switch_mode not in ("random", "ascending", "descending", "fixed"):
       raise UsageError("--switch-mode must be random, ascending, descending or fixed")
     if self.learning_rate is not None and self.learning_rate <= 0:
