@@ -104,6 +104,37 @@ def test_nd_kernel_with_dimension_numbers_projects_flattened_matrix():
     np.testing.assert_allclose(u - q @ (q.T @ u), 0.0, atol=1e-5)
 
 
+def test_default_projects_only_the_layers_matrices():
+  """The default (projection_mask="layers"): the matrices inside the layers are projected; the
+  embedding and the head get plain Adam (full-size moments), as in the papers. ``None`` projects
+  every matrix; parameters without layers have every matrix projected by default."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  model = {"embed_tokens": {"embedding": normal(50, 8)},
+           "layers": [{"mlp": {"kernel": normal(8, 12)}, "norm": {"scale": normal(8)}}
+                      for _ in range(2)],
+           "lm_head": {"kernel": normal(8, 50)}}
+  state = _inner(scale_by_adarankgrad(max_rank=4).init(model))
+  assert set(effective_ranks(state)) == {"layers.0.mlp.kernel", "layers.1.mlp.kernel"}
+  assert state.mu["embed_tokens"]["embedding"].shape == (50, 8)
+  assert state.projector["lm_head"]["kernel"] == optax.MaskedNode()
+  assert state.mu["layers"][0]["mlp"]["kernel"].shape == (4, 8)  # projected: [rank, short side]
+  every = _inner(scale_by_adarankgrad(max_rank=4, projection_mask=None).init(model))
+  assert set(effective_ranks(every)) == {"embed_tokens.embedding", "layers.0.mlp.kernel",
+                                         "layers.1.mlp.kernel", "lm_head.kernel"}
+  # A scanned stack [L, m, n]: its layers are projected, the embedding is not.
+  stacked = {"embed": {"embedding": normal(50, 8)}, "layers": {"mlp": {"kernel": normal(3, 8, 12)}}}
+  state = _inner(scale_by_adarankgrad(max_rank=4).init(stacked))
+  assert set(effective_ranks(state)) == {"layers.mlp.kernel"}
+  assert state.mu["embed"]["embedding"].shape == (50, 8)
+  # No layers: every matrix (e.g. {"w": ...}); explicit per-leaf dimension numbers choose alone.
+  assert set(effective_ranks(_inner(scale_by_adarankgrad().init({"w": normal(8, 6)})))) == {"w"}
+  dims = {"embed_tokens": {"embedding": AdaRankGradDimensionNumbers()}, "layers": [
+      {"mlp": {"kernel": None}, "norm": {"scale": None}}] * 2, "lm_head": {"kernel": None}}
+  state = _inner(scale_by_adarankgrad(max_rank=4, weight_dimension_numbers=dims).init(model))
+  assert set(effective_ranks(state)) == {"embed_tokens.embedding"}
+
+
 def test_bad_dimension_numbers_raise():
   tx = scale_by_adarankgrad(weight_dimension_numbers={"w": AdaRankGradDimensionNumbers(0, 0)})
   with pytest.raises(ValueError, match="disjoint"):
@@ -343,6 +374,7 @@ def test_state_bytes_match_galore_at_same_rank():
         (dict(max_refresh_interval=0), "max_refresh_interval"),
         (dict(max_rank=2.5), "max_rank must be an int"),
         (dict(min_rank=1.5), "min_rank must be an int"),
+        (dict(projection_mask="embeddings"), "projection_mask must be 'layers'"),
     ],
 )
 def test_construction_errors(kwargs, match):
