@@ -120,6 +120,16 @@ def test_convergence(tmp_path):
         "missed beyond the spread")
   assert "± " in result["table"] and "time to adamw's final held-out loss" in result["table"]
   assert (tmp_path / "convergence_roberta-pretrained.png").stat().st_size > 0
+  # --reuse: the same cells are taken from the earlier JSON, nothing is trained again.
+  again = convergence.main(["--quick", "--out", str(tmp_path / "again.json"), "--steps", "4",
+                            "--eval-every", "2", "--tasks", "roberta-pretrained",
+                            "--seeds", "0", "1", "--optimizers", "adamw", "badam",
+                            "adarankgrad", "--reuse", str(out),
+                            "--runs-dir", str(tmp_path / "runs-again")])
+  assert not (tmp_path / "runs-again").exists()
+  (merged,) = again["tasks"]
+  assert all(r["reused"] for rs in merged["runs"].values() for r in rs)
+  assert merged["aggregate"] == agg and merged["targets"] == task["targets"]
 
 
 def test_convergence_verdicts_and_timeline():
