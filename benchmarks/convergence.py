@@ -20,11 +20,13 @@ also share the machine's load. Tables give mean +- std over the seeds; each targ
 the per-seed differences (paired by seed) and says whether it holds beyond their spread (mean +-
 one std on the target's side).
 
-Time: the cumulative measured time of the training steps (the first step, which compiles, and the
-evaluations are left out; BAdam's block step compiles once per block inside the run, and those
-compilations are counted), so curves against time show what BAdam's cheaper steps buy. The time
-to reach AdamW's final held-out loss (same seed) is read at the evaluations (every ``--eval-every``
-steps).
+Time: two clocks. The measured time is the cumulative time of the training steps (the first step,
+which compiles, and the evaluations are left out; BAdam's block step compiles once per block
+inside the run, and those compilations are counted). The time at the median step time, ``(step -
+1) x`` the run's median step time, leaves out the compilations a long run amortises; the plots use
+it, so curves against time show what BAdam's cheaper steps buy. The time to reach AdamW's final
+held-out loss (same seed) is read at the evaluations (every ``--eval-every`` steps), on both
+clocks.
 
 Writes the JSON and one PNG per task (loss against step and against time), next to the JSON.
 
@@ -106,11 +108,23 @@ def timeline(records: Sequence[dict]) -> dict:
           "train_time": float(sum(dt))}
 
 
+def steady_time(curve: dict, median_step_s: float | None) -> dict:
+  """``curve`` with ``steady_time`` / ``eval_steady_time``: the time of a step at the run's median
+  step time, ``(step - 1) * median``, i.e. the measured time without the compilations that a long
+  run amortises (BAdam's block step compiles once per block inside the run, which dominates the
+  measured time of a short run on a loaded machine)."""
+  m = median_step_s or 0.0
+  return curve | {"steady_time": [(s - 1) * m for s in curve["steps"]],
+                  "eval_steady_time": [(s - 1) * m for s in curve["eval_steps"]]}
+
+
 def time_to_reach(curve: dict, target: float) -> dict | None:
-  """The first evaluation at or below ``target``: its step and measured time, else None."""
-  for s, loss, t in zip(curve["eval_steps"], curve["eval_loss"], curve["eval_time"], strict=True):
+  """The first evaluation at or below ``target``: its step, measured time and time at the median
+  step time (see :func:`steady_time`), else None."""
+  for i, (s, loss) in enumerate(zip(curve["eval_steps"], curve["eval_loss"], strict=True)):
     if loss <= target:
-      return {"step": s, "time_s": t}
+      return {"step": s, "time_s": curve["eval_time"][i],
+              "steady_time_s": curve["eval_steady_time"][i]}
   return None
 
 
@@ -137,6 +151,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     reached = [r["reach_adamw"] for r in per_seed if r.get("reach_adamw") is not None]
     row["reach_adamw"] = {"reached": len(reached), "of": len(per_seed),
                           "time_s": _stats([r["time_s"] for r in reached]),
+                          "steady_time_s": _stats([r["steady_time_s"] for r in reached]),
                           "step": _stats([r["step"] for r in reached])}
     out[opt] = row
   return out
@@ -224,12 +239,14 @@ def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: 
       majority.append(next(iter(earlier.values()))["majority_accuracy"])
     for opt in optimizers:
       if earlier[opt]:
-        runs[opt].append({k: earlier[opt][k] for k in ("seed", "summary", "curve")}
-                         | {"reused": True})
+        r = earlier[opt]
+        runs[opt].append({"seed": seed, "summary": r["summary"], "reused": True,
+                          "curve": steady_time(r["curve"], r["summary"]["median_step_s"])})
         continue
       out = runs_dir / name / str(seed) / opt
       summary = training.train(cfg, task, opt, out)
-      curve = timeline([json.loads(line) for line in (out / "metrics.jsonl").open()])
+      curve = steady_time(timeline([json.loads(line) for line in (out / "metrics.jsonl").open()]),
+                          summary["median_step_s"])
       runs[opt].append({"seed": seed, "summary": summary, "curve": curve})
       print(f"{name}/seed {seed}/{opt}: final loss {summary['final_loss']:.4f}, eval loss "
             f"{summary['eval_loss']:.4f}, {curve['train_time']:.0f} s", flush=True)
@@ -261,18 +278,18 @@ def plot(name: str, runs: dict[str, list[dict]], png: pathlib.Path, title: str) 
     n = min(len(r["curve"]["loss"]) for r in per_seed)
     loss = np.mean([r["curve"]["loss"][:n] for r in per_seed], axis=0)
     steps = np.array(per_seed[0]["curve"]["steps"][:n])
-    t = np.mean([r["curve"]["time"][:n] for r in per_seed], axis=0)
+    t = np.mean([r["curve"]["steady_time"][:n] for r in per_seed], axis=0)
     w = max(n // 30, 5) if n >= 10 else 1
     smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
     ev_steps = per_seed[0]["curve"]["eval_steps"]
     ev = np.mean([r["curve"]["eval_loss"] for r in per_seed], axis=0)
-    ev_t = np.mean([r["curve"]["eval_time"] for r in per_seed], axis=0)
+    ev_t = np.mean([r["curve"]["eval_steady_time"] for r in per_seed], axis=0)
     for ax, x, ex in ((axes[0], steps, ev_steps), (axes[1], t, ev_t)):
       ax.plot(x, loss, color=color, alpha=0.25, lw=0.7)
       ax.plot(x[w - 1:], smooth, color=color, label=f"{opt} (train)")
       ax.plot(ex, ev, "o--", color=color, ms=3, label=f"{opt} (eval)")
   axes[0].set(xlabel="step", ylabel="loss")
-  axes[1].set(xlabel="measured training time (s)")
+  axes[1].set(xlabel="training time at the run's median step time (s)")
   axes[1].legend(fontsize=7)
   for ax in axes:
     ax.grid(alpha=0.3)
@@ -297,13 +314,14 @@ def task_table(result: dict) -> str:
   has_acc = any(a["eval_accuracy"]["n"] for a in agg.values())
   headers = (["optimizer", "final train loss", "held-out loss"]
              + (["held-out accuracy"] if has_acc else [])
-             + ["optimizer state", "median step", "training time", "time to adamw's final "
-                "held-out loss"])
+             + ["optimizer state", "median step", "measured training time",
+                "time to adamw's final held-out loss (at median step time; measured)"])
   rows = []
   for opt, a in agg.items():
     reach = a["reach_adamw"]
     if reach["reached"]:
-      to = (f"{_pm(reach['time_s'], '.0f', unit=' s')} (step {reach['step']['mean']:.0f}; "
+      to = (f"{_pm(reach['steady_time_s'], '.1f', unit=' s')}; "
+            f"{_pm(reach['time_s'], '.0f', unit=' s')} (step {reach['step']['mean']:.0f}; "
             f"{reach['reached']}/{reach['of']} seeds)")
     else:
       to = f"not reached (0/{reach['of']} seeds)"

@@ -119,6 +119,7 @@ def test_convergence(tmp_path):
         "met beyond the spread", "met within the spread", "missed within the spread",
         "missed beyond the spread")
   assert "± " in result["table"] and "time to adamw's final held-out loss" in result["table"]
+  assert all(r["curve"]["steady_time"][0] == 0 for rs in runs.values() for r in rs)
   assert (tmp_path / "convergence_roberta-pretrained.png").stat().st_size > 0
   # --reuse: the same cells are taken from the earlier JSON, nothing is trained again.
   again = convergence.main(["--quick", "--out", str(tmp_path / "again.json"), "--steps", "4",
@@ -147,7 +148,10 @@ def test_convergence_verdicts_and_timeline():
   curve = convergence.timeline(records)
   assert curve["time"] == [0.0, 0.5, 1.0, 3.0, 5.0] and curve["train_time"] == 5.0
   assert curve["eval_time"] == [1.0, 5.0]
-  assert convergence.time_to_reach(curve, 2.0) == {"step": 5, "time_s": 5.0}
+  curve = convergence.steady_time(curve, 0.5)
+  assert curve["steady_time"] == [0.0, 0.5, 1.0, 1.5, 2.0] and curve["eval_steady_time"] == [1, 2]
+  assert convergence.time_to_reach(curve, 2.0) == {"step": 5, "time_s": 5.0,
+                                                   "steady_time_s": 2.0}
   assert convergence.time_to_reach(curve, 1.0) is None
 
 
