@@ -8,11 +8,12 @@ settings as ``benchmarks/convergence.py``) with AdaRankGrad under each setting, 
 steps and maximum rank, next to GaLore at the same rank, and reports final train loss, held-out
 loss (and accuracy) and the mean effective rank over the run, as mean ± std over the seeds.
 
-The previous default projected every matrix, the embeddings and heads included, and stalled the
-RoBERTa classifier at the majority class (mean effective rank 1.6). The current default projects
-only the matrices inside the model's layers (embeddings and heads get plain Adam, as in the
-papers); the rows vary the projected set, a rank floor, the information threshold, the refresh
-threshold and the moment transformation around it.
+The previous defaults projected every matrix, the embeddings and heads included, with no rank floor,
+and stalled the RoBERTa classifier at the majority class (mean effective rank 1.6). The current
+defaults project only the matrices inside the model's layers (embeddings and heads get plain Adam,
+as in the papers) with a rank floor of half the maximum rank; the rows vary the projected set,
+the rank floor, the information threshold, the refresh threshold and the moment transformation
+around them.
 
     python -m benchmarks.adarankgrad_ablation            # 200 steps per run, seeds 0 1
     python -m benchmarks.adarankgrad_ablation --quick    # 2-layer models, 20 steps, seed 0
@@ -37,16 +38,20 @@ from examples import config, training
 VARIANTS = {
     "galore (rank = max rank), layers": ("galore", []),
     "galore, every matrix": ("galore", ["--projection", "all"]),
-    "defaults (layers, eta 0.9, min rank 1)": ("adarankgrad", []),
-    "previous defaults (every matrix, eta 0.9)": ("adarankgrad", ["--projection", "all"]),
+    "defaults (layers, eta 0.9, min rank = max rank / 2)": ("adarankgrad", []),
+    "previous defaults (every matrix, eta 0.9, min rank 1)": ("adarankgrad", [
+        "--projection", "all", "--min-rank", "1"]),
+    "layers, eta 0.9, min rank 1": ("adarankgrad", ["--min-rank", "1"]),
     "every matrix, min rank 4": ("adarankgrad", ["--projection", "all", "--min-rank", "4"]),
     "every matrix, min rank 8": ("adarankgrad", ["--projection", "all", "--min-rank", "8"]),
     "every matrix, min rank 16 (= max rank)": ("adarankgrad", ["--projection", "all",
                                                                "--min-rank", "16"]),
     "every matrix, eta 1.0 (rank = max rank)": ("adarankgrad", ["--projection", "all",
                                                                 "--info-threshold", "1.0"]),
+    "every matrix, eta 0.9, min rank = max rank / 2": ("adarankgrad", ["--projection", "all"]),
     "layers, min rank 4": ("adarankgrad", ["--min-rank", "4"]),
-    "layers, eta 0.99": ("adarankgrad", ["--info-threshold", "0.99"]),
+    "layers, eta 0.99, min rank 1": ("adarankgrad", ["--info-threshold", "0.99",
+                                                     "--min-rank", "1"]),
     "layers, eta 1.0 (rank = max rank)": ("adarankgrad", ["--info-threshold", "1.0"]),
     "layers, refresh threshold 0.25": ("adarankgrad", ["--refresh-threshold", "0.25"]),
     "layers, moments reset at refresh": ("adarankgrad", ["--no-moment-transform"]),

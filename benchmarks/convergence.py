@@ -217,7 +217,8 @@ def reusable_runs(paths: Sequence[pathlib.Path]) -> dict:
 
 
 def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: Sequence[int],
-             runs_dir: pathlib.Path, png: pathlib.Path, reuse: dict | None = None) -> dict:
+             runs_dir: pathlib.Path, png: pathlib.Path, reuse: dict | None = None,
+             rerun: Sequence[str] = ()) -> dict:
   """Every optimizer on task ``name`` for each seed (optimizers of a seed back to back); runs
   found in ``reuse`` (same task, options, seed and optimizer) are taken from there."""
   module = TASKS[name]
@@ -228,7 +229,8 @@ def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: 
     cfg = config.parse_config(
         module.Config, overrides + ["--seed", str(seed), "--out", str(runs_dir / name / str(seed))],
         module.__doc__.splitlines()[0])
-    earlier = {opt: reuse.get((name, tuple(overrides), seed, opt)) for opt in optimizers}
+    earlier = {opt: reuse.get((name, tuple(overrides), seed, opt)) if opt not in rerun else None
+               for opt in optimizers}
     task = None
     if not all(earlier.values()):
       task = module.build_task(cfg)  # split, tokenizer and (pre)trained init of this seed
@@ -363,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="where the examples' run directories go (default: a temporary one)")
   parser.add_argument("--task-args", default="",
                       help="extra example options for every task, e.g. '--num-layers 1'")
+  parser.add_argument("--rerun", nargs="*", default=[], choices=config.OPTIMIZERS,
+                      help="optimizers to run again even if --reuse has them (e.g. after a "
+                      "change of their defaults)")
   parser.add_argument("--reuse", type=pathlib.Path, nargs="*", default=[],
                       help="earlier result JSONs: their runs with the same task options, seed and "
                       "optimizer are taken from there instead of being run again (e.g. to add an "
@@ -385,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     png = args.out.with_name(f"{args.out.stem}_{name}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     result["tasks"].append(run_task(name, overrides, args.optimizers, seeds, runs_dir, png,
-                                    reusable_runs(args.reuse)))
+                                    reusable_runs(args.reuse), args.rerun))
     bc.write_json(args.out, result | {"complete": False})
   result["wall_s"] = time.perf_counter() - start
   result["complete"] = True

@@ -43,13 +43,22 @@ def _run(tx, grads_seq, params=None):
 
 
 # --- adaptive rank --------------------------------------------------------------------------
+# Tests of the rank the information threshold chooses pass min_rank=1: the default floor (half of
+# max_rank) would hide the chosen rank below it.
+
+
+def test_default_rank_floor_is_half_the_max_rank():
+  g1 = {"w": _low_rank(0, 30, 20, 1)}  # rank 1: eta alone would keep 1
+  for max_rank, floor in [(8, 4), (5, 2), (1, 1)]:
+    _, s = _run(scale_by_adarankgrad(max_rank=max_rank), [g1])
+    assert int(effective_ranks(s[0])["w"]) == floor, max_rank
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("shape", [(48, 32), (24, 40)])
 def test_rank_of_known_rank_gradient_is_chosen(k, shape):
   g = {"w": _low_rank(k, *shape, k)}
-  _, states = _run(scale_by_adarankgrad(max_rank=16, info_threshold=0.99), [g])
+  _, states = _run(scale_by_adarankgrad(max_rank=16, min_rank=1, info_threshold=0.99), [g])
   assert int(effective_ranks(states[0])["w"]) == k
   state = states[0]
   q, mu = state.projector["w"], state.mu["w"]
@@ -74,14 +83,15 @@ def test_info_threshold_keeps_requested_energy():
   v, _ = np.linalg.qr(rng.normal(size=(12, 4)))
   g = {"w": jnp.asarray((u * [4.0, 2.0, 1.0, 0.5]) @ v.T, jnp.float32)}
   for eta, want in [(0.7, 1), (0.9, 2), (0.98, 3), (0.999, 4)]:
-    _, s = _run(scale_by_adarankgrad(max_rank=8, info_threshold=eta), [g])
+    _, s = _run(scale_by_adarankgrad(max_rank=8, min_rank=1, info_threshold=eta), [g])
     assert int(effective_ranks(s[0])["w"]) == want, eta
 
 
 def test_stacked_layers_get_their_own_ranks():
   g = {"w": jnp.stack([_low_rank(i, 12, 8, k) for i, k in enumerate([1, 2, 3])])}
   dims = AdaRankGradDimensionNumbers(reduction_axis=1, output_axis=2)
-  tx = scale_by_adarankgrad(max_rank=6, info_threshold=0.99, weight_dimension_numbers=dims)
+  tx = scale_by_adarankgrad(max_rank=6, min_rank=1, info_threshold=0.99,
+                            weight_dimension_numbers=dims)
   updates, states = _run(tx, [g])
   np.testing.assert_array_equal(effective_ranks(states[0])["w"], [1, 2, 3])
   assert states[0].projector["w"].shape == (3, 12, 6)
@@ -387,7 +397,7 @@ def test_info_threshold_one_finds_an_exact_low_rank(shape):
   # Keeping all of the energy of an exactly rank-2 matrix takes rank 2; float32 rounding of the
   # kept energy used to leave it at max_rank.
   g = {"w": _low_rank(sum(shape), *shape, 2, scale=3.0)}
-  _, states = _run(scale_by_adarankgrad(max_rank=8, info_threshold=1.0), [g])
+  _, states = _run(scale_by_adarankgrad(max_rank=8, min_rank=1, info_threshold=1.0), [g])
   assert int(effective_ranks(states[0])["w"]) == 2
 
 

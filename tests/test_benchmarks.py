@@ -157,8 +157,9 @@ def test_convergence_verdicts_and_timeline():
 
 def test_adarankgrad_ablation(tmp_path):
   out = tmp_path / "adarankgrad_ablation.json"
-  variants = ["galore (rank = max rank), layers", "previous defaults (every matrix, eta 0.9)",
-              "layers, eta 1.0 (rank = max rank)", "defaults (layers, eta 0.9, min rank 1)"]
+  variants = ["galore (rank = max rank), layers",
+              "previous defaults (every matrix, eta 0.9, min rank 1)",
+              "layers, eta 1.0 (rank = max rank)", "layers, eta 0.9, min rank 1"]
   result = adarankgrad_ablation.main(["--quick", "--out", str(out), "--steps", "4",
                                       "--tasks", "roberta", "--variants", *variants])
   assert json.loads(out.read_text())["complete"]
