@@ -30,8 +30,6 @@ SECTIONS = (
     ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
     ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
      "python -m benchmarks.adarankgrad_ablation"),
-    ("adarankgrad_ablation_default_size", "AdaRankGrad's defaults on the examples' default models",
-     "python -m benchmarks.adarankgrad_ablation --tasks roberta --seeds 0 --variants ..."),
 )
 # Shapes of the memory account that the README shows (the papers' models).
 README_MEMORY_SHAPES = ("llama2-7b", "llama3-8b")
@@ -151,10 +149,6 @@ def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
           "information threshold eta, refresh threshold, moment transformation), mean ± std over "
           "seeds, `python -m benchmarks.adarankgrad_ablation`:", ablation,
           [_strip_header(ablation["table"])])
-  default_size = _load("adarankgrad_ablation_default_size", results)
-  if default_size:
-    block("The same on the examples' default RoBERTa (4 layers, width 128), where the previous "
-          "default stalled:", default_size, [_strip_header(default_size["table"])])
   parts += ["The XLA memory analysis of the compiled steps, the curves and the notes: "
             "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).", "", END]
   return "\n".join(parts)
