@@ -139,7 +139,9 @@ def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
   if convergence:
     block("**Convergence** on the examples' tasks, mean ± std over seeds (a seed fixes the "
           "initialisation, the held-out split and the data order, shared by all optimizers), "
-          "held-out loss against steps and measured time, `python -m benchmarks.convergence`:",
+          "held-out loss against steps and measured time, `python -m benchmarks.convergence` "
+          "(this run: narrower models and fewer steps than the examples' defaults, on a loaded "
+          "machine; each task's options are in benchmarks/RESULTS.md):",
           convergence,
           [convergence_lib.task_header(t) + "\n\n" + convergence_lib.task_table(t)
            for t in convergence["tasks"]])
