@@ -74,6 +74,8 @@ class TrainConfig:
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
   info_threshold: float | None = field(None, "AdaRankGrad: fraction of each gradient's energy "
                                        "the adaptive rank keeps (default: optax_memopt's, 0.9)")
+  min_rank: int | None = field(None, "AdaRankGrad: smallest rank chosen at a refresh (default: "
+                              "optax_memopt's)")
   refresh_threshold: float | None = field(None, "AdaRankGrad: refresh a subspace once its "
                                           "projected gradient norm falls below this fraction of "
                                           "its value at the last refresh (default: "
@@ -81,6 +83,9 @@ class TrainConfig:
   moment_transform: bool = field(True, "AdaRankGrad: carry the Adam moments into a refreshed "
                                  "subspace (--no-moment-transform resets them)")
   galore_update_gap: int = field(50, "GaLore: steps between projection updates")
+  projection: str = field("layers", "GaLore and AdaRankGrad: which matrices are projected: "
+                          "'layers' (those inside the model's layers; the embeddings and heads "
+                          "get plain Adam, as in the papers) or 'all' (every matrix)")
   lora_rank: int = field(8, "LoRA adapter rank")
   eval_every: int = field(100, "evaluate every this many steps (and at the end)")
   log_every: int = field(10, "progress bar and metrics every this many steps")
@@ -117,10 +122,14 @@ class TrainConfig:
         raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < self.update_ratio <= 1:
       raise UsageError("--update-ratio must be in (0, 1]")
+    if self.min_rank is not None and not 1 <= self.min_rank <= self.rank:
+      raise UsageError("--min-rank must be between 1 and --rank")
     for name in ("info_threshold", "refresh_threshold"):
       value = getattr(self, name)
       if value is not None and not 0 < value <= 1:
         raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1]")
+    if self.projection not in ("layers", "all"):
+      raise UsageError("--projection must be layers or all")
     if self.switch_mode not in ("random", "ascending", "descending", "fixed"):
       raise UsageError("--switch-mode must be random, ascending, descending or fixed")
     if self.learning_rate is not None and self.learning_rate <= 0:

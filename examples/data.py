@@ -169,3 +169,27 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
   epoch, i = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(n)
   return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def mask_tokens(ids: np.ndarray, *, rng: np.random.Generator, mask_id: int, maskable: np.ndarray,
+                vocab: tuple[int, int], prob: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+  """BERT's masking for masked language modelling: ``(inputs, targets)`` of ``ids``.
+
+  Each ``maskable`` token (real text, not special or padding) is chosen with probability ``prob``
+  (at least one per row that has any); a chosen token becomes ``mask_id`` 80% of the time, a
+  random id in ``range(*vocab)`` 10%, and stays itself 10%. ``targets`` is the original id at the
+  chosen positions and -1 elsewhere (no loss).
+  """
+  import numpy as np
+
+  chosen = (rng.random(ids.shape) < prob) & maskable
+  # A row without a chosen token would add nothing: choose one of its maskable tokens instead.
+  empty = ~chosen.any(axis=1) & maskable.any(axis=1)
+  for i in np.flatnonzero(empty):
+    chosen[i, rng.choice(np.flatnonzero(maskable[i]))] = True
+  action = rng.random(ids.shape)
+  inputs = np.where(chosen & (action < 0.8), mask_id, ids)
+  random_ids = rng.integers(vocab[0], vocab[1], ids.shape)
+  inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+  targets = np.where(chosen, ids, -1)
+  return inputs.astype(ids.dtype), targets.astype(np.int32)

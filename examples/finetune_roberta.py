@@ -6,6 +6,7 @@ from the Python reference manual that ships with Python (``pydoc_data``): which 
 
   python examples/finetune_roberta.py                          # BAdam
   python examples/finetune_roberta.py --compare adamw,badam,lora
+  python examples/finetune_roberta.py --pretrain-steps 600     # masked-LM pretraining first
   python examples/finetune_roberta.py --train train.jsonl --eval dev.jsonl   # text/label or
                                                                # premise/hypothesis/label rows
   python examples/finetune_roberta.py --task rte --model DIR   # SuperGLUE via `datasets`
@@ -63,9 +64,19 @@ class Config(config.TrainConfig):
   dtype: str = field("float32", "compute dtype: float32 or bfloat16")
   remat: bool = field(False, "rematerialise each layer in the backward pass")
   scan_layers: bool = field(False, "stack the layers and run them with nnx.scan")
+  pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
+                              "with masked language modelling on the Python reference manual's "
+                              "paragraphs (--train's texts for other data; never the held-out "
+                              "ones), then fine-tune the classifier (embedding frozen for BAdam, "
+                              "as in the papers' fine-tuning)")
 
   def __post_init__(self):
     super().__post_init__()
+    if self.pretrain_steps < 0:
+      raise config.UsageError("--pretrain-steps must be >= 0")
+    if self.pretrain_steps and self.model is not None:
+      raise config.UsageError("--pretrain-steps is for the random-init model; --model is "
+                              "pretrained already")
     if self.task != "topics" and self.task not in SUPERGLUE and self.train is None:
       raise config.UsageError(f"unknown --task {self.task!r}; use topics, "
                               f"{', '.join(SUPERGLUE)}, or --train FILE")
@@ -90,6 +101,20 @@ def topic_rows() -> list[dict]:
       if len(text) > 80 and "::=" not in text:
         rows.append({"text": text, "label": label})
   return rows
+
+
+def manual_paragraphs() -> list[str]:
+  """Every paragraph of the Python reference manual (``pydoc_data``) with more than 40 characters,
+  grammar rules left out: the masked-language-modelling corpus of ``--pretrain-steps``."""
+  from pydoc_data.topics import topics
+
+  out = []
+  for key in sorted(topics):
+    for p in re.split(r"\n\s*\n", topics[key]):
+      text = " ".join(p.split())
+      if len(text) > 40 and "::=" not in text:
+        out.append(text)
+  return out
 
 
 def _hub_rows(task: str) -> tuple[list[dict], list[dict]]:
@@ -155,6 +180,114 @@ def classification_loss(model, batch: dict):
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count, "correct": correct}
 
 
+MLM_PROB = 0.15  # fraction of the tokens masked for masked language modelling (BERT's, RoBERTa's)
+MLM_COPIES = 4  # each pretraining text appears with this many different maskings
+
+
+def mlm_head(model_cfg, rngs):
+  """RoBERTa's masked-LM head (dense, GELU, LayerNorm, vocabulary projection) on every token.
+
+  Put in place of the classifier for pretraining (``Roberta.__call__`` then returns token
+  logits ``(batch, seq, vocab)``); the decoder is a separate matrix (HF ties it to the word
+  embeddings, which matters little here: the head is dropped before fine-tuning).
+  """
+  import jax
+  from flax import nnx
+
+  from examples.models import roberta
+
+  class MaskedLMHead(nnx.Module):
+
+    def __init__(self):
+      self.dense = roberta._linear(model_cfg, model_cfg.hidden_size, model_cfg.hidden_size, rngs)
+      self.layer_norm = roberta._layer_norm(model_cfg, rngs)
+      self.decoder = roberta._linear(model_cfg, model_cfg.hidden_size, model_cfg.vocab_size, rngs)
+
+    def __call__(self, x):
+      return self.decoder(self.layer_norm(jax.nn.gelu(self.dense(x), approximate=False)))
+
+  return MaskedLMHead()
+
+
+def mlm_data(texts: Sequence[str], tok: data.Tokenizer, seq_len: int, seed: int) -> dict:
+  """``<s> text </s>`` rows, each in ``MLM_COPIES`` maskings (:func:`examples.data.mask_tokens`),
+  shuffled: ``input_ids``, ``attention_mask``, ``mlm_targets`` (-1: no loss), ``weight``."""
+  import numpy as np
+
+  ids = encode([{"text": t, "label": 0} for t in texts], tok, seq_len, {0: 0})["input_ids"]
+  maskable = (ids != tok.pad_id) & (ids != tok.bos_id) & (ids != tok.eos_id)
+  rng = np.random.default_rng([seed, 1])
+  rows = [data.mask_tokens(ids, rng=rng, mask_id=SPECIAL.index("<mask>"), maskable=maskable,
+                           vocab=(len(SPECIAL), tok.vocab_size), prob=MLM_PROB)
+          for _ in range(MLM_COPIES)]
+  inputs = np.concatenate([r[0] for r in rows])
+  order = rng.permutation(len(inputs))
+  inputs = inputs[order]
+  return {"input_ids": inputs, "attention_mask": (inputs != tok.pad_id).astype(np.int32),
+          "mlm_targets": np.concatenate([r[1] for r in rows])[order],
+          "weight": np.ones(len(inputs), np.float32)}
+
+
+def mlm_loss(model, batch: dict):
+  """Mean cross-entropy of the masked tokens (the model's classifier is the MLM head)."""
+  import jax.numpy as jnp
+  import optax
+
+  logits = model(batch["input_ids"], batch["attention_mask"])
+  targets = batch["mlm_targets"]
+  w = (targets >= 0) * batch["weight"][:, None]
+  safe = jnp.maximum(targets, 0)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  correct = jnp.sum((jnp.argmax(logits, -1) == safe) * w)
+  total, count = jnp.sum(nll * w), jnp.sum(w)
+  return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count, "correct": correct}
+
+
+def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: pathlib.Path,
+                             texts: Sequence[str]):
+  """``make_model`` for ``--pretrain-steps``: AdamW masked language modelling on ``texts``, once;
+  every call returns a fresh copy of the pretrained encoder with a new classification head."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from examples import training
+  from examples.models import roberta
+
+  cache: dict = {}
+
+  def make_mlm_model():
+    model = roberta.Roberta(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    model.classifier = mlm_head(model_cfg, nnx.Rngs(cfg.seed + 1))
+    return model
+
+  def make_model():
+    if "state" not in cache:
+      import numpy as np
+
+      order = np.random.default_rng(cfg.seed).permutation(len(texts))
+      held = max(1, len(texts) // 20)  # held-out paragraphs: the pretraining's own eval loss
+      held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
+      rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
+      pre_cfg = dataclasses.replace(
+          cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
+          stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
+          checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
+                                                                cfg.pretrain_steps // 10))
+      pre_task = training.Task(
+          name=f"{cfg.name}-pretrain", loss_fn=mlm_loss, make_model=make_mlm_model,
+          train_data=rows, eval_data=held_rows,
+          after_training=lambda model, _: cache.update(zip(("graphdef", "state"), nnx.split(model))))
+      print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
+            f"({cfg.pretrain_steps} AdamW steps)")
+      training.train(pre_cfg, pre_task, "adamw", out / "pretrain")
+    model = nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
+    model.classifier = roberta.ClassificationHead(model_cfg, rngs=nnx.Rngs(cfg.seed))
+    return model
+
+  return make_model
+
+
 def build_task(cfg: Config):
   """The ``training.Task``: tokenized train/eval split, tokenizer, model factory."""
   import numpy as np
@@ -194,7 +327,15 @@ def build_task(cfg: Config):
       except ValueError as e:
         raise config.UsageError(f"--model: {e}") from None
   else:
-    texts = [r.get("text") or f"{r['premise']} {r['hypothesis']}" for r in train_rows]
+    text_of = lambda r: r.get("text") or f"{r['premise']} {r['hypothesis']}"
+    texts = [text_of(r) for r in train_rows]
+    if cfg.pretrain_steps:
+      # The manual's paragraphs for the offline task (other data: its training texts), never a
+      # held-out example's text.
+      held_out = {text_of(r) for r in eval_rows}
+      corpus = manual_paragraphs() if cfg.train is None and cfg.task == "topics" else texts
+      pretrain_texts = [t for t in corpus if t not in held_out]
+      texts = texts + pretrain_texts
     tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
                              special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
                              single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -208,6 +349,9 @@ def build_task(cfg: Config):
     def make_model():
       return roberta.Roberta(model_cfg, rngs=nnx.Rngs(cfg.seed))
 
+    if cfg.pretrain_steps:
+      make_model = pretrained_model_factory(cfg, tok, model_cfg, out, pretrain_texts)
+
   topics = cfg.train is None and cfg.task == "topics"
   names = [TOPIC_CLASSES[label] for label in labels] if topics else labels
   train_data = encode(train_rows, tok, cfg.seq_len, label_ids)
@@ -217,13 +361,16 @@ def build_task(cfg: Config):
         f"(majority-class accuracy {majority:.3f})")
   return training.Task(name=cfg.name, make_model=make_model, loss_fn=classification_loss,
                        train_data=train_data, eval_data=eval_data, head=("classifier",),
-                       from_scratch=cfg.model is None, tokenizer=tok, labels=names)
+                       from_scratch=cfg.model is None and not cfg.pretrain_steps, tokenizer=tok,
+                       labels=names)
 
 
 def describe(cfg: Config) -> str:
   """The model and data, for the first line the script prints."""
   model = (f"the RoBERTa checkpoint {cfg.model}" if cfg.model else
            f"a random-init RoBERTa ({cfg.num_layers} layers, width {cfg.hidden_size})")
+  if cfg.pretrain_steps:
+    model += f" pretrained for {cfg.pretrain_steps} masked-LM steps"
   if cfg.train:
     task = cfg.train
   elif cfg.task == "topics":

@@ -83,8 +83,15 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   if name in ("adamw", "lora"):
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   elif name == "galore":
+    dims = None  # optax's default: every 2-D leaf
+    if cfg.projection == "layers":  # the same leaves as AdaRankGrad's default
+      inside = optax_memopt.block_labels(params)
+      dims = jax.tree.map(
+          lambda label, p: optax.contrib.GaLoreDimensionNumbers(0, 1)
+          if p.ndim == 2 and np.all(np.asarray(label) >= 0) else None, inside, params,
+          is_leaf=lambda x: isinstance(x, tuple))
     tx = optax.contrib.galore(schedule, rank=cfg.rank, update_proj_gap=cfg.galore_update_gap,
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, weight_dimension_numbers=dims)
   elif name == "badam":
     labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
                                        include_lm_head=task.from_scratch or bool(task.head))
@@ -96,10 +103,12 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":
-    extra = {k: getattr(cfg, k) for k in ("info_threshold", "refresh_threshold")
+    extra = {k: getattr(cfg, k) for k in ("info_threshold", "refresh_threshold", "min_rank")
              if getattr(cfg, k) is not None}
     tx = optax_memopt.adarankgrad(schedule, max_rank=cfg.rank, weight_decay=cfg.weight_decay,
-                                  moment_transform=cfg.moment_transform, **extra)
+                                  moment_transform=cfg.moment_transform,
+                                  projection_mask="layers" if cfg.projection == "layers" else None,
+                                  **extra)
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if cfg.clip_norm > 0:

@@ -43,13 +43,22 @@ def _run(tx, grads_seq, params=None):
 
 
 # --- adaptive rank --------------------------------------------------------------------------
+# Tests of the rank the information threshold chooses pass min_rank=1: the default floor (half of
+# max_rank) would hide the chosen rank below it.
+
+
+def test_default_rank_floor_is_half_the_max_rank():
+  g1 = {"w": _low_rank(0, 30, 20, 1)}  # rank 1: eta alone would keep 1
+  for max_rank, floor in [(8, 4), (5, 2), (1, 1)]:
+    _, s = _run(scale_by_adarankgrad(max_rank=max_rank), [g1])
+    assert int(effective_ranks(s[0])["w"]) == floor, max_rank
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("shape", [(48, 32), (24, 40)])
 def test_rank_of_known_rank_gradient_is_chosen(k, shape):
   g = {"w": _low_rank(k, *shape, k)}
-  _, states = _run(scale_by_adarankgrad(max_rank=16, info_threshold=0.99), [g])
+  _, states = _run(scale_by_adarankgrad(max_rank=16, min_rank=1, info_threshold=0.99), [g])
   assert int(effective_ranks(states[0])["w"]) == k
   state = states[0]
   q, mu = state.projector["w"], state.mu["w"]
@@ -74,14 +83,15 @@ def test_info_threshold_keeps_requested_energy():
   v, _ = np.linalg.qr(rng.normal(size=(12, 4)))
   g = {"w": jnp.asarray((u * [4.0, 2.0, 1.0, 0.5]) @ v.T, jnp.float32)}
   for eta, want in [(0.7, 1), (0.9, 2), (0.98, 3), (0.999, 4)]:
-    _, s = _run(scale_by_adarankgrad(max_rank=8, info_threshold=eta), [g])
+    _, s = _run(scale_by_adarankgrad(max_rank=8, min_rank=1, info_threshold=eta), [g])
     assert int(effective_ranks(s[0])["w"]) == want, eta
 
 
 def test_stacked_layers_get_their_own_ranks():
   g = {"w": jnp.stack([_low_rank(i, 12, 8, k) for i, k in enumerate([1, 2, 3])])}
   dims = AdaRankGradDimensionNumbers(reduction_axis=1, output_axis=2)
-  tx = scale_by_adarankgrad(max_rank=6, info_threshold=0.99, weight_dimension_numbers=dims)
+  tx = scale_by_adarankgrad(max_rank=6, min_rank=1, info_threshold=0.99,
+                            weight_dimension_numbers=dims)
   updates, states = _run(tx, [g])
   np.testing.assert_array_equal(effective_ranks(states[0])["w"], [1, 2, 3])
   assert states[0].projector["w"].shape == (3, 12, 6)
@@ -102,6 +112,37 @@ def test_nd_kernel_with_dimension_numbers_projects_flattened_matrix():
     assert q.shape == (16, 4)
     u = updates[0]["attn"].reshape(16, 8)
     np.testing.assert_allclose(u - q @ (q.T @ u), 0.0, atol=1e-5)
+
+
+def test_default_projects_only_the_layers_matrices():
+  """The default (projection_mask="layers"): the matrices inside the layers are projected; the
+  embedding and the head get plain Adam (full-size moments), as in the papers. ``None`` projects
+  every matrix; parameters without layers have every matrix projected by default."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  model = {"embed_tokens": {"embedding": normal(50, 8)},
+           "layers": [{"mlp": {"kernel": normal(8, 12)}, "norm": {"scale": normal(8)}}
+                      for _ in range(2)],
+           "lm_head": {"kernel": normal(8, 50)}}
+  state = _inner(scale_by_adarankgrad(max_rank=4).init(model))
+  assert set(effective_ranks(state)) == {"layers.0.mlp.kernel", "layers.1.mlp.kernel"}
+  assert state.mu["embed_tokens"]["embedding"].shape == (50, 8)
+  assert state.projector["lm_head"]["kernel"] == optax.MaskedNode()
+  assert state.mu["layers"][0]["mlp"]["kernel"].shape == (4, 8)  # projected: [rank, short side]
+  every = _inner(scale_by_adarankgrad(max_rank=4, projection_mask=None).init(model))
+  assert set(effective_ranks(every)) == {"embed_tokens.embedding", "layers.0.mlp.kernel",
+                                         "layers.1.mlp.kernel", "lm_head.kernel"}
+  # A scanned stack [L, m, n]: its layers are projected, the embedding is not.
+  stacked = {"embed": {"embedding": normal(50, 8)}, "layers": {"mlp": {"kernel": normal(3, 8, 12)}}}
+  state = _inner(scale_by_adarankgrad(max_rank=4).init(stacked))
+  assert set(effective_ranks(state)) == {"layers.mlp.kernel"}
+  assert state.mu["embed"]["embedding"].shape == (50, 8)
+  # No layers: every matrix (e.g. {"w": ...}); explicit per-leaf dimension numbers choose alone.
+  assert set(effective_ranks(_inner(scale_by_adarankgrad().init({"w": normal(8, 6)})))) == {"w"}
+  dims = {"embed_tokens": {"embedding": AdaRankGradDimensionNumbers()}, "layers": [
+      {"mlp": {"kernel": None}, "norm": {"scale": None}}] * 2, "lm_head": {"kernel": None}}
+  state = _inner(scale_by_adarankgrad(max_rank=4, weight_dimension_numbers=dims).init(model))
+  assert set(effective_ranks(state)) == {"embed_tokens.embedding"}
 
 
 def test_bad_dimension_numbers_raise():
@@ -343,6 +384,7 @@ def test_state_bytes_match_galore_at_same_rank():
         (dict(max_refresh_interval=0), "max_refresh_interval"),
         (dict(max_rank=2.5), "max_rank must be an int"),
         (dict(min_rank=1.5), "min_rank must be an int"),
+        (dict(projection_mask="embeddings"), "projection_mask must be 'layers'"),
     ],
 )
 def test_construction_errors(kwargs, match):
@@ -355,7 +397,7 @@ def test_info_threshold_one_finds_an_exact_low_rank(shape):
   # Keeping all of the energy of an exactly rank-2 matrix takes rank 2; float32 rounding of the
   # kept energy used to leave it at max_rank.
   g = {"w": _low_rank(sum(shape), *shape, 2, scale=3.0)}
-  _, states = _run(scale_by_adarankgrad(max_rank=8, info_threshold=1.0), [g])
+  _, states = _run(scale_by_adarankgrad(max_rank=8, min_rank=1, info_threshold=1.0), [g])
   assert int(effective_ranks(states[0])["w"]) == 2
 
 

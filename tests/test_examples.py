@@ -108,6 +108,69 @@ def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
   assert "nan" not in out.lower()
 
 
+def test_roberta_pretrain_then_fine_tune(tmp_path, capsys):
+  """--pretrain-steps: AdamW masked language modelling of the encoder on the manual's paragraphs
+  (none of the held-out ones), then BAdam fine-tuning of the classifier with the embedding frozen."""
+  import jax
+  import numpy as np
+
+  from examples import config
+
+  args = ROBERTA + ["--stop-at", "2"]
+  [scratch] = finetune_roberta.main(args + ["--out", str(tmp_path / "scratch")])
+  [tuned] = finetune_roberta.main(args + ["--out", str(tmp_path / "tuned"),
+                                          "--pretrain-steps", "4"])
+  out = capsys.readouterr().out
+  assert "pretraining with masked language modelling on" in out
+  pre = [json.loads(line) for line in (tmp_path / "tuned" / "pretrain" / "metrics.jsonl").open()]
+  assert sorted(r["step"] for r in pre if "loss" in r) == [1, 2, 3, 4]
+  assert 0 <= [r for r in pre if "eval_loss" in r][-1]["eval_accuracy"] <= 1  # masked tokens
+  assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding block
+
+  # The model handed to every optimizer: the pretrained encoder and a fresh 3-class head.
+  cfg = config.parse_config(finetune_roberta.Config, ROBERTA + [
+      "--out", str(tmp_path / "again"), "--pretrain-steps", "4"], "")
+  task = finetune_roberta.build_task(cfg)
+  model, random_init = task.make_model(), task.make_model()
+  assert model.classifier.out_proj.kernel.shape[-1] == 3 and not task.from_scratch
+  encoder = lambda m: jax.tree.leaves(m.layers)  # noqa: E731
+  assert all(np.array_equal(a, b) for a, b in zip(encoder(model), encoder(random_init),
+                                                   strict=True))  # a fresh copy each call
+  scratch_cfg = config.parse_config(finetune_roberta.Config, ROBERTA + [
+      "--out", str(tmp_path / "again")], "")
+  plain = finetune_roberta.build_task(scratch_cfg).make_model()
+  assert not all(np.array_equal(a, b) for a, b in zip(encoder(model), encoder(plain),
+                                                       strict=True))  # pretraining changed it
+
+
+def test_mlm_masking():
+  """BERT's masking: 15% of the maskable tokens (at least one per row), 80% <mask>, 10% random,
+  10% kept; targets only where chosen."""
+  import numpy as np
+
+  from examples import data
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 300, (400, 50)).astype(np.int32)
+  maskable = np.ones_like(ids, bool)
+  maskable[:, :2] = False  # e.g. <s> and padding
+  maskable[:, 40:] = False
+  maskable[0] = False  # a row with nothing to mask
+  maskable[1, 2] = True
+  maskable[1, 3:] = False  # a row with one maskable token: it is chosen
+  inputs, targets = data.mask_tokens(ids, rng=np.random.default_rng(1), mask_id=4,
+                                     maskable=maskable, vocab=(5, 300))
+  chosen = targets >= 0
+  assert not (chosen & ~maskable).any() and not chosen[0].any() and chosen[1, 2]
+  assert (targets[chosen] == ids[chosen]).all() and (inputs[~chosen] == ids[~chosen]).all()
+  assert chosen[2:].any(axis=1).all()
+  frac = chosen[2:].sum() / maskable[2:].sum()
+  assert 0.13 < frac < 0.17, frac  # ~15,000 Bernoulli(0.15) draws: std 0.003
+  masked, same = (inputs[chosen] == 4).mean(), (inputs[chosen] == ids[chosen]).mean()
+  assert 0.75 < masked < 0.85 and 0.07 < same < 0.14, (masked, same)  # +~1% random == original
+  assert ((inputs[chosen] >= 5) | (inputs[chosen] == 4)).all()  # random ids: never special
+
+
 def _tiny_checkpoint(tmp_path):
   """A random-init Llama saved as a Hugging Face checkpoint, with its tokenizer."""
   from flax import nnx
@@ -234,6 +297,8 @@ def test_roberta_pair_encoding():
     (finetune_roberta, ["--train", "missing.jsonl"], "not found"),
     (finetune_roberta, ["--model", "."], "has no config.json"),
     (finetune_roberta, ["--task", "squad"], "unknown --task 'squad'"),
+    (finetune_roberta, ["--pretrain-steps", "-1"], "--pretrain-steps must be >= 0"),
+    (finetune_roberta, ["--min-rank", "32"], "--min-rank must be between 1 and --rank"),
     (finetune_llama, ["--resume"], "--resume: nothing to resume"),
     (finetune_roberta, ["--compare", "adamw,badam", "--resume"], "--resume: nothing to resume"),
     (finetune_llama, ["--resume", "--overwrite"], "give one of them"),

@@ -49,7 +49,10 @@ def optimizers():
       "block_coordinate": optax_memopt.block_coordinate(
           optax.adam(1e-2), switch_every=2, switch_mode="descending"),
       "badam_ratio": optax_memopt.badam_ratio(1e-2, update_ratio=0.25, switch_every=2),
-      "adarankgrad": adarankgrad(1e-2, max_rank=8),
+      # Every matrix projected (not only the layers', the default), so that the sharded
+      # projections of the vocabulary-sharded embedding and LM head are covered too; no rank floor
+      # (min_rank=1), the configuration these sharding and tolerance checks were written for.
+      "adarankgrad": adarankgrad(1e-2, max_rank=8, min_rank=1, projection_mask=None),
       "adamw": optax.adamw(1e-2),
   }
 
