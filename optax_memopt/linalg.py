@@ -27,6 +27,30 @@ def _check_matrix(a: jax.Array, what: str) -> None:
     raise ValueError(f"{what} needs an array with at least 2 dimensions, got shape {a.shape}.")
 
 
+def _small_svd(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """SVD of a short-and-wide ``[..., k, n]`` (``k <= n``) from ``eigh`` and ``qr``, not LAPACK's SVD.
+
+  jaxlib's CPU SVD kernels (gesdd and gesvd alike) wait on the intra-op thread pool that the devices
+  of a CPU mesh run on, and deadlock when every device enters them at once (seen with 8 CPU devices,
+  jax 0.10.2: the test suite hung in a sharded AdaRankGrad update); ``eigh`` and ``qr`` do not.
+  The left vectors are the eigenvectors of ``b bᵀ`` (orthonormal by construction); ``bᵀ u = v s``,
+  so a QR of ``bᵀ u`` gives the right vectors (orthonormal, even for zero singular values) and the
+  singular values as the norms of its columns, without the squaring of the Gram matrix.
+  """
+  _, u = jnp.linalg.eigh(b @ _mT(b))
+  u = u[..., ::-1]  # descending
+  v, r = jnp.linalg.qr(_mT(b) @ u, mode="reduced")
+  d = jnp.diagonal(r, axis1=-2, axis2=-1)
+  sign = jnp.where(d < 0, -1.0, 1.0).astype(b.dtype)
+  s = jnp.abs(d)
+  # eigh orders by the Gram's eigenvalues; the column norms can differ in the last bits.
+  order = jnp.argsort(-s, axis=-1)
+  s = jnp.take_along_axis(s, order, axis=-1)
+  u = jnp.take_along_axis(u, order[..., None, :], axis=-1)
+  v = jnp.take_along_axis(v * sign[..., None, :], order[..., None, :], axis=-1)
+  return u, s, _mT(v)
+
+
 def randomized_range_finder(
     key: jax.Array, a: jax.Array, size: int, *, power_iters: int = 1
 ) -> jax.Array:
@@ -134,12 +158,7 @@ def randomized_svd(
     a = _mT(a)
   size = min(rank + oversample, min(m, n))
   q = randomized_range_finder(key, a, size, power_iters=power_iters)
-  # LAPACK's gesvd (SvdAlgorithm.QR), not jnp.linalg.svd's default gesdd: on a CPU device mesh,
-  # jaxlib's gesdd kernel waits on the shared intra-op thread pool and deadlocks when every device
-  # runs it at once (reproduced with 8 CPU devices, jax 0.10.2: a replicated batched SVD hangs,
-  # gesvd does not). The matrix is only (rank + oversample) x n, so gesvd costs little anywhere.
-  ub, s, vt = jax.lax.linalg.svd(_mT(q) @ a, full_matrices=False,
-                                 algorithm=jax.lax.linalg.SvdAlgorithm.QR)
+  ub, s, vt = _small_svd(_mT(q) @ a)
   u = q @ ub[..., :rank]
   s, vt = s[..., :rank], vt[..., :rank, :]
   if transpose:

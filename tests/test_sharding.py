@@ -523,8 +523,13 @@ def test_stacked_llama_state_sharding_and_bounded_collectives(name):
     ref_updates, ref_state = ref_step(
         jax.tree.map(lambda x, c=1.0 + i: x * c, grads_like(plain)), ref_state, ref_p)
     ref_p = optax.apply_updates(ref_p, ref_updates)
+  # AdaRankGrad's subspace comes from a randomized SVD whose small eigendecomposition (eigh of a
+  # Gram matrix, see linalg._small_svd) turns the sharded reductions' different rounding into a
+  # projector error of ~1e-4 at most; at lr 1e-2 that moves an update by ~1e-6 per step, 3e-6
+  # over these 3 steps (measured: 2.1e-6). atol 1e-5 covers it, 1000x below one step's size.
+  tol = dict(TOL, atol=1e-5) if name == "adarankgrad" else TOL
   for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
   total = report(f"{name} update, stacked llama", step.as_text())
   stacked_leaves = {x.shape for x in jax.tree.leaves(plain)}
