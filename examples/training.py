@@ -67,15 +67,18 @@ class Trainable:
     return nnx.merge(self.graphdef, state, rest)
 
 
-def make_steps(split: Trainable, loss_fn, tx, optimizer: str):
+def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = False):
   """``train_step(params, opt_state, rest, batch) -> (params, opt_state, (loss, stats))`` and
-  ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step."""
+  ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step,
+  with ``layerwise`` the layer-wise step (the optimizer runs inside the backward pass)."""
 
   def loss(params, rest, batch):
     return loss_fn(split.merge(params, rest), batch)
 
   if optimizer == "badam":
     train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
+  elif layerwise:
+    train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True)
   else:
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

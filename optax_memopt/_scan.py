@@ -489,12 +489,21 @@ def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
     def body(carry, xs):
       dc, ds, w_all, s_all = carry
       l, saved_l = xs
-      w_l = [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in w_all]
+      # Layer l's weights and state as buffers of their own (one layer each), so that every read
+      # of the stacked carry comes before its in-place update. Read directly, XLA fuses the reads
+      # into their consumers (the activation gradient, the other leaves' updates), which are not
+      # ordered before the writes, and copies the whole stack every iteration to be safe. The
+      # outputs of a conditional (its predicate is always true) are materialised: one layer each.
+      w_l, s_l = jax.lax.cond(
+          l >= 0,
+          lambda ws: ws,
+          lambda ws: jax.tree.map(jnp.zeros_like, ws),
+          ([jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in w_all],
+           [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in s_all]))
       res = [saved_l[j] if kind == "r" else (w_l[j] if kind == "w" else sd[j])
              for kind, j in where]
       dw, dc, ds_l = jax.tree_util.tree_unflatten(res_def, res)(dc)
       ds = [a + b for a, b in zip(ds, ds_l)]
-      s_l = [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in s_all]
       new_w, new_s = stack.update(l, list(dw), w_l, s_l)
       w_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
                for x, n in zip(w_all, new_w)]
