@@ -493,13 +493,15 @@ def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
       # of the stacked carry comes before its in-place update. Read directly, XLA fuses the reads
       # into their consumers (the activation gradient, the other leaves' updates), which are not
       # ordered before the writes, and copies the whole stack every iteration to be safe. The
-      # outputs of a conditional (its predicate is always true) are materialised: one layer each.
-      w_l, s_l = jax.lax.cond(
-          l >= 0,
-          lambda ws: ws,
-          lambda ws: jax.tree.map(jnp.zeros_like, ws),
-          ([jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in w_all],
-           [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in s_all]))
+      # slices are read inside a conditional (its predicate is always true), whose outputs are
+      # materialised: one layer each, and the conditional is ordered before the writes.
+      def read(stacks):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, l, keepdims=False), stacks)
+
+      def zeros(stacks):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), stacks)
+
+      w_l, s_l = jax.lax.cond(l >= 0, read, zeros, (w_all, s_all))
       res = [saved_l[j] if kind == "r" else (w_l[j] if kind == "w" else sd[j])
              for kind, j in where]
       dw, dc, ds_l = jax.tree_util.tree_unflatten(res_def, res)(dc)

@@ -7,7 +7,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
 # Extra argument of ``tx.update`` under :func:`optax_memopt.make_layerwise_step`: ``(mask, layer)``
 # where ``mask`` has one bool per leaf of the updates (True: the leaf is layer ``layer`` of a layer
 # stack, its leading axis indexed away) and ``layer`` is an int32 scalar. Transformations that draw
