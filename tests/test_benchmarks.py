@@ -74,6 +74,9 @@ def test_speed(tmp_path):
   assert rows["badam_block"]["target"].startswith("<= 0.7")
   refresh = result["refresh"]
   assert refresh["refresh_s"]["adarankgrad"] > 0 and refresh["speedup_vs_galore"] > 0
+  layerwise = {r["optimizer"]: r for r in result["layerwise"]["rows"]}
+  assert set(layerwise) == {"adamw", "adarankgrad"} and "Layer-wise step" in result["table"]
+  assert all(r["ratio"] > 0 and r["target"].startswith("<= 1.1") for r in layerwise.values())
 
 
 def test_convergence(tmp_path):
