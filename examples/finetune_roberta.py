@@ -66,6 +66,9 @@ class Config(config.TrainConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.layerwise and not self.scan_layers:
+      raise config.UsageError("--layerwise updates the layer stack inside its backward scan: "
+                              "add --scan-layers")
     if self.task != "topics" and self.task not in SUPERGLUE and self.train is None:
       raise config.UsageError(f"unknown --task {self.task!r}; use topics, "
                               f"{', '.join(SUPERGLUE)}, or --train FILE")

@@ -125,7 +125,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   place = Placement(cfg, task.sharding_rules)
   params, rest = place.params(split.params), place.replicated(split.rest)
   opt_state = _distinct_buffers(place.opt_state(tx, params), params)
-  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer)
+  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer, layerwise=cfg.layerwise)
   n_train = len(task.train_data["weight"])
   if n_train < cfg.batch_size:
     raise config.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
