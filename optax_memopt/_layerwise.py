@@ -372,10 +372,10 @@ def make_layerwise_step(
       shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
       return jnp.zeros(shape, jnp.result_type(x))
 
-    def view_update(layer_of, grads, weights, states, extra):
+    def view_update(grads, weights, states, extra):
       """tx.update on the params' structure, stacked leaves seen as one layer; ``grads``,
       ``weights``, ``states``: {leaf index: value} for the leaves that matter, zeros elsewhere."""
-      g = [grads.get(i) if i in grads else zeros_view(x, a is not None)
+      g = [grads[i] if i in grads else zeros_view(x, a is not None)
            for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
       p = [weights[i] if i in weights else (x if a is None else zeros_view(x, True))
            for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
@@ -395,7 +395,7 @@ def make_layerwise_step(
 
       def update(layer, grads, weights, states):
         u, new_s = view_update(
-            a, dict(zip(members, grads)), dict(zip(members, weights)),
+            dict(zip(members, grads)), dict(zip(members, weights)),
             {j: _from_carrier(c, jnp.result_type(state_leaves[j]))
              for j, c in zip(owned, states)},
             {_tree.LAYER_SLICE_ARG: (mask, layer)},
@@ -434,16 +434,12 @@ def make_layerwise_step(
         raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
       return out, misuse
 
-    def differentiated(outer_leaves, bundle):
-      out, misuse = loss_of(outer_leaves, *bundle)
-      return out, misuse
-
     stacked = [[leaves[i] for i in members_of[a]] for a in range(n_stacks)]
     carriers = [[_to_carrier(state_leaves[j]) for j in owned_of[a]] for a in range(n_stacks)]
     misuse_box: list[str] = []
 
     def f(outer_leaves, bundle):
-      out, misuse = differentiated(outer_leaves, bundle)
+      out, misuse = loss_of(outer_leaves, *bundle)
       misuse_box.append(misuse)
       loss = out[0] if has_aux else out
       return loss, out
@@ -460,11 +456,9 @@ def make_layerwise_step(
 
     # The leaves outside the stacks, and the shared state (step counts, ...), after the backward
     # pass; the stacks' slices given to this update are zeros and their results are dropped.
-    u, new_s = view_update(
-        None, dict(zip(outer, g_outer)), {}, {}, {})
+    u, new_s = view_update(dict(zip(outer, g_outer)), {}, {}, {})
     new_leaves = list(leaves)
-    for i, g in zip(outer, g_outer):
-      del g
+    for i in outer:
       new_leaves[i] = (leaves[i] + u[i]).astype(leaves[i].dtype)
     for a in range(n_stacks):
       for i, w in zip(members_of[a], new_stacked[a]):
