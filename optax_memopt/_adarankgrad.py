@@ -450,7 +450,9 @@ def scale_by_adarankgrad(
     b2: Adam's decay rate for the second moment.
     eps: Adam's term added to the denominator.
     seed: Seed of the random sketches; the key of each refresh is derived from it, the leaf index
-      and the step count, so runs (and resumed runs) are reproducible.
+      and the step count (and, for a stack of matrices, the matrix's index in it, so that a layer
+      draws the same sketch whether its stack is updated whole or layer by layer by
+      :func:`optax_memopt.make_layerwise_step`), so runs (and resumed runs) are reproducible.
     moment_transform: Carry moments into the new basis at a refresh (``True``) or reset them.
     weight_dimension_numbers: ``None`` (project every 2-D leaf, and each layer of a layer stack on
       its own: a stacked ``[L, m, n]`` leaf is ``L`` matrices with batch axis 0, a stacked
