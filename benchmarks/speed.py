@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from optax import contrib as optax_contrib
 
+import optax_memopt
 from benchmarks import _common as bc
 from benchmarks import adarankgrad_refresh as refresh_bench
-from examples import config
+from examples import config, training
 from optax_memopt import AdaRankGradState, adarankgrad
 
 VARIANTS = tuple(bc.VARIANTS)
@@ -40,6 +44,10 @@ TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup
     "badam_block": ("<=", 0.7),
     "adarankgrad": ("<=", 1.3),
     "refresh_speedup": (">=", 10.0),
+    # Scanned model (one stacked layer run by optax_memopt.scan_layers), the block step's one
+    # compiled step against the full-gradient AdamW step on the same scanned model.
+    "scanned_block_mean": ("<=", 0.6),
+    "scanned_block_top": ("<=", 0.45),
 }
 
 
@@ -111,6 +119,74 @@ def _runner(setup: bc.Setup, batch: dict, steps: int):
   return run, state
 
 
+def _scanned(shape: str, seq_len: int, batch_size: int, repeats: int) -> dict:
+  """Scanned Llama: each block's step time (block step) against the AdamW step, interleaved; the
+  block step's parameters after two block-epochs against the drop-in BAdam's; its trace count."""
+  model_cfg = bc.llama_config(shape, seq_len=seq_len, scan_layers=True)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  cfg = config.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, switch_every=1,
+                           switch_mode="ascending")
+  batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=False)
+
+  # Equality with the drop-in path over two block-epochs, with Adam's eps at 1e-3: with 1e-8, a
+  # float32 rounding difference dg in a near-zero gradient entry becomes a step of up to lr * dg / eps
+  # (a full step), which measures Adam's amplification, not the block step.
+  split = training.Trainable(task.make_model(), nnx.Param)
+  tx = optax_memopt.badam(1e-4, switch_every=1, switch_mode="ascending", eps=1e-3)
+  paths = {"block": training.make_steps(split, task.loss_fn, tx, "badam")[0],
+           "dropin": training.make_steps(split, task.loss_fn, tx, "adamw")[0]}
+  n_blocks = len(bc.block_sizes(optax_memopt.block_labels(split.params), split.params))
+  eq = {k: [jax.tree.map(jnp.copy, split.params), tx.init(split.params)] for k in paths}
+  warm = time.perf_counter()
+  for _ in range(2 * n_blocks):
+    for k, step in paths.items():
+      eq[k][0], eq[k][1], (loss, _) = step(eq[k][0], eq[k][1], split.rest, batch)
+  jax.block_until_ready(loss)
+  traces = paths["block"].trace_count
+  rel = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(np.asarray(b))) or 1))
+            for a, b in zip(jax.tree.leaves(eq["block"][0]), jax.tree.leaves(eq["dropin"][0]),
+                            strict=True))
+  del eq, paths
+
+  setups = {v: bc.make_setup(v, task, cfg, abstract=False) for v in ("adamw", "badam_block")}
+  state = {v: [s.params, s.opt_state] for v, s in setups.items()}
+
+  def one(v):
+    s, st = setups[v], state[v]
+    st[0], st[1], (loss, _) = s.step(st[0], st[1], s.rest, batch)
+    return loss
+
+  for _ in range(n_blocks):  # warm-up: compilation
+    jax.block_until_ready(one("badam_block"))
+  jax.block_until_ready(one("adamw"))
+  warmup_s = time.perf_counter() - warm
+  # Timed: per repeat, one AdamW step after each block step (switch_every=1, ascending: the
+  # block step visits every block in turn), so each block is paired with an AdamW step timed
+  # next to it.
+  per_block: dict[int, list[float]] = {b: [] for b in range(n_blocks)}
+  adamw: list[float] = []
+  for _ in range(repeats * n_blocks):
+    block = int(jax.device_get(optax_memopt.active_block(state["badam_block"][1])))
+    t = time.perf_counter()
+    jax.block_until_ready(one("badam_block"))
+    per_block[block].append(time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(one("adamw"))
+    adamw.append(time.perf_counter() - t)
+  adamw_s = statistics.median(adamw)
+  block_s = {b: statistics.median(ts) for b, ts in per_block.items()}
+  mean = statistics.fmean(block_s.values()) / adamw_s
+  top = block_s[n_blocks - 1] / adamw_s
+  return {
+      "model": {k: getattr(model_cfg, k) for k in bc.LLAMA_SHAPES[shape]},
+      "adamw_step_s": adamw_s, "block_step_s": {str(b): t for b, t in block_s.items()},
+      "ratio_mean": mean, "ratio_top": top, "ratio_bottom": block_s[0] / adamw_s,
+      "target_mean": _met("scanned_block_mean", mean), "target_top": _met("scanned_block_top", top),
+      "traces_over_two_block_epochs": traces, "max_rel_diff_vs_dropin": rel,
+      "warmup_s": warmup_s,
+  }
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bc.add_output_args(parser, "speed")
@@ -121,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=None, help="timed block-epochs (default 5)")
   parser.add_argument("--rank", type=int, default=32, help="GaLore rank / AdaRankGrad max rank")
   parser.add_argument("--optimizers", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+  parser.add_argument("--no-scanned", action="store_true",
+                      help="skip the scanned-model block step section")
   parser.add_argument("--no-layerwise", action="store_true",
                       help="skip the layer-wise against ordinary step table")
   parser.add_argument("--only-layerwise", action="store_true",
@@ -202,6 +280,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
       ["matrix", "rank", "refresh: adarankgrad", "refresh: galore", "speedup", "target"],
       [[f"{m}x{n}", args.rank, f"{1e3 * refresh['adarankgrad']:.1f} ms",
         f"{1e3 * refresh['galore']:.1f} ms", f"{speedup:.1f}x", refresh_row["target"]]])
+  sections = []
+  if not args.no_scanned:
+    sc = _scanned(shape, seq_len, batch_size, repeats)
+    result["scanned"] = sc
+    blocks = sc["block_step_s"]
+    sections = [
+        f"Scanned model (the layers stacked and run by `optax_memopt.scan_layers`), BAdam's block "
+        f"step (one compiled step for all {len(blocks)} blocks: {sc['traces_over_two_block_epochs']} "
+        f"trace over two block-epochs; parameters after them within "
+        f"{sc['max_rel_diff_vs_dropin']:.1e} relative of the drop-in path's) against the AdamW "
+        f"step on the same model, each block step timed next to an AdamW step, median of {repeats}:",
+        bc.markdown_table(
+            ["block step", "time", "ratio to adamw", "target"],
+            [[f"block {b}", f"{1e3 * t:.1f} ms", f"{t / sc['adamw_step_s']:.2f}x",
+              sc["target_top"] if int(b) == len(blocks) - 1 else ""] for b, t in blocks.items()]
+            + [["mean over blocks", f"{1e3 * sc['ratio_mean'] * sc['adamw_step_s']:.1f} ms",
+                f"{sc['ratio_mean']:.2f}x", sc["target_mean"]],
+               ["adamw (full gradient)", f"{1e3 * sc['adamw_step_s']:.1f} ms", "1.00x", ""]]),
+    ]
   result["wall_s"] = time.perf_counter() - start
   result["table"] = "\n\n".join([
       bc.environment_header(env),
@@ -211,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       table,
       "Subspace refresh (one update that recomputes the projection):",
       refresh_table,
+      *sections,
   ])
   if not args.no_layerwise:
     result["layerwise"] = {"environment": env, "repeats": repeats,
