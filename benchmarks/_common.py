@@ -46,6 +46,13 @@ VARIANTS = {
     "lora": "lora",
 }
 
+# Layer-wise variants (optax_memopt.make_layerwise_step: the optimizer runs inside the backward
+# pass, layer by layer): the examples' optimizer, on a scanned model, without global-norm clipping.
+LAYERWISE = {
+    "adamw_layerwise": "adamw",
+    "adarankgrad_layerwise": "adarankgrad",
+}
+
 LLAMA_SHAPES = {
     # name: LlamaConfig fields (vocab, hidden, layers, heads, kv heads, intermediate)
     "micro": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -206,7 +213,10 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
   ``abstract``: build the model with ``nnx.eval_shape`` and the optimizer state with
   ``jax.eval_shape(tx.init, params)``: nothing is allocated.
   """
-  name = VARIANTS[variant]
+  layerwise = variant in LAYERWISE
+  name = LAYERWISE[variant] if layerwise else VARIANTS[variant]
+  if layerwise:  # a global-norm clip needs the whole gradient
+    cfg = dataclasses.replace(cfg, clip_norm=0.0)
 
   def build():
     model = task.make_model()
@@ -228,7 +238,8 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
     opt_state = jax.tree.map(jnp.copy, tx.init(split.params))
   # The examples' step for "badam" is the block step; any other name gives jax.grad + tx.update.
   step, _ = training.make_steps(split, task.loss_fn, tx,
-                               "badam" if variant == "badam_block" else "adamw")
+                               "badam" if variant == "badam_block" else "adamw",
+                               layerwise=layerwise)
   labels = None
   if name == "badam":
     labels = optax_memopt.block_labels(split.params, include_embedding=task.from_scratch,

@@ -23,6 +23,11 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
   list form's (the account below is taken on the list form). LoRA's adapters need the layers as a
   list, and ``optax.contrib.galore`` projects only 2-D leaves, so their cells stay unscanned.
 
+* **Layer-wise updates** (``optax_memopt.make_layerwise_step``): the account gains
+  ``adarankgrad_layerwise_bf16``, pure bf16 training (bf16 weights and AdaRankGrad state, no master
+  copy) whose gradients are one layer's plus those of the leaves outside the stack; the XLA table
+  gains ``adarankgrad_layerwise``, the float32 layer-wise step compiled on the scanned model.
+
     python -m benchmarks.memory            # every shape and optimizer
     python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
 """
@@ -30,6 +35,7 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 
@@ -49,6 +55,10 @@ SCANNED_XLA_SHAPES = ("llama2-7b", "llama3-8b")
 # LoRA's adapters are added layer by layer to a python list; optax.contrib.galore projects only 2-D
 # leaves (its dimension numbers have no batch axis), so on a stack it would run full Adam.
 UNSCANNABLE = ("lora", "galore")
+# Layer-wise steps (optax_memopt.make_layerwise_step) compiled on the scanned model of every XLA
+# shape, and the pure-bf16 layer-wise rows of the account.
+LAYERWISE_XLA = ("adarankgrad_layerwise",)
+LAYERWISE_ACCOUNT = ("adarankgrad_layerwise_bf16",)
 SLOW_CELLS: set[tuple[str, str]] = set()
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
@@ -106,6 +116,32 @@ def mixed_precision_account(shape: str, args) -> list[dict]:
   return rows
 
 
+def layerwise_account(shape: str, args) -> list[dict]:
+  """Pure bf16 AdaRankGrad with layer-wise updates: bf16 weights and state, no master copy.
+
+  Gradients: one layer's (the layer-wise step holds no other gradient of the stack) plus those
+  of the leaves outside the stack (embedding, head, final norm), all counted as live at once
+  (XLA may free the head's before the stack's backward pass: an upper bound).
+  """
+  cfg = _train_config(args)
+  model_cfg = bc.llama_config(shape, seq_len=args.seq_len, param_dtype="bfloat16",
+                              scan_layers=True)
+  setup = bc.make_setup("adarankgrad_layerwise", bc.llama_task(model_cfg, from_scratch=False),
+                        cfg, abstract=True)
+  n_model = bc.tree_size(setup.params)
+  layers = model_cfg.num_hidden_layers
+  stack = bc.tree_size(setup.params["layers"])
+  grads = 2 * (stack // layers + n_model - stack)
+  weights, state = 2 * n_model, bc.tree_bytes(setup.opt_state)
+  return [{
+      "shape": shape, "optimizer": "adarankgrad_layerwise_bf16", "model_params": n_model,
+      "trained_params": n_model, "weights_bytes": weights, "master_bytes": 0,
+      "grad_bytes": grads, "opt_state_bytes": state, "total_bytes": weights + grads + state,
+      "one_layer_grad_bytes": 2 * (stack // layers), "outer_grad_bytes": 2 * (n_model - stack),
+      "paper": "",
+  }]
+
+
 STACK_CHECK = (("badam_dropin", "float32"), ("badam_dropin", "bfloat16"),
                ("adarankgrad", "float32"))
 
@@ -151,7 +187,7 @@ def stack_table(rows) -> str:
 def xla_step(shape: str, variant: str, args) -> dict:
   """Compiles one float32 training step abstractly and reads XLA's memory analysis."""
   cfg = _train_config(args)
-  scanned = shape in args.scan_shapes and variant not in UNSCANNABLE
+  scanned = (shape in args.scan_shapes and variant not in UNSCANNABLE) or variant in LAYERWISE_XLA
   model_cfg = bc.llama_config(shape, seq_len=args.seq_len, scan_layers=scanned)
   task = bc.llama_task(model_cfg, from_scratch=False)
   setup = bc.make_setup(variant, task, cfg, abstract=True)
@@ -196,6 +232,28 @@ def xla_table(rows) -> str:
        for r in rows])
 
 
+def _merged(old: dict, new: dict) -> dict:
+  """``old`` (an earlier complete run) with the account and XLA cells of ``new`` replacing or
+  joining its own; the new cells' environment is recorded under ``merged``."""
+  out = dict(old)
+  cells = []
+  for part in ("account", "xla"):
+    rows = list(old[part])
+    for row in new[part]:
+      key = (row["shape"], row["optimizer"])
+      cells.append(f"{part} {key[0]}/{key[1]}")
+      same = [i for i, r in enumerate(rows) if (r["shape"], r["optimizer"]) == key]
+      if same:
+        rows[same[0]] = row
+      else:  # after the last row of its shape
+        last = max((i for i, r in enumerate(rows) if r["shape"] == row["shape"]), default=-1)
+        rows.insert(last + 1 if last >= 0 else len(rows), row)
+    out[part] = rows
+  out["merged"] = list(old.get("merged", [])) + [{"environment": new["environment"],
+                                                   "cells": cells}]
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bc.add_output_args(parser, "memory")
@@ -210,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--scan-shapes", nargs="*", default=list(SCANNED_XLA_SHAPES),
                       choices=tuple(bc.LLAMA_SHAPES),
                       help="shapes whose XLA step is compiled from the scanned (stacked) model")
+  parser.add_argument("--layerwise", nargs="*", default=list(LAYERWISE_XLA), choices=LAYERWISE_XLA,
+                      help="layer-wise steps to compile (on the scanned model of every XLA shape)")
+  parser.add_argument("--merge", action="store_true",
+                      help="update these cells in the existing --out file (an earlier complete "
+                           "run) instead of replacing it")
   parser.add_argument("--all-cells", action="store_true",
                       help="also compile the cells listed as slow (none at present)")
   args = parser.parse_args(argv)
@@ -225,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for shape in account_shapes:
     rows = [r for r in mixed_precision_account(shape, args) if r["optimizer"] in args.optimizers]
     result["account"] += rows
+    if "adarankgrad" in args.optimizers:
+      result["account"] += layerwise_account(shape, args)
     print(f"account {shape}: done", flush=True)
   for shape in account_shapes:
     result["stacked_vs_list"] += stacked_vs_list(shape, args)
@@ -234,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       why = "--quick" if args.quick else "not selected on the command line"
       result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
   for shape in xla_shapes:
-    for variant in args.optimizers:
+    for variant in list(args.optimizers) + list(args.layerwise):
       if (shape, variant) in SLOW_CELLS and not args.all_cells:
         result["skipped"].append(f"XLA {shape}/{variant}: compiles for many minutes on CPU; "
                                  "run with --all-cells")
@@ -249,9 +314,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
       print(f"xla {shape}/{variant}: peak {bc.gb(row['peak_bytes'])}, "
             f"compile {row['compile_s']:.1f} s", flush=True)
       result["xla"].append(row)
-      bc.write_json(args.out, result | {"complete": False})
+      if not args.merge:
+        bc.write_json(args.out, result | {"complete": False})
   result["wall_s"] = time.perf_counter() - start
   result["complete"] = True
+  if args.merge:
+    result = _merged(json.loads(args.out.read_text()), result)
+    env = result["environment"]
   result["table"] = "\n\n".join([
       bc.environment_header(env),
       "Mixed-precision account (exact, from the abstract trees; bf16 weights; GB = 1e9 bytes):",
@@ -262,7 +331,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
       "operands to f32 and would inflate the temporaries):",
       xla_table(result["xla"]),
-  ] + (["Not computed: " + "; ".join(result["skipped"])] if result["skipped"] else []))
+  ] + (["Not computed: " + "; ".join(result["skipped"])] if result["skipped"] else [])
+    + [f"Cells {', '.join(m['cells'])} measured later: {bc.environment_header(m['environment'])}"
+       for m in result.get("merged", [])])
   bc.write_json(args.out, result)
   print(result["table"])
   return result

@@ -21,6 +21,7 @@ SVD) against ``optax.contrib.galore`` (full SVD), for the model's largest weight
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -48,6 +49,47 @@ TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup
     "scanned_block_mean": ("<=", 0.6),
     "scanned_block_top": ("<=", 0.45),
 }
+
+
+# Layer-wise step against the ordinary step of the same optimizer on the same scanned model.
+LAYERWISE_PAIRS = (("adamw", "adamw_layerwise"), ("adarankgrad", "adarankgrad_layerwise"))
+LAYERWISE_TARGET = ("<=", 1.1)
+
+
+def layerwise_rows(shape: str, seq_len: int, batch_size: int, repeats: int, rank: int,
+                   pairs=LAYERWISE_PAIRS) -> list[dict]:
+  """Per-step time of ``make_layerwise_step`` over the ordinary step (``jax.grad`` + ``tx.update``),
+  both on the scanned model (run by ``scan_layers``) and without global-norm clipping (which the
+  layer-wise step refuses), timed interleaved: ``repeats`` rounds of 8 steps per variant."""
+  model_cfg = bc.llama_config(shape, seq_len=seq_len, scan_layers=True)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  cfg = config.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, rank=rank,
+                           clip_norm=0.0)
+  batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=False)
+  variants = [v for pair in pairs for v in pair]
+  runners = {v: _runner(bc.make_setup(v, task, cfg, abstract=False), batch, 8) for v in variants}
+  for v, (run, _) in runners.items():
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    print(f"{v} (scanned): warm-up {time.perf_counter() - t:.1f} s", flush=True)
+  seconds = bc.interleaved_median({v: run for v, (run, _) in runners.items()}, repeats, warmup=0)
+  op, bound = LAYERWISE_TARGET
+  rows = []
+  for ordinary, layerwise in pairs:
+    ratio = seconds[layerwise] / seconds[ordinary]
+    rows.append({"optimizer": ordinary, "ordinary_step_s": seconds[ordinary] / 8,
+                 "layerwise_step_s": seconds[layerwise] / 8, "ratio": ratio,
+                 "target": f"{op} {bound:g}: {'met' if ratio <= bound else 'missed'}"})
+  return rows
+
+
+def layerwise_table(rows) -> str:
+  return bc.markdown_table(
+      ["optimizer", "ordinary step (scanned)", "layer-wise step", "layer-wise / ordinary",
+       "target"],
+      [[r["optimizer"], f"{1e3 * r['ordinary_step_s']:.1f} ms",
+        f"{1e3 * r['layerwise_step_s']:.1f} ms", f"{r['ratio']:.2f}x", r["target"]]
+       for r in rows])
 
 
 def _met(key: str, value: float) -> str:
@@ -157,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--optimizers", nargs="*", default=list(VARIANTS), choices=VARIANTS)
   parser.add_argument("--no-scanned", action="store_true",
                       help="skip the scanned-model block step section")
+  parser.add_argument("--no-layerwise", action="store_true",
+                      help="skip the layer-wise against ordinary step table")
+  parser.add_argument("--only-layerwise", action="store_true",
+                      help="measure only the layer-wise against ordinary step table and merge it "
+                           "into the existing --out file")
   args = parser.parse_args(argv)
   shape = args.shape or ("micro" if args.quick else "small")
   seq_len = args.seq_len or (64 if args.quick else 128)
@@ -165,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   variants = ["adamw"] + [v for v in args.optimizers if v != "adamw"]
   env = bc.environment()
   start = time.perf_counter()
+  if args.only_layerwise:
+    result = json.loads(args.out.read_text())
+    result["layerwise"] = {"environment": env, "repeats": repeats,
+                           "rows": layerwise_rows(shape, seq_len, batch_size, repeats, args.rank)}
+    result["table"] = _with_layerwise(result["table"], result, shape)
+    bc.write_json(args.out, result)
+    print(result["table"])
+    return result
 
   model_cfg = bc.llama_config(shape, seq_len=seq_len)
   task = bc.llama_task(model_cfg, from_scratch=False)
@@ -255,9 +310,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
       refresh_table,
       *sections,
   ])
+  if not args.no_layerwise:
+    result["layerwise"] = {"environment": env, "repeats": repeats,
+                           "rows": layerwise_rows(shape, seq_len, batch_size, repeats, args.rank)}
+    result["table"] = _with_layerwise(result["table"], result, shape)
   bc.write_json(args.out, result)
   print(result["table"])
   return result
+
+
+def _with_layerwise(table: str, result: dict, shape: str) -> str:
+  """``table`` with the layer-wise section (replacing an earlier one)."""
+  marker = "\n\nLayer-wise step"
+  table = table.split(marker)[0]
+  lw = result["layerwise"]
+  when = ("" if lw["environment"]["date"] == result["environment"]["date"]
+          else f" Measured later: {bc.environment_header(lw['environment'])}")
+  return table + marker + (
+      f" (`make_layerwise_step`) against the ordinary step of the same optimizer, both on the "
+      f"scanned Llama {shape} (layers run by `scan_layers`), no gradient clipping; median of "
+      f"{lw['repeats']} interleaved rounds of 8 steps.{when}\n\n" + layerwise_table(lw["rows"]))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 OPTIMIZERS = ("adamw", "badam", "badam_ratio", "adarankgrad", "galore", "lora")
+# Optimizers whose update is per leaf (optax_memopt.make_layerwise_step applies them layer by layer).
+LAYERWISE_OPTIMIZERS = ("adamw", "adarankgrad")
 # Chosen on the default tasks (200-step runs, see benchmarks/RESULTS.md): full AdamW learns the RoBERTa
 # task at 1e-3 and stalls at the majority class at 3e-3; the block, projected and adapter methods
 # change fewer directions per step and want 3e-3 (GaLore and AdaRankGrad at 1e-3 reach a clearly
@@ -68,6 +70,10 @@ class TrainConfig:
   seed: int = field(0, "seed of the model init, data order and BAdam's block order")
   weight_decay: float = field(0.0, "decoupled weight decay")
   clip_norm: float = field(1.0, "global gradient-norm clipping (0: off)")
+  layerwise: bool = field(False, "apply the optimizer inside the backward pass, layer by layer "
+                          "(optax_memopt.make_layerwise_step: no gradient larger than one layer's "
+                          f"is held); for {', '.join(LAYERWISE_OPTIMIZERS)}; needs --scan-layers; "
+                          "global-norm clipping needs the whole gradient, so --clip-norm is off")
   switch_every: int = field(20, "BAdam / BAdam-ratio: steps per block before switching")
   switch_mode: str = field("random", "BAdam block order: random, ascending, descending, fixed")
   update_ratio: float = field(0.1, "BAdam-ratio: fraction of each tensor trained at a time")
@@ -139,6 +145,11 @@ class TrainConfig:
     if self.resume and self.overwrite:
       raise UsageError("--resume continues the run in the run directory and --overwrite replaces "
                        "it: give one of them")
+    if self.layerwise:
+      for name in self.compare_list or [self.optimizer]:
+        if name not in LAYERWISE_OPTIMIZERS:
+          raise UsageError(f"--layerwise works with {', '.join(LAYERWISE_OPTIMIZERS)}, not {name}")
+      self.clip_norm = 0.0
     if self.warmup_steps >= self.steps:
       self.warmup_steps = max(0, self.steps // 10)
 

@@ -60,6 +60,9 @@ class Config(config.TrainConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.layerwise and not self.scan_layers:
+      raise config.UsageError("--layerwise updates the layer stack inside its backward scan: "
+                              "add --scan-layers")
     if self.seq_len < 16:
       raise config.UsageError("--seq-len must be at least 16")
     if not 0 < self.eval_fraction < 1:

@@ -77,6 +77,9 @@ class Config(config.TrainConfig):
     if self.pretrain_steps and self.model is not None:
       raise config.UsageError("--pretrain-steps is for the random-init model; --model is "
                               "pretrained already")
+    if self.layerwise and not self.scan_layers:
+      raise config.UsageError("--layerwise updates the layer stack inside its backward scan: "
+                              "add --scan-layers")
     if self.task != "topics" and self.task not in SUPERGLUE and self.train is None:
       raise config.UsageError(f"unknown --task {self.task!r}; use topics, "
                               f"{', '.join(SUPERGLUE)}, or --train FILE")

@@ -67,15 +67,18 @@ class Trainable:
     return nnx.merge(self.graphdef, state, rest)
 
 
-def make_steps(split: Trainable, loss_fn, tx, optimizer: str):
+def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = False):
   """``train_step(params, opt_state, rest, batch) -> (params, opt_state, (loss, stats))`` and
-  ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step."""
+  ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step,
+  with ``layerwise`` the layer-wise step (the optimizer runs inside the backward pass)."""
 
   def loss(params, rest, batch):
     return loss_fn(split.merge(params, rest), batch)
 
   if optimizer == "badam":
     train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
+  elif layerwise:
+    train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True)
   else:
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -122,7 +125,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   place = Placement(cfg, task.sharding_rules)
   params, rest = place.params(split.params), place.replicated(split.rest)
   opt_state = _distinct_buffers(place.opt_state(tx, params), params)
-  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer)
+  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer, layerwise=cfg.layerwise)
   n_train = len(task.train_data["weight"])
   if n_train < cfg.batch_size:
     raise config.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "

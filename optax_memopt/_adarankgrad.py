@@ -482,7 +482,9 @@ def scale_by_adarankgrad(
     b2: Adam's decay rate for the second moment.
     eps: Adam's term added to the denominator.
     seed: Seed of the random sketches; the key of each refresh is derived from it, the leaf index
-      and the step count, so runs (and resumed runs) are reproducible.
+      and the step count (and, for a stack of matrices, the matrix's index in it, so that a layer
+      draws the same sketch whether its stack is updated whole or layer by layer by
+      :func:`optax_memopt.make_layerwise_step`), so runs (and resumed runs) are reproducible.
     moment_transform: Carry moments into the new basis at a refresh (``True``) or reset them.
     weight_dimension_numbers: ``None`` (project every 2-D leaf, and each layer of a layer stack on
       its own: a stacked ``[L, m, n]`` leaf is ``L`` matrices with batch axis 0, a stacked
@@ -644,7 +646,7 @@ def scale_by_adarankgrad(
         jnp.where(need, count, last),
     )
 
-  def projected_adam(index, lay, g, mu, nu, q, rank, ref, last, count):
+  def projected_adam(index, offset, lay, g, mu, nu, q, rank, ref, last, count):
     g32 = lay.to_matrix(g).astype(jnp.float32)
     q32, mu32, nu32 = q.astype(jnp.float32), mu.astype(jnp.float32), nu.astype(jnp.float32)
     low = _mT(q32) @ g32
@@ -656,6 +658,15 @@ def scale_by_adarankgrad(
         | _negligible_reference(ref, low_norm, g32)
     )
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
+    if lay.batch or offset is not None:
+      # One key per matrix of a stack (member ``b`` of the flattened batch axes): a layer's sketch
+      # is the same whether its stack is updated whole or layer by layer (``offset``: this leaf is
+      # one layer of a stacked leaf, see make_layerwise_step).
+      members = math.prod(lay.batch)
+      ids = jnp.arange(members, dtype=jnp.int32)
+      if offset is not None:
+        ids = ids + offset * members
+      key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids).reshape(lay.batch)
     q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
         jnp.any(need),
         lambda: refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
@@ -674,7 +685,7 @@ def scale_by_adarankgrad(
     return u, mu32.astype(mu.dtype), nu32.astype(nu.dtype), q32.astype(q.dtype), rank, ref, last
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+    layer_slice = extra_args.get(_tree.LAYER_SLICE_ARG)
     if params is not None:
       _tree.check_same_structure("scale_by_adarankgrad", updates, "grads", params, "params")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
@@ -702,7 +713,8 @@ def scale_by_adarankgrad(
         u, mu, nu = map(_keep_placement, plain_adam(g, mu, nu, step), (g, mu, nu))
       else:
         args = (g, mu, nu, q, rank, ref, last)
-        fn = functools.partial(projected_adam, i, lay)
+        offset = layer_slice[1] if layer_slice is not None and layer_slice[0][i] else None
+        fn = functools.partial(projected_adam, i, offset, lay)
         if any(w is not None and w.in_types for w in map(_where, args)):
           # Sharding in types (an Explicit mesh): typed matrix products contracting a sharded
           # dimension need an output sharding, and the QR of the sketch needs unsharded rows, so

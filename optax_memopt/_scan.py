@@ -134,6 +134,9 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any) -
         "scan_layers: every leaf of layers must have the same leading (layer) axis; got leading "
         f"sizes {sorted(str(n) for n in lengths)}"
     )
+  layerwise = _LAYERWISE.get()
+  if layerwise is not None and any(id(x) in layerwise for x in leaves):
+    return _scan_layerwise(fn, treedef, leaves, layerwise, carry, shared)
   entries = _ACTIVE.get() or {}
   active: list[jax.Array | None] = []
   index = None
@@ -316,4 +319,211 @@ def _scan(fn, treedef, stacked, active, index, carry, shared):
 
   run.defvjp(fwd, bwd, symbolic_zeros=True)
   out = run(list(stacked), list(active), index, carry_leaves, shared_leaves)
+  return jax.tree_util.tree_unflatten(carry_def, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-wise updates (optax_memopt.make_layerwise_step): the backward pass updates each layer.
+
+# The stacked leaves of the layer-wise step being traced: id(leaf handed to loss_fn) -> _Member.
+_LAYERWISE: contextvars.ContextVar[dict[int, _Member] | None] = contextvars.ContextVar(
+    "optax_memopt_scan_layerwise", default=None
+)
+
+
+@dataclasses.dataclass
+class _Stack:
+  """One layer stack trained layer by layer: its leaves, state slices and per-layer update."""
+
+  name: str
+  num_leaves: int  # how many stacked leaves of the params belong to it
+  carriers: list[jax.Array]  # its optimizer-state leaves ``[L, ...]`` (floats, see _layerwise)
+  # update(layer, grads, weights, state) -> (new weights, new state): lists of one layer's slices.
+  update: Callable[..., tuple[list[jax.Array], list[jax.Array]]]
+  used: int = 0  # scan_layers calls that consumed it
+
+
+@dataclasses.dataclass
+class _Member:
+  stack: _Stack
+  position: int  # index among the stack's leaves
+  weights: jax.Array  # the stacked weights as the step differentiates them
+
+
+@contextlib.contextmanager
+def layerwise_stacks(members: dict[int, _Member]) -> Iterator[None]:
+  """While tracing a layer-wise step's loss: the stacked leaves handed to ``loss_fn``."""
+  token = _LAYERWISE.set(members)
+  try:
+    yield
+  finally:
+    _LAYERWISE.reset(token)
+
+
+def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
+  """``scan_layers`` for a stack trained layer by layer.
+
+  The custom VJP takes the stacked weights and the stack's optimizer-state slices as primal
+  inputs and, in place of their cotangents, returns their *updated values*: its backward scan
+  computes layer ``l``'s weight gradient, applies the optimizer to layer ``l``'s slices and writes
+  them back into the scan's carry (read by the layers below only at indices not yet written), so
+  no gradient larger than one layer's ever exists.
+  """
+  found = [members.get(id(x)) for x in leaves]
+  stacks = {id(m.stack): m.stack for m in found if m is not None}
+  if len(stacks) != 1:
+    raise ValueError("scan_layers: one call runs one layer stack; got leaves of several stacks")
+  stack = next(iter(stacks.values()))
+  if sum(m is not None for m in found) != stack.num_leaves:
+    raise ValueError(
+        f"scan_layers: the layer stack {stack.name!r} is trained layer by layer, so every one of "
+        f"its {stack.num_leaves} stacked leaves must be among the scanned layers (got "
+        f"{sum(m is not None for m in found)})"
+    )
+  for m, x in zip(found, leaves):
+    if m is None and _is_float(x):
+      raise ValueError(
+          "scan_layers: under make_layerwise_step the scanned layers may hold only the stack's "
+          f"trained weights and non-float arrays; got a float leaf of shape {jnp.shape(x)} that is "
+          "not a recognised stacked parameter"
+      )
+  stack.used += 1
+  order = sorted((m.position, i) for i, m in enumerate(found) if m is not None)
+  w_pos = [i for _, i in order]  # layer-leaf position of the stack's weight k
+  weights = [found[i].weights for i in w_pos]
+  fixed = [None if m is not None else x for m, x in zip(found, leaves)]
+
+  carry_leaves, carry_def = jax.tree_util.tree_flatten(carry)
+  shared_leaves, shared_def = jax.tree_util.tree_flatten(shared)
+  num_layers = jnp.shape(weights[0])[0]
+
+  def call(w_leaves, fixed_l, c_leaves, s_leaves):
+    p = list(fixed_l)
+    for i, w in zip(w_pos, w_leaves):
+      p[i] = w
+    out = fn(
+        jax.tree_util.tree_unflatten(treedef, p),
+        jax.tree_util.tree_unflatten(carry_def, c_leaves),
+        *jax.tree_util.tree_unflatten(shared_def, s_leaves),
+    )
+    out_leaves, out_def = jax.tree_util.tree_flatten(out)
+    if out_def != carry_def:
+      raise TypeError(
+          f"scan_layers: fn must return a carry with the input's structure {carry_def}, "
+          f"got {out_def}"
+      )
+    return out_leaves
+
+  fixed_stacked = [x for x in fixed if x is not None]
+
+  def fixed_at(l_or_slices):
+    it = iter(l_or_slices)
+    return [None if x is None else next(it) for x in fixed]
+
+  @jax.custom_vjp
+  def run(weights, carriers, c_leaves, s_leaves):
+    del carriers
+
+    def body(c, xs):
+      w_l, f_l = xs
+      return call(w_l, fixed_at(f_l), c, s_leaves), None
+
+    return jax.lax.scan(body, c_leaves, (weights, fixed_stacked))[0]
+
+  facts: dict[str, Any] = {}
+
+  def fwd(weights, carriers, c_leaves, s_leaves):
+    weights = [x.value for x in weights]
+    carriers = [x.value for x in carriers]
+    c_leaves = [x.value for x in c_leaves]
+    s_leaves = [x.value for x in s_leaves]
+    c_diff = [_is_float(x) for x in c_leaves]
+    s_diff = [_is_float(x) for x in s_leaves]
+
+    def split(values, diff):
+      return [v for v, d in zip(values, diff) if d]
+
+    def merge(diff_values, values, diff):
+      it = iter(diff_values)
+      return [next(it) if d else v for v, d in zip(values, diff)]
+
+    def body(c, xs):
+      w_l, f_l = xs
+      f_l = fixed_at(f_l)
+
+      def f(wd, cd, sd):
+        outs = call(wd, f_l, merge(cd, c, c_diff), merge(sd, s_leaves, s_diff))
+        return split(outs, c_diff), [o for o, d in zip(outs, c_diff) if not d]
+
+      cd, sd = split(c, c_diff), split(s_leaves, s_diff)
+      outs_d, vjp_fn, outs_int = jax.vjp(f, list(w_l), cd, sd, has_aux=True)
+      res, res_def = jax.tree_util.tree_flatten(vjp_fn)
+      # Residuals that are this layer's weights or the shared arguments are re-read in the
+      # backward pass (the weights from the scan's carry, where layer l is still unchanged).
+      where, saved = [], []
+      for r in res:
+        hit = next((("w", i) for i, x in enumerate(w_l) if r is x), None)
+        hit = hit or next((("s", i) for i, x in enumerate(sd) if r is x), None)
+        if hit is None:
+          hit = ("r", len(saved))
+          saved.append(r)
+        where.append(hit)
+      facts["res_def"], facts["where"] = res_def, where
+      it_d, it_i = iter(outs_d), iter(outs_int)
+      return [next(it_d) if d else next(it_i) for d in c_diff], saved
+
+    c_out, saved = jax.lax.scan(body, c_leaves, (weights, fixed_stacked))
+    facts.update(c_diff=c_diff, s_diff=s_diff)
+    return c_out, (saved, weights, carriers, s_leaves)
+
+  def bwd(residuals, ct):
+    saved, weights, carriers, s_leaves = residuals
+    c_diff, s_diff = facts["c_diff"], facts["s_diff"]
+    res_def, where = facts["res_def"], facts["where"]
+    sd = [x for x, d in zip(s_leaves, s_diff) if d]
+    ct_d = [
+        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
+        for c, d in zip(ct, c_diff) if d
+    ]
+
+    def body(carry, xs):
+      dc, ds, w_all, s_all = carry
+      l, saved_l = xs
+      # Layer l's weights and state as buffers of their own (one layer each), so that every read
+      # of the stacked carry comes before its in-place update. Read directly, XLA fuses the reads
+      # into their consumers (the activation gradient, the other leaves' updates), which are not
+      # ordered before the writes, and copies the whole stack every iteration to be safe. The
+      # slices are read inside a conditional (its predicate is always true), whose outputs are
+      # materialised: one layer each, and the conditional is ordered before the writes.
+      def read(stacks):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, l, keepdims=False), stacks)
+
+      def zeros(stacks):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), stacks)
+
+      w_l, s_l = jax.lax.cond(l >= 0, read, zeros, (w_all, s_all))
+      res = [saved_l[j] if kind == "r" else (w_l[j] if kind == "w" else sd[j])
+             for kind, j in where]
+      dw, dc, ds_l = jax.tree_util.tree_unflatten(res_def, res)(dc)
+      ds = [a + b for a, b in zip(ds, ds_l)]
+      new_w, new_s = stack.update(l, list(dw), w_l, s_l)
+      w_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
+               for x, n in zip(w_all, new_w)]
+      s_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
+               for x, n in zip(s_all, new_s)]
+      return (dc, ds, w_all, s_all), None
+
+    zeros_sd = [jnp.zeros_like(x) for x in sd]
+    (dc, ds, new_weights, new_carriers), _ = jax.lax.scan(
+        body, (ct_d, zeros_sd, list(weights), list(carriers)),
+        (jnp.arange(num_layers), saved), reverse=True,
+    )
+    it = iter(dc)
+    d_carry = [next(it) if d else None for d in c_diff]
+    it = iter(ds)
+    d_shared = [next(it) if d else None for d in s_diff]
+    return new_weights, new_carriers, d_carry, d_shared
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
+  out = run(weights, list(stack.carriers), carry_leaves, shared_leaves)
   return jax.tree_util.tree_unflatten(carry_def, out)

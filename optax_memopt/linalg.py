@@ -51,6 +51,19 @@ def _small_svd(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return u, s, _mT(v)
 
 
+def _sketch(key: jax.Array, batch: tuple[int, ...], shape: tuple[int, int]) -> jax.Array:
+  """Gaussian sketches ``batch + shape``: from one key, or from one key per batch member."""
+  if jnp.ndim(key) == 0:
+    return jax.random.normal(key, batch + shape, jnp.float32)
+  if tuple(jnp.shape(key)) != tuple(batch):
+    raise ValueError(
+        f"key must be one key or an array of keys of the batch shape {batch}, got shape "
+        f"{tuple(jnp.shape(key))}.")
+  flat = jnp.reshape(key, (-1,))
+  omega = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(flat)
+  return omega.reshape(batch + shape)
+
+
 def randomized_range_finder(
     key: jax.Array, a: jax.Array, size: int, *, power_iters: int = 1
 ) -> jax.Array:
@@ -62,7 +75,8 @@ def randomized_range_finder(
   QR factorisation after every product so that small singular directions are not lost to rounding.
 
   Args:
-    key: A ``jax.random`` key.
+    key: A ``jax.random`` key, or an array of keys with ``a``'s batch shape (one sketch per matrix:
+      matrix ``b``'s sketch is then the same whether it is computed alone or in a batch).
     a: Array of shape ``[..., m, n]``; leading axes are batch axes. Any float dtype.
     size: Number of basis vectors ``ell``, ``1 <= size <= min(m, n)``.
     power_iters: Number of power (subspace) iterations; each costs two products with ``a``.
@@ -89,7 +103,7 @@ def randomized_range_finder(
   if power_iters < 0:
     raise ValueError(f"power_iters must be >= 0, got {power_iters}.")
   a = a.astype(jnp.float32)
-  omega = jax.random.normal(key, a.shape[:-2] + (n, size), jnp.float32)
+  omega = _sketch(key, a.shape[:-2], (n, size))
   q = _orthonormal_columns(a @ omega)
   for _ in range(power_iters):
     z = _orthonormal_columns(_mT(a) @ q)
@@ -117,7 +131,7 @@ def randomized_svd(
   decays (Halko et al., Theorem 10.6 and Corollary 10.10).
 
   Args:
-    key: A ``jax.random`` key.
+    key: A ``jax.random`` key, or an array of keys with ``a``'s batch shape (one per matrix).
     a: Array of shape ``[..., m, n]``; leading axes are batch axes. Any float dtype (bf16 is
       computed in float32).
     rank: Number of singular triplets to return, ``1 <= rank <= min(m, n)``.

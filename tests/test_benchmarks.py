@@ -41,7 +41,7 @@ def test_memory(tmp_path):
                "--xla-shapes", "micro"])
   result = _read(out)
   account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
-  assert {o for _, o in account} == set(memory.VARIANTS)
+  assert {o for _, o in account} == set(memory.VARIANTS) | set(memory.LAYERWISE_ACCOUNT)
   for r in account.values():
     assert r["total_bytes"] == (r["weights_bytes"] + r["master_bytes"] + r["grad_bytes"]
                                 + r["opt_state_bytes"]) > 0
@@ -52,6 +52,11 @@ def test_memory(tmp_path):
   assert acc["badam_block"]["total_bytes"] < acc["badam_dropin"]["total_bytes"]
   assert acc["badam_dropin"]["total_bytes"] < acc["adamw"]["total_bytes"]
   assert acc["lora"]["trained_params"] < acc["adamw"]["trained_params"] / 5
+  # Pure bf16 layer-wise AdaRankGrad: no master copy, gradients of one layer plus the outer leaves.
+  lw = acc["adarankgrad_layerwise_bf16"]
+  assert lw["master_bytes"] == 0 and lw["grad_bytes"] < acc["adarankgrad"]["grad_bytes"] / 2
+  assert lw["grad_bytes"] == lw["one_layer_grad_bytes"] + lw["outer_grad_bytes"]
+  assert lw["total_bytes"] < acc["adarankgrad"]["total_bytes"] / 2
   # The same model with its layers stacked: the same state (BAdam: one layer's AdamW state, plus
   # its fp32 master copy for bf16 weights, plus the schedule's few scalars).
   stacked = result["stacked_vs_list"]
@@ -61,11 +66,15 @@ def test_memory(tmp_path):
     if "one_layer_adamw_bytes" in r:
       assert 1 <= r["stacked_over_one_layer"] <= 1.01, r
   xla = {r["optimizer"]: r for r in result["xla"]}
-  assert set(xla) == set(memory.VARIANTS) and not any("XLA micro" in s for s in result["skipped"])
+  assert set(xla) == set(memory.VARIANTS) | set(memory.LAYERWISE_XLA)
+  assert not any("XLA micro" in s for s in result["skipped"])
   for r in xla.values():
     assert r["argument_bytes"] > 0 and r["peak_bytes"] > 0 and r["compile_s"] > 0
   assert xla["badam_block"]["opt_state_bytes"] < xla["adamw"]["opt_state_bytes"]
   assert xla["badam_block"]["peak_bytes"] < xla["adamw"]["peak_bytes"]
+  # (The layer-wise step's temporaries are tested on a model its stack dominates in
+  # tests/test_layerwise.py; in micro the embedding and head are half the parameters.)
+  assert xla["adarankgrad_layerwise"]["alias_bytes"] == xla["adarankgrad"]["alias_bytes"]
   assert any("XLA compile of" in s for s in result["skipped"])  # nothing left out silently
 
 
@@ -86,6 +95,9 @@ def test_speed(tmp_path):
   assert scanned["traces_over_two_block_epochs"] == 1
   assert scanned["max_rel_diff_vs_dropin"] < 1e-4  # Adam eps 1e-3: float32 rounding, not a step
   assert "scanned" in result["table"].lower()
+  layerwise = {r["optimizer"]: r for r in result["layerwise"]["rows"]}
+  assert set(layerwise) == {"adamw", "adarankgrad"} and "Layer-wise step" in result["table"]
+  assert all(r["ratio"] > 0 and r["target"].startswith("<= 1.1") for r in layerwise.values())
 
 
 def test_convergence(tmp_path):

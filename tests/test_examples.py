@@ -90,6 +90,20 @@ def test_llama_scan_layers_on_a_mesh_trains_one_layer_and_resumes(tmp_path, caps
   assert sorted(_losses(tmp_path / "scan")) == list(range(1, 7))
 
 
+def test_llama_layerwise_matches_the_ordinary_step(tmp_path):
+  """--layerwise (the optimizer inside the backward pass) trains as the ordinary step does."""
+  args = LLAMA + ["--gen-tokens", "0", "--stop-at", "4", "--optimizer", "adarankgrad",
+                  "--scan-layers", "--clip-norm", "0"]
+  finetune_llama.main(args + ["--out", str(tmp_path / "ordinary")])
+  [summary] = finetune_llama.main(args + ["--out", str(tmp_path / "layerwise"), "--layerwise"])
+  assert summary["optimizer"] == "adarankgrad"
+  ordinary, layerwise = _losses(tmp_path / "ordinary"), _losses(tmp_path / "layerwise")
+  assert sorted(layerwise) == [1, 2, 3, 4]
+  for step, loss in ordinary.items():
+    # AdaRankGrad's per-layer randomized SVD against the stacked one: float32 rounding.
+    assert abs(layerwise[step] - loss) <= 1e-4 * abs(loss), (step, layerwise[step], loss)
+
+
 def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
   """--pretrain-steps: AdamW language modelling on the manual's other paragraphs, then BAdam
   fine-tuning of that model with the embedding and head frozen."""
@@ -302,6 +316,9 @@ def test_roberta_pair_encoding():
     (finetune_llama, ["--resume"], "--resume: nothing to resume"),
     (finetune_roberta, ["--compare", "adamw,badam", "--resume"], "--resume: nothing to resume"),
     (finetune_llama, ["--resume", "--overwrite"], "give one of them"),
+    (finetune_llama, ["--layerwise", "--optimizer", "adarankgrad"], "add --scan-layers"),
+    (finetune_roberta, ["--layerwise", "--scan-layers"], "--layerwise works with adamw, "
+     "adarankgrad, not badam"),
 ])
 def test_bad_input_is_one_line(script, argv, message, tmp_path):
   with pytest.raises(SystemExit) as e:

@@ -97,3 +97,18 @@ def test_range_finder_orthonormal_and_captures_range():
 def test_errors(shape, rank, match):
   with pytest.raises(ValueError, match=match):
     randomized_svd(jax.random.key(0), jnp.ones(shape), rank)
+
+
+def test_one_key_per_matrix_gives_each_matrix_its_own_sketch():
+  # A batch of keys: matrix b's factorisation is the one it gets alone with key b (what lets a
+  # stacked leaf and its layers, updated one at a time, draw the same sketches).
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(3))
+  a = jax.random.normal(jax.random.key(1), (3, 20, 12))
+  u, s, vt = randomized_svd(keys, a, 4)
+  for b in range(3):
+    ub, sb, vtb = randomized_svd(keys[b], a[b], 4)
+    # Batched against unbatched matrix products: float32 rounding only.
+    np.testing.assert_allclose(s[b], sb, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(u[b].T @ ub), np.eye(4), atol=1e-4)
+  with pytest.raises(ValueError, match="batch shape"):
+    randomized_svd(keys[:2], a, 4)

@@ -1,0 +1,518 @@
+"""Layer-wise updates: the optimizer runs inside the backward pass, one layer at a time.
+
+``jax.grad`` followed by ``tx.update`` holds the whole model's gradient at once (for a 7B model in
+float32, 27 GB). :func:`make_layerwise_step` instead hands each layer's gradient to the optimizer
+as soon as the backward pass has computed it: the layer stack's backward scan (run by
+:func:`optax_memopt.scan_layers`) computes layer ``l``'s weight gradient, applies ``tx.update`` to
+layer ``l``'s slice of the weights and of every per-layer part of the optimizer state, writes the
+new slices back and moves on to layer ``l - 1``, so at most one layer's gradient exists at a time.
+The leaves outside the stacks (embedding, final norm, head) are updated after the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_memopt import _badam, _badam_ratio, _block_step, _blocks, _scan, _tree
+
+# Integer optimizer-state slices travel through the backward pass as cotangents, which must be
+# floats: they are bit-cast to a float of the same width and back (the bits are never computed on).
+_CARRIER = {4: jnp.float32, 2: jnp.float16, 1: jnp.float8_e5m2}
+
+
+def _to_carrier(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jax.lax.bitcast_convert_type(x, _CARRIER[x.dtype.itemsize])
+
+
+def _from_carrier(x: jax.Array, dtype: Any) -> jax.Array:
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return x
+  return jax.lax.bitcast_convert_type(x, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How a params/state structure is trained layer by layer (found once, from shapes only)."""
+
+  stack_names: tuple[str, ...]
+  stack_of_leaf: tuple[int | None, ...]  # per params leaf: its stack, None outside stacks
+  owner: tuple[int | None, ...]  # per state leaf: the stack whose layers it is sliced by
+  lengths: tuple[int, ...]  # per stack, its number of layers
+
+
+def _state_paths(opt_state: Any) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
+
+
+def _refuse_known(opt_state: Any) -> None:
+  """Clear errors for the transformations we know cannot run layer by layer."""
+  kinds = (
+      (optax.MultiStepsState, "optax.MultiSteps keeps a full-size gradient accumulator (the buffer "
+       "layer-wise updates exist to avoid); use a larger batch, or the ordinary step"),
+      (_badam.BlockCoordinateState, "badam / block_coordinate train one block at a time; use "
+       "optax_memopt.make_block_step"),
+      (_badam_ratio.BAdamRatioState, "badam_ratio's selection spans whole leaves; use the "
+       "ordinary step"),
+  )
+
+  def is_kind(x):
+    return isinstance(x, tuple(k for k, _ in kinds))
+
+  for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_kind):
+    for kind, why in kinds:
+      if isinstance(x, kind):
+        raise TypeError(f"make_layerwise_step: tx cannot be applied layer by layer: {why}")
+
+
+def _make_plan(tx, params, opt_state, stacks) -> _Plan:
+  leaves = jax.tree_util.tree_leaves(params)
+  paths = _tree.leaf_paths(params)
+  shapes = [tuple(jnp.shape(x)) for x in leaves]
+  keys = _blocks._stack_keys(paths, shapes, _blocks._list_keys(paths), stacks)
+  names: list[str] = []
+  for k in keys:
+    if k is not None and k[0] not in names:
+      names.append(k[0])
+  if not names:
+    raise ValueError(
+        "make_layerwise_step: no layer stack found in params (stacked leaves [L, ...] under a "
+        f"name like 'layers'; paths look like {paths[:3]}); name it with stacks=..."
+    )
+  for path, x in zip(paths, leaves):
+    if not _tree.is_float(x):
+      raise TypeError(
+          f"make_layerwise_step: parameter {path!r} has dtype {x.dtype}; only float parameters "
+          "can be trained (keep other arrays out of params)"
+      )
+  stack_of_leaf = tuple(None if k is None else names.index(k[0]) for k in keys)
+  lengths = tuple(next(k[1] for k in keys if k is not None and k[0] == n) for n in names)
+  _refuse_known(opt_state)
+
+  state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
+  state_paths = _state_paths(opt_state)
+  owner: list[int | None] = [None] * len(state_leaves)
+  for a, name in enumerate(names):
+    view = [jax.ShapeDtypeStruct(s[1:], x.dtype) if st == a else jax.ShapeDtypeStruct(s, x.dtype)
+            for x, s, st in zip(leaves, shapes, stack_of_leaf)]
+    params_def = jax.tree_util.tree_structure(params)
+    view_state = jax.eval_shape(tx.init, jax.tree_util.tree_unflatten(params_def, view))
+    view_leaves, view_def = jax.tree_util.tree_flatten(view_state)
+    if view_def != state_def:
+      raise ValueError(
+          "make_layerwise_step: tx.init gives a state of another structure for one layer of the "
+          f"stack {name!r} than opt_state has; tx cannot be applied layer by layer"
+      )
+    for j, (full, one, path) in enumerate(zip(state_leaves, view_leaves, state_paths)):
+      full_shape = tuple(jnp.shape(full))
+      if full_shape == tuple(one.shape):
+        continue
+      if full_shape != (lengths[a],) + tuple(one.shape) or jnp.result_type(full) != one.dtype:
+        raise ValueError(
+            f"make_layerwise_step: the state leaf {path} has shape {full_shape}, but for one layer "
+            f"of the stack {name!r} tx keeps {tuple(one.shape)}: it is not the stack of its "
+            "layers' states, so tx cannot be applied layer by layer"
+        )
+      if owner[j] is not None:
+        raise ValueError(f"make_layerwise_step: the state leaf {path} belongs to two stacks")
+      if not jnp.issubdtype(one.dtype, jnp.inexact) and one.dtype.itemsize not in _CARRIER:
+        raise TypeError(
+            f"make_layerwise_step: the state leaf {path} has dtype {one.dtype}; per-layer state "
+            "must be a float or an integer of 8, 16 or 32 bits"
+        )
+      owner[j] = a
+  return _Plan(tuple(names), stack_of_leaf, tuple(owner), lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which outputs of tx.update depend on which inputs: found on its jaxpr.
+
+
+def _sub_jaxpr(eqn):
+  for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    sub = eqn.params.get(name)
+    if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+      return sub
+  return None
+
+
+def _deps(jaxpr, in_deps: list[frozenset]) -> list[frozenset]:
+  """Per output of ``jaxpr``, the union of the ``in_deps`` of the inputs it depends on."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  env: dict[Any, frozenset] = {}
+
+  def read(v):
+    return env.get(v, frozenset()) if not hasattr(v, "val") else frozenset()
+
+  for v in jaxpr.constvars:
+    env[v] = frozenset()
+  for v, d in zip(jaxpr.invars, in_deps, strict=True):
+    env[v] = d
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    for v, d in zip(eqn.outvars, _eqn_deps(eqn, ins)):
+      env[v] = d
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _union(sets) -> frozenset:
+  out: frozenset = frozenset()
+  for s in sets:
+    out = out | s
+  return out
+
+
+def _eqn_deps(eqn, ins: list[frozenset]) -> list[frozenset]:
+  name = eqn.primitive.name
+  n_out = len(eqn.outvars)
+  if name == "cond":
+    index, ops = ins[0], ins[1:]
+    outs = [frozenset()] * n_out
+    for branch in eqn.params["branches"]:
+      outs = [a | b for a, b in zip(outs, _deps(branch, ops))]
+    return [o | index for o in outs]
+  if name == "scan":
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+    while True:
+      outs = _deps(eqn.params["jaxpr"], consts + carry + xs)
+      new = [a | b for a, b in zip(carry, outs[:nk])]
+      if new == carry:
+        return outs
+      carry = new
+  if name == "while":
+    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+    while True:
+      pred = _union(_deps(eqn.params["cond_jaxpr"], cconsts + carry))
+      outs = _deps(eqn.params["body_jaxpr"], bconsts + carry)
+      new = [a | b | pred for a, b in zip(carry, outs)]
+      if new == carry:
+        return carry
+      carry = new
+  sub = _sub_jaxpr(eqn)
+  if sub is not None and len(getattr(sub, "jaxpr", sub).invars) == len(ins):
+    return _deps(sub, ins)
+  every = _union(ins)
+  return [every] * n_out
+
+
+def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
+  """Raises a one-line error when an update computed layer by layer would differ: the update of a
+  stack's layer (or its state) reads another stack's or an outer leaf's gradient, or the update of
+  an outer leaf (or a shared state leaf such as a step count) reads a stack's."""
+  leaves, params_def = jax.tree_util.tree_flatten(params)
+  state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
+  paths = _tree.leaf_paths(params)
+  state_paths = _state_paths(opt_state)
+
+  def view_shape(x, stack):
+    s = tuple(jnp.shape(x))
+    return s[1:] if stack is not None else s
+
+  g = [jax.ShapeDtypeStruct(view_shape(x, a), x.dtype) for x, a in zip(leaves, plan.stack_of_leaf)]
+  s = [jax.ShapeDtypeStruct(view_shape(x, a), jnp.result_type(x))
+       for x, a in zip(state_leaves, plan.owner)]
+  mask = [a is not None for a in plan.stack_of_leaf]
+
+  def update(g, s, p, layer):
+    u, new_s = tx.update(
+        jax.tree_util.tree_unflatten(params_def, g), jax.tree_util.tree_unflatten(state_def, s),
+        jax.tree_util.tree_unflatten(params_def, p), **{_tree.LAYER_SLICE_ARG: (mask, layer)})
+    return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
+
+  closed = jax.make_jaxpr(update)(g, s, g, jax.ShapeDtypeStruct((), jnp.int32))
+  n, m = len(leaves), len(state_leaves)
+  # Input ids: ("g", i), ("s", j), ("p", i) in the order make_jaxpr flattened them.
+  in_ids = ([frozenset({("g", i)}) for i in range(n)] + [frozenset({("s", j)}) for j in range(m)]
+            + [frozenset({("p", i)}) for i in range(n)] + [frozenset()])
+  out = _deps(closed, in_ids)
+  u_deps, s_deps = out[:n], out[n:]
+
+  def where(kind, k):
+    if kind == "s":
+      return plan.owner[k], f"the state leaf {state_paths[k]}"
+    what = "gradient" if kind == "g" else "value"
+    return plan.stack_of_leaf[k], f"the {what} of {paths[k]!r}"
+
+  def stack_name(a):
+    return "outside the layer stacks" if a is None else f"in the layer stack {plan.stack_names[a]!r}"
+
+  outputs = ([(plan.stack_of_leaf[i], f"the update of {paths[i]!r}", d) for i, d in enumerate(u_deps)]
+             + [(plan.owner[j], f"the new state leaf {state_paths[j]}", d)
+                for j, d in enumerate(s_deps)])
+  for a, what, deps in outputs:
+    for kind, k in sorted(deps):
+      b, source = where(kind, k)
+      # A layer's update may read outer values and state (they are the step's inputs in both
+      # places); it may not read an outer gradient, nor anything of another stack. An outer update
+      # may read nothing of a stack.
+      bad = (b != a and b is not None) or (a is not None and b is None and kind == "g") or (
+          a is None and b is not None)
+      if bad:
+        raise ValueError(
+            f"make_layerwise_step: tx cannot be applied layer by layer: {what} ({stack_name(a)}) "
+            f"depends on {source} ({stack_name(b)}); a transformation that needs the whole "
+            "gradient (optax.clip_by_global_norm, apply_if_finite, ...) must run in the ordinary "
+            "step"
+        )
+
+
+def make_layerwise_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+    stacks: str | tuple[str, ...] | None = None,
+) -> Callable[..., tuple[Any, Any, Any]]:
+  """A training step that applies ``tx`` inside the backward pass, one layer at a time.
+
+  Returns ``step(params, opt_state, *args, **kwargs) -> (params, opt_state, loss)`` (``loss`` is
+  ``(loss, aux)`` with ``has_aux``). ``loss_fn(params, *args, **kwargs)`` must run its layer stack
+  (stacked leaves ``[L, ...]``, recognised as :func:`block_labels` does) through
+  :func:`optax_memopt.scan_layers`. The backward scan then computes one layer's weight gradient,
+  feeds it to ``tx.update`` together with that layer's slices of the parameters and of the
+  optimizer state, writes the new slices back and drops the gradient: no gradient larger than one
+  layer's is ever held. Leaves outside the stack (embedding, final norm, head) are updated after
+  the backward pass, with their ordinary gradients.
+
+  **Which transformations.** Any ``tx`` whose update of a leaf reads only that leaf's gradient,
+  value and state (plus shared scalars such as the step count): ``optax.adamw``, ``adam``,
+  ``lion``, ``sgd``, schedules, ``inject_hyperparams``, ``add_decayed_weights``, masks, and
+  :func:`optax_memopt.adarankgrad`. Each layer of a stack is updated as a leaf of its own (as if
+  the stack were a list of layers); for these transformations, and for AdaRankGrad (which projects
+  each layer of a stack on its own), that is the ordinary step's update, and the parameters equal
+  the ordinary step's (``jax.grad`` + ``tx.update``) to float32 rounding. A transformation that
+  needs the whole gradient is refused at the first call with a one-line error naming the leaf and
+  what it reads: ``optax.clip_by_global_norm``, ``apply_if_finite`` (found by following the
+  dependencies through ``tx.update``'s jaxpr), ``optax.MultiSteps`` (its accumulator is a whole
+  gradient), BAdam (use :func:`make_block_step`). The optimizer state is the ordinary
+  ``tx.init(params)``: every state leaf of a stacked leaf must be the stack of its layers' states
+  (leading axis ``L``), which is checked.
+
+  **Memory.** Live at once: the weights, the optimizer state, the activations saved by the forward
+  pass (use ``jax.checkpoint`` on the layer function to keep only each layer's input), one layer's
+  gradient, and the gradients of the leaves outside the stack. With ``donate=True`` the weights and
+  the state are updated in place. For pure low-precision training keep the parameters in bfloat16
+  (no float32 master copy) and choose the state dtype of ``tx`` (e.g. AdaRankGrad's
+  ``state_dtype``); the update arithmetic follows ``tx``.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``)
+      whose layer stack runs through :func:`optax_memopt.scan_layers`, every use of a stacked weight
+      inside the scanned layer function.
+    tx: the optimizer (see above).
+    has_aux: ``loss_fn`` returns ``(loss, aux)``.
+    donate: donate ``params`` and ``opt_state`` (do not use the arrays passed in after the call).
+    stacks: the stacks' subtree paths when :func:`block_labels`' guess does not find them.
+
+  Returns:
+    The step function; ``step.lower(params, opt_state, *args)`` gives its ``jax.stages.Lowered``
+    (inputs may be ``jax.ShapeDtypeStruct``), for XLA's memory analysis.
+
+  Raises:
+    TypeError, ValueError: at the first call, when ``params`` has no layer stack, ``tx`` cannot be
+      applied layer by layer, the stack does not run through ``scan_layers`` or a stacked weight is
+      used outside it.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_memopt
+    >>> params = {'layers': {'w': jnp.stack([jnp.eye(2)] * 3)}, 'head': jnp.ones((2,))}
+    >>> def loss_fn(params, x):
+    ...   x = optax_memopt.scan_layers(lambda l, x: jnp.tanh(x @ l['w']), params['layers'], x)
+    ...   return jnp.sum((x @ params['head'] - 1.0) ** 2)
+    >>> tx = optax.adamw(1e-2)
+    >>> step = optax_memopt.make_layerwise_step(loss_fn, tx)
+    >>> opt_state = tx.init(params)
+    >>> for _ in range(3):
+    ...   params, opt_state, loss = step(params, opt_state, jnp.ones((4, 2)))
+    >>> params['layers']['w'].shape
+    (3, 2, 2)
+  """
+  if not callable(loss_fn):
+    raise TypeError("make_layerwise_step: loss_fn must be callable")
+  if isinstance(tx, optax.MultiSteps):
+    raise TypeError(
+        "make_layerwise_step: tx cannot be applied layer by layer: optax.MultiSteps keeps a "
+        "full-size gradient accumulator (the buffer layer-wise updates exist to avoid)"
+    )
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(
+        f"make_layerwise_step: tx must be an optax transformation, got {type(tx).__name__}")
+  if isinstance(tx, optax.GradientTransformation):
+    tx = optax.with_extra_args_support(tx)
+  checked: set[Any] = set()
+
+  def one_step(params, opt_state, *args, **kwargs):
+    step.trace_count += 1
+    plan = _make_plan(tx, params, opt_state, stacks)
+    key = (jax.tree_util.tree_structure((params, opt_state)),
+           tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves((params, opt_state))))
+    if key not in checked:
+      _check_per_layer(tx, plan, params, opt_state)
+      checked.add(key)
+    leaves, params_def = jax.tree_util.tree_flatten(params)
+    state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
+    paths = _tree.leaf_paths(params)
+    n_stacks = len(plan.stack_names)
+    members_of = [[i for i, a in enumerate(plan.stack_of_leaf) if a == s] for s in range(n_stacks)]
+    owned_of = [[j for j, a in enumerate(plan.owner) if a == s] for s in range(n_stacks)]
+    outer = [i for i, a in enumerate(plan.stack_of_leaf) if a is None]
+
+    def zeros_view(x, stacked):
+      shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+      return jnp.zeros(shape, jnp.result_type(x))
+
+    def view_update(grads, weights, states, extra):
+      """tx.update on the params' structure, stacked leaves seen as one layer; ``grads``,
+      ``weights``, ``states``: {leaf index: value} for the leaves that matter, zeros elsewhere."""
+      g = [grads[i] if i in grads else zeros_view(x, a is not None)
+           for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
+      p = [weights[i] if i in weights else (x if a is None else zeros_view(x, True))
+           for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
+      s = [states[j] if j in states else (x if a is None else zeros_view(x, True))
+           for j, (x, a) in enumerate(zip(state_leaves, plan.owner))]
+      u, new_s = tx.update(
+          jax.tree_util.tree_unflatten(params_def, g),
+          jax.tree_util.tree_unflatten(state_def, s),
+          jax.tree_util.tree_unflatten(params_def, p),
+          **extra,
+      )
+      return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
+
+    def layer_update(a):
+      members, owned = members_of[a], owned_of[a]
+      mask = [b == a for b in plan.stack_of_leaf]
+
+      def update(layer, grads, weights, states):
+        u, new_s = view_update(
+            dict(zip(members, grads)), dict(zip(members, weights)),
+            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))
+             for j, c in zip(owned, states)},
+            {_tree.LAYER_SLICE_ARG: (mask, layer)},
+        )
+        new_w = [(w + u[i]).astype(w.dtype) for i, w in zip(members, weights)]
+        new_c = [_to_carrier(new_s[j]) for j in owned]
+        return new_w, new_c
+
+      return update
+
+    def loss_of(outer_leaves, stacked, carriers):
+      full = list(leaves)
+      for i, x in zip(outer, outer_leaves):
+        full[i] = x
+      members: dict[int, _scan._Member] = {}
+      stack_objs = []
+      misuse: list[str] = []
+      for a in range(n_stacks):
+        obj = _scan._Stack(plan.stack_names[a], len(members_of[a]), list(carriers[a]),
+                           layer_update(a))
+        stack_objs.append(obj)
+        for k, (i, w) in enumerate(zip(members_of[a], stacked[a])):
+          full[i] = _watch(w, paths[i], misuse)
+          members[id(full[i])] = _scan._Member(obj, k, w)
+      with _scan.layerwise_stacks(members):
+        out = loss_fn(jax.tree_util.tree_unflatten(params_def, full), *args, **kwargs)
+      for obj in stack_objs:
+        if obj.used != 1:
+          raise ValueError(
+              f"make_layerwise_step: the layer stack {obj.name!r} must run through "
+              f"optax_memopt.scan_layers exactly once in loss_fn (it ran {obj.used} times)"
+          )
+      loss = out[0] if has_aux else out
+      if not (hasattr(loss, "shape") and loss.shape == ()):
+        shape = getattr(loss, "shape", type(loss).__name__)
+        raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
+      return out, misuse
+
+    stacked = [[leaves[i] for i in members_of[a]] for a in range(n_stacks)]
+    carriers = [[_to_carrier(state_leaves[j]) for j in owned_of[a]] for a in range(n_stacks)]
+    misuse_box: list[str] = []
+
+    def f(outer_leaves, bundle):
+      out, misuse = loss_of(outer_leaves, *bundle)
+      misuse_box.append(misuse)
+      loss = out[0] if has_aux else out
+      return loss, out
+
+    (_, out), (g_outer, (new_stacked, new_carriers)) = jax.value_and_grad(
+        f, argnums=(0, 1), has_aux=True)([leaves[i] for i in outer], (stacked, carriers))
+    for misuse in misuse_box:
+      if misuse:
+        raise ValueError(
+            f"make_layerwise_step: the stacked weight {misuse[0]!r} is used outside "
+            "optax_memopt.scan_layers in loss_fn; under layer-wise updates every use of a "
+            "stacked weight must be inside the scanned layer function"
+        )
+
+    # The leaves outside the stacks, and the shared state (step counts, ...), after the backward
+    # pass; the stacks' slices given to this update are zeros and their results are dropped.
+    u, new_s = view_update(dict(zip(outer, g_outer)), {}, {}, {})
+    new_leaves = list(leaves)
+    for i in outer:
+      new_leaves[i] = (leaves[i] + u[i]).astype(leaves[i].dtype)
+    for a in range(n_stacks):
+      for i, w in zip(members_of[a], new_stacked[a]):
+        new_leaves[i] = w
+    new_state = list(state_leaves)
+    for j, a in enumerate(plan.owner):
+      if a is None:
+        new_state[j] = new_s[j]
+    for a in range(n_stacks):
+      for j, c in zip(owned_of[a], new_carriers[a]):
+        new_state[j] = _from_carrier(c, jnp.result_type(state_leaves[j]))
+    new_params = jax.tree_util.tree_unflatten(params_def, new_leaves)
+    new_state = jax.tree_util.tree_unflatten(state_def, new_state)
+    if host["shardings"] is not None:
+      new_params, new_state = _block_step._keep_shardings(
+          (new_params, new_state), host["shardings"])
+    return new_params, new_state, out
+
+  host: dict[str, Any] = {"fn": None, "shardings": None}
+
+  def compiled(params, opt_state):
+    if host["fn"] is None:
+      shardings = _block_step._mesh_shardings((params, opt_state))
+      host["shardings"] = shardings if any(s is not None for s in shardings) else None
+      host["fn"] = jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
+    return host["fn"]
+
+  def step(params, opt_state, *args, **kwargs):
+    if donate:
+      params, opt_state = _block_step._distinct_buffers((params, opt_state))
+    return compiled(params, opt_state)(params, opt_state, *args, **kwargs)
+
+  def lower(params, opt_state, *args, **kwargs):
+    return compiled(params, opt_state).lower(params, opt_state, *args, **kwargs)
+
+  step.trace_count = 0
+  step.lower = lower
+  return step
+
+
+def _watch(w: jax.Array, path: str, misuse: list[str]) -> jax.Array:
+  """``w`` by value; a nonzero cotangent reaching it (a use outside scan_layers) is recorded."""
+
+  @jax.custom_vjp
+  def watch(w):
+    return w
+
+  def fwd(w):
+    return w.value, None
+
+  def bwd(_, ct):
+    if not isinstance(ct, jax.custom_derivatives.SymbolicZero):
+      misuse.append(path)
+    return (None,)
+
+  watch.defvjp(fwd, bwd, symbolic_zeros=True)
+  return watch(w)
