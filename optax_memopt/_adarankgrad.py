@@ -225,6 +225,10 @@ def _layer_leaves(params: Any) -> list[bool]:
   listed = _blocks._list_keys(paths)
   stacked = _blocks._stack_keys(paths, shapes, listed, None)
   inside = [lk is not None or sk is not None for lk, sk in zip(listed, stacked, strict=True)]
+  if not any(inside):
+    # One layer under a layer-container name (``layers.mlp.w``, no index or stack axis), as a
+    # layer-wise step sees one layer of a stack: its leaves are the layer's, the rest is outside.
+    inside = [any(_blocks._is_container(str(k)) for k in path.split(".")) for path in paths]
   return inside if any(inside) else [True] * len(paths)
 
 
