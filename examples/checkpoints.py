@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from examples.config import TrainConfig, UsageError, export_dir, output_dir, stop_between_steps
+from examples.config import TrainConfig, UsageError, defer_ctrl_c, export_dir, output_dir
 
 
 def latest_step(directory: pathlib.Path) -> int | None:
@@ -112,7 +112,7 @@ class Checkpoints:
     """Starts writing the checkpoint of ``step`` (orbax writes in the background; a checkpoint
     appears under its step's name only once it is whole). Ctrl-C cannot cut the call short."""
     ocp = self._ocp
-    with stop_between_steps():
+    with defer_ctrl_c():
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_pack(state)),
                                                        meta=ocp.args.JsonSave(meta)))
 
@@ -143,7 +143,7 @@ class Checkpoints:
 
   def close(self) -> None:
     """Waits for the last save to be written (Ctrl-C meanwhile is answered, not obeyed)."""
-    with stop_between_steps():
+    with defer_ctrl_c():
       self._manager.wait_until_finished()
       self._manager.close()
 

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import pathlib
@@ -351,9 +352,10 @@ class _CtrlC:
   Outside training it raises ``KeyboardInterrupt`` at once (one line, see :func:`main_guard`) and
   also sets ``requested``, which :func:`check_interrupted` checks between the phases of a run, so
   that a Ctrl-C swallowed by library code (JAX's import) still stops it. Inside
-  :func:`stop_between_steps` it only sets ``requested``: the training loop stops after the current
-  step and saves a checkpoint, and any further Ctrl-C is answered with one line while the save
-  finishes (a checkpoint is written whole or not at all).
+  :func:`defer_ctrl_c` (the training loop, checkpoint saves, JAX's import) it only sets
+  ``requested``: the training loop stops after the current step and saves a checkpoint, and any
+  further Ctrl-C is answered with one line while that finishes (a checkpoint is written whole or
+  not at all).
   """
 
   requested = False
@@ -364,8 +366,8 @@ class _CtrlC:
     if self.deferred and self.requested:
       if not self.said:
         self.said = True
-        print("\nCtrl-C again: stopping after this step once its checkpoint is written (a "
-              "moment)", file=sys.stderr, flush=True)
+        print("\nCtrl-C again: stopping at the next safe point (a checkpoint being written is "
+              "finished first)", file=sys.stderr, flush=True)
       return
     self.requested = True
     if not self.deferred:
@@ -386,8 +388,9 @@ def check_interrupted() -> None:
 
 
 @contextlib.contextmanager
-def stop_between_steps():
-  """Within: Ctrl-C only sets ``CTRL_C.requested`` (the loop checks it after each step and saves).
+def defer_ctrl_c():
+  """Within: Ctrl-C only sets ``CTRL_C.requested``, checked afterwards (by the training loop after
+  each step, which then saves a checkpoint; by :func:`check_interrupted`).
 
   Raising ``KeyboardInterrupt`` in the middle of a step could leave donated buffers
   half-consumed (or crash inside XLA), and in the middle of an orbax save a half-written
@@ -418,9 +421,14 @@ def main_guard(main: Callable[[Sequence[str] | None], Any]):
       raise SystemExit(f"error: {e}") from None
     except Interrupted as e:
       raise SystemExit(str(e)) from None
-    except KeyboardInterrupt:  # outside the training loop (imports, data, compilation, export)
+    except KeyboardInterrupt:  # outside the training loop (data, generation, export)
       raise SystemExit("interrupted; nothing saved since the last checkpoint") from None
+    except Exception:
+      if CTRL_C.requested:  # the interrupt surfaced as another error (e.g. inside a C extension)
+        raise SystemExit("interrupted; nothing saved since the last checkpoint") from None
+      raise
     finally:
+      CTRL_C.requested = False
       if previous is not None:
         signal.signal(signal.SIGINT, previous)
 
@@ -465,9 +473,9 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   finished = checkpoints.check_run_dirs(cfg, run_dirs(cfg))  # before any slow work
   if finished is not None:
     return finished
-  write_run_config(cfg, build_task.__module__)
-  from examples import placement, training  # JAX and Flax: a few seconds to import
-
+  write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
+  with defer_ctrl_c():  # a KeyboardInterrupt inside an import can break the import machinery
+    from examples import placement, training  # JAX and Flax: a few seconds to import
   check_interrupted()
   mesh = placement.check_mesh(cfg)
   if mesh is not None:

@@ -153,7 +153,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
                                 desc=f"{task.name}/{optimizer}")
   config.check_interrupted()
   done = start
-  with config.stop_between_steps() as ctrl_c:
+  with config.defer_ctrl_c() as ctrl_c:
     for step in range(start, end):
       batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, step)]
                for k, v in task.train_data.items()}
