@@ -473,7 +473,6 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   finished = checkpoints.check_run_dirs(cfg, run_dirs(cfg))  # before any slow work
   if finished is not None:
     return finished
-  write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
   with defer_ctrl_c():  # a KeyboardInterrupt inside an import can break the import machinery
     from examples import placement, training  # JAX and Flax: a few seconds to import
   check_interrupted()
@@ -481,6 +480,7 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   if mesh is not None:
     print(f"sharded over a {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} mesh of "
           f"{mesh.size} devices (FSDP over data, tensor parallel over model)", flush=True)
+  write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
   task = build_task(cfg)
   check_interrupted()
   return training.run(cfg, task)
