@@ -236,11 +236,13 @@ def _assert_clean_end(proc, stdout, stderr, last_line):
   assert re.fullmatch(last_line, stderr.strip().splitlines()[-1]), stderr
 
 
-def test_ctrl_c_during_the_import_of_jax_ends_with_one_line(tmp_path):
-  """The first line is printed just before JAX is imported: a Ctrl-C then used to be swallowed
-  (the run went on) or to end in an ImportError traceback."""
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6, 1.0, 1.5])
+def test_ctrl_c_during_the_import_of_jax_ends_with_one_line(tmp_path, delay):
+  """The first line is printed just before JAX is imported (a second or two): a Ctrl-C then used
+  to be swallowed by JAX (the run went on) or to end in an ImportError traceback."""
   proc = _start(LLAMA + ["--steps", "2", "--out", str(tmp_path / "run")])
   assert proc.stdout.readline().startswith("llama: fine-tuning")
+  time.sleep(delay)
   proc.send_signal(signal.SIGINT)
   stdout, stderr = proc.communicate(timeout=240)
   _assert_clean_end(proc, stdout, stderr, r"interrupted; nothing saved since the last checkpoint")
