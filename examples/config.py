@@ -2,8 +2,10 @@
 
 A script's options are the fields of a dataclass (:class:`TrainConfig` and the script's own
 subclass); :func:`parse_config` turns each field into a ``--field-name`` option with the field's
-help text. :func:`launch` is what a script's ``main`` does: say what it builds, check the run
-directory and the mesh, build the task, train.
+help text (and, for ``--resume``, restores the options recorded in the run directory).
+:func:`launch` is what a script's ``main`` does: say what it builds, check the run directory and
+the mesh, record the options (``config.json``), build the task, train. :func:`main_guard` and
+:func:`run_script` end a script on bad input or Ctrl-C with one line.
 
 This module imports no JAX (nor Flax): a script prints its first line before the few seconds the
 heavy imports take.
@@ -119,9 +121,13 @@ class TrainConfig:
   checkpoint_every: int = field(100, "orbax checkpoint every this many steps, at the end and on "
                                 "Ctrl-C")
   stop_at: int | None = field(None, "stop at this step as if interrupted (then use --resume)")
-  resume: bool = field(False, "continue from the latest checkpoint in the run directory")
-  overwrite: bool = field(False, "replace the checkpoints of an earlier run in the run directory "
-                          "(without it, a run refuses to start over them)")
+  resume: bool = field(False, "continue from the latest checkpoint in the run directory, with the "
+                       "options recorded there (config.json); an option given that contradicts "
+                       "them is refused, except --steps (to extend the run) and the evaluation, "
+                       "logging, checkpoint, export, generation and --mesh options")
+  overwrite: bool = field(False, "replace an earlier run in the run directory: everything it wrote "
+                          "is removed first (without it, a run refuses to start over its "
+                          "checkpoints)")
   compare: str = field("", "comma-separated optimizers to run on the same data and seed, "
                        "e.g. adamw,badam,adarankgrad (default run directory runs/<name>-compare)")
   out: str | None = field(None, "run directory (default: runs/<name>)")
