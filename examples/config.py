@@ -313,11 +313,13 @@ def _resumed_options(cls: type, options: dict, given: dict, path: pathlib.Path) 
   if not path.is_file():
     return options  # a run of an older version (or nothing to resume, which launch says)
   try:
-    recorded = json.loads(path.read_text())["options"]
+    record = json.loads(path.read_text())
+    recorded, script = dict(record["options"]), record["script"]
   except (OSError, ValueError, KeyError, TypeError):
-    raise UsageError(f"--resume: {path} is not a run configuration this script wrote; resume "
-                     "with the run's options after moving it away, or start over with "
-                     "--overwrite") from None
+    raise UsageError(f"--resume: {path} is not a run configuration these scripts write; move it "
+                     "away to resume with the options given, or start over with --overwrite") from None
+  if script != pathlib.Path(inspect.getfile(cls)).name:
+    raise UsageError(f"--resume: {path.parent} is a run of {script}; resume it with that script")
   names = {f.name for f in dataclasses.fields(cls)}
   merged = dict(options)
   for name, value in recorded.items():

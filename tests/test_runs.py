@@ -266,3 +266,13 @@ def test_second_ctrl_c_does_not_cut_the_save_short(tmp_path):
   assert "Ctrl-C again: stopping at the next safe point" in stderr
   step = int(re.search(r"at step (\d+)", stderr.strip().splitlines()[-1]).group(1))
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [str(step)]  # whole, no tmp
+
+
+def test_resume_refuses_a_run_of_the_other_script(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"script": "finetune_roberta.py",
+                                                    "options": {"hidden_size": 64}}))
+  text = _one_line_error(finetune_llama, ["--out", str(tmp_path), "--resume"])
+  assert "is a run of finetune_roberta.py; resume it with that script" in text
+  (tmp_path / "config.json").write_text("{not json")
+  assert "is not a run configuration" in _one_line_error(finetune_llama,
+                                                          ["--out", str(tmp_path), "--resume"])
