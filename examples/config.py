@@ -202,9 +202,13 @@ class TrainConfig:
 
 def output_dir(cfg: TrainConfig) -> pathlib.Path:
   """``--out``, else ``runs/<name>`` (``runs/<name>-compare`` for ``--compare``)."""
-  if cfg.out:
-    return pathlib.Path(cfg.out)
-  return pathlib.Path("runs") / (f"{cfg.name}-compare" if cfg.compare_list else cfg.name)
+  return _output_dir(cfg.out, cfg.name, cfg.compare)
+
+
+def _output_dir(out: str | None, name: str, compare: str) -> pathlib.Path:
+  if out:
+    return pathlib.Path(out)
+  return pathlib.Path("runs") / (f"{name}-compare" if compare.strip(" ,") else name)
 
 
 def run_dirs(cfg: TrainConfig) -> dict[str, pathlib.Path]:
@@ -285,11 +289,11 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str):
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   options = vars(_parser(cls, description).parse_args(argv))
-  cfg = cls(**options)
-  if cfg.resume:
+  if options["resume"]:  # the recorded options first: the given ones may be valid only with them
     given = vars(_parser(cls, description, defaults=False).parse_args(argv))
-    options = _resumed_options(cls, options, given, output_dir(cfg) / RUN_CONFIG)
-    cfg = cls(**options)
+    out = _output_dir(options["out"], options["name"], options["compare"])
+    options = _resumed_options(cls, options, given, out / RUN_CONFIG)
+  cfg = cls(**options)
   cfg.options = options  # as given (before __post_init__ adjusts any): what config.json records
   if cfg.cpu_devices:
     import jax
