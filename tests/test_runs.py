@@ -203,6 +203,9 @@ def test_resume_restores_the_recorded_options(tmp_path, capsys):
   text = _one_line_error(finetune_llama, LLAMA + run + ["--resume", "--steps", "9",
                                                         "--hidden-size", "64"])
   assert "does not fit the model and optimizer" in text
+  text = _one_line_error(finetune_llama, LLAMA + run + ["--resume", "--steps", "9",
+                                                        "--optimizer", "adamw"])
+  assert "holds a badam run, not adamw" in text
 
 
 def test_export_has_normal_permissions(tmp_path):
@@ -268,7 +271,7 @@ def test_second_ctrl_c_does_not_cut_the_save_short(tmp_path):
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [str(step)]  # whole, no tmp
 
 
-def test_resume_refuses_a_run_of_the_other_script(tmp_path):
+def test_resume_reads_the_record_first(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"script": "finetune_roberta.py",
                                                     "options": {"hidden_size": 64}}))
   text = _one_line_error(finetune_llama, ["--out", str(tmp_path), "--resume"])
@@ -276,3 +279,9 @@ def test_resume_refuses_a_run_of_the_other_script(tmp_path):
   (tmp_path / "config.json").write_text("{not json")
   assert "is not a run configuration" in _one_line_error(finetune_llama,
                                                           ["--out", str(tmp_path), "--resume"])
+  # The record is read before the options given are checked: --layerwise is valid with its
+  # --scan-layers (here the run then has nothing to resume).
+  (tmp_path / "config.json").write_text(json.dumps({"script": "finetune_llama.py", "options": {
+      "optimizer": "adamw", "scan_layers": True, "layerwise": True}}))
+  assert "nothing to resume" in _one_line_error(finetune_llama, ["--out", str(tmp_path),
+                                                                 "--resume", "--layerwise"])
