@@ -135,7 +135,7 @@ class Checkpoints:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises several kinds for a tree that does not fit
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
       raise UsageError(f"--resume: the checkpoint of step {step} in {self.directory} does not fit "
                        f"the model and optimizer these options build ({first}); resume with the "
                        "options of the run that wrote it") from None

@@ -492,7 +492,8 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   if mesh is not None:
     print(f"sharded over a {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} mesh of "
           f"{mesh.size} devices (FSDP over data, tensor parallel over model)", flush=True)
-  write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
+  if not cfg.resume or (output_dir(cfg) / RUN_CONFIG).is_file():  # never vouch for an older run
+    write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
   task = build_task(cfg)
   check_interrupted()
   return training.run(cfg, task)
