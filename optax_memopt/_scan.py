@@ -15,12 +15,24 @@ layer's weight gradient and every layer's activation gradient, then the unwanted
   stack, the backward pass runs layers ``L-1 .. k+1`` for activation gradients only (no
   weight-gradient matmuls), layer ``k`` for its weight and activation gradients, and stops there
   (layers below ``k`` ran forward only, unless something below the stack is differentiated). ``k``
-  is a traced index: one compiled step serves every layer of the stack.
+  is a traced index: one compiled step serves every layer of the stack. Since which layers will be
+  differentiated is known only on the device, the forward pass keeps each layer's input only and
+  the backward pass recomputes the layers it differentiates: the activations held are one layer's
+  residuals plus ``L`` carries, whichever layer is active;
+* inside :func:`optax_memopt.make_layerwise_step`, the backward pass applies the optimizer to each
+  layer's slice of the weights and state as soon as that layer's gradient is computed.
+
+Both custom VJPs run on one engine (:class:`_Engine`): a forward scan that keeps per layer what its
+pullback needs, and a reverse scan in which each step builder decides what to do with each layer's
+pullback.
 
 The block step finds the stack by identity: it hands ``loss_fn`` the stacked leaves of the active
 block as marked arrays, and ``scan_layers`` recognises them among its ``layers``. A model whose stack
-does not go through ``scan_layers`` (or that transforms the stacked leaves before scanning them)
-still gets the right gradient from the block step, at the cost of the whole stack's backward pass.
+does not go through ``scan_layers`` still gets the right gradient from the block step, at the cost
+of the whole stack's backward pass. So does a stacked leaf computed from the marked ones before the
+scan (a tied ``w.T``, ``softplus(raw)``): it is differentiated whole, every layer's weight gradient
+is computed and the mark takes the active layer's slice of what reaches the marked leaf (with a
+warning naming the leaf).
 """
 
 from __future__ import annotations
