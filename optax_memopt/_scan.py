@@ -204,7 +204,7 @@ class _Engine:
         return _pick(outs, c_diff), ([o for o, d in zip(outs, c_diff) if not d], new_t)
 
       if self.remat:
-        f = jax.checkpoint(f)
+        f = jax.checkpoint(f, prevent_cse=False)  # recomputed in another loop: no CSE to fear
       outs_d, vjp_fn, (outs_nd, new_t) = jax.vjp(
           f, _pick(p, p_wrt), _pick(c, c_diff), _pick(s_leaves, s_wrt), has_aux=True)
       res, self.res_def = jax.tree_util.tree_flatten(vjp_fn)

@@ -410,3 +410,25 @@ def test_block_step_activation_memory_at_most_the_list_forms_bottom_block():
   drop = temps(drop_in.lower(params, state, tokens))
   per_block = [temps(scanned.lower(k, params, state, tokens)) for k in range(N_LAYERS)]
   assert max(per_block) <= bottom < drop, (per_block, bottom, drop)
+
+
+def test_layerwise_step_with_dropout_state_equals_the_ordinary_step():
+  params, rng = dropout_params()
+  tx = optax.adam(1e-2, eps=1e-3)  # eps=1e-3: see test_block_step_compiles_once_and_equals_drop_in
+  loss = dropout_loss(ours_with_state)
+
+  @jax.jit
+  def ordinary(params, state, r):
+    grads, r = jax.grad(loss, has_aux=True)(params, r, TOKENS)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, r
+
+  want, state, r = params, tx.init(params), rng
+  for _ in range(3):
+    want, state, r = ordinary(want, state, r)
+  step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True, donate=False)
+  got, state, r = params, tx.init(params), rng
+  for _ in range(3):
+    got, state, (_, r) = step(got, state, r, TOKENS)
+  assert r[1].tolist() == [3] * N_LAYERS
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
