@@ -350,7 +350,7 @@ def _negligible_reference(ref: jax.Array, low_norm: jax.Array, g: jax.Array) -> 
   tiny_ref = ref < jnp.finfo(jnp.float32).eps * low_norm
   zero_ref = ref == 0
   nonzero_g = jax.lax.cond(
-      jnp.any(zero_ref),
+      _tree.layer_separable_any(zero_ref),  # each matrix's result is its own either way
       lambda: _frobenius(g) > 0,
       lambda: jnp.zeros(ref.shape, bool),
   )
@@ -672,7 +672,7 @@ def scale_by_adarankgrad(
         ids = ids + offset * members
       key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids).reshape(lay.batch)
     q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
-        jnp.any(need),
+        _tree.layer_separable_any(need),  # refresh() keeps every matrix that does not need one
         lambda: refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
         lambda: (q32, rank, mu32, nu32, low, ref, last),
     )

@@ -15,6 +15,22 @@ import jax.numpy as jnp
 LAYER_SLICE_ARG = "optax_memopt_layer_slice"
 
 
+def layer_separable_any(x: jax.Array) -> jax.Array:
+  """``jnp.any(x)`` as the predicate of a ``lax.cond`` that only skips work: each entry's result is
+  the same whether the branch runs for it or not (e.g. a refresh applied with ``jnp.where(need, ...)``
+  per matrix). :func:`optax_memopt.make_layerwise_step` checks that no update reduces over a stacked
+  leaf's layer axis; this reduction, recognised by its name in the jaxpr, is not counted."""
+  return _layer_separable_any(x)
+
+
+def _any(x: jax.Array) -> jax.Array:
+  return jnp.any(x)
+
+
+_any.__name__ = LAYER_SEPARABLE_ANY = "optax_memopt_layer_separable_any"
+_layer_separable_any = jax.jit(_any)
+
+
 def _key_name(key: Any) -> str:
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)

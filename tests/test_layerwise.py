@@ -217,3 +217,48 @@ def test_xla_temporaries_hold_one_layer_gradient_not_the_stack():
   # in place: every argument but the batch is aliased to an output, and no stack is copied.
   assert m_lw.temp_size_in_bytes <= 5 * layer_grad
   assert m_lw.alias_size_in_bytes == m_lw.argument_size_in_bytes - 2 * tokens.size * 4
+
+
+def _decay_matrices_only(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+@pytest.mark.parametrize("name, tx", [
+    # A callable mask sees the stacked norm scale [L, d] (ndim 2: decayed) in the ordinary step and
+    # one layer's [d] (not decayed) layer by layer: before, different numbers without an error.
+    ("callable mask", optax.adamw(1e-2, weight_decay=0.5, mask=_decay_matrices_only)),
+    # Norms over a whole leaf (across the stack's layers in the ordinary step): before, computed
+    # per layer without an error.
+    ("lamb", optax.lamb(1e-2)),
+    ("lars", optax.lars(1e-2)),
+    ("fromage", optax.fromage(1e-2)),
+    ("adafactor", optax.adafactor(1e-2)),
+    ("clip_by_block_rms", optax.chain(optax.clip_by_block_rms(0.01), optax.adam(1e-2))),
+])
+def test_updates_that_see_the_whole_stacked_leaf_are_refused(name, tx):
+  params = _params()
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  match = "callable mask" if name == "callable mask" else "computed across the layers"
+  with pytest.raises(ValueError, match=match):
+    step(params, tx.init(params), *_batch())
+
+
+def test_mask_as_a_tree_of_bools_gives_the_ordinary_numbers():
+  # The way out the refusal names: the same mask computed once from the (stacked) params.
+  params = _params()
+  params["layers"]["b"] = params["layers"]["b"] + 1.0  # decay has something to act on
+  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=_decay_matrices_only(params))
+  (p1, _), (p2, _) = _run_both(tx, 3, params)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tx", [
+    optax.noisy_sgd(1e-2, key=0),
+    optax.chain(optax.add_noise(0.1, 0.55, key=0), optax.adam(1e-2)),
+])
+def test_noise_from_a_key_shared_by_the_layers_is_refused(tx):
+  # Before: every layer got the same noise.
+  params = _params()
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  with pytest.raises(ValueError, match="same draw"):
+    step(params, tx.init(params), *_batch())
