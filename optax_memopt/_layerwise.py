@@ -100,8 +100,12 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
   state_paths = _state_paths(opt_state)
   owner: list[int | None] = [None] * len(state_leaves)
   for a, name in enumerate(names):
-    view = [jax.ShapeDtypeStruct(s[1:], x.dtype) if st == a else jax.ShapeDtypeStruct(s, x.dtype)
-            for x, s, st in zip(leaves, shapes, stack_of_leaf)]
+    # One layer is seen as a stack of one ([1, ...]): tx recognises it as it recognises the stack (a
+    # stack of square matrices' layer [d, d] would look like a stack of d vectors), and decides on
+    # its ndim as on the stack's. A stack of one is probed as two, to tell its layers' state apart.
+    probe = 1 if lengths[a] > 1 else 2
+    view = [jax.ShapeDtypeStruct((probe,) + s[1:], x.dtype) if st == a
+            else jax.ShapeDtypeStruct(s, x.dtype) for x, s, st in zip(leaves, shapes, stack_of_leaf)]
     params_def = jax.tree_util.tree_structure(params)
     view_state = jax.eval_shape(tx.init, jax.tree_util.tree_unflatten(params_def, view))
     view_leaves, view_def = jax.tree_util.tree_flatten(view_state)
@@ -114,11 +118,12 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
       full_shape = tuple(jnp.shape(full))
       if full_shape == tuple(one.shape):
         continue
-      if full_shape != (lengths[a],) + tuple(one.shape) or jnp.result_type(full) != one.dtype:
+      if (not one.shape or one.shape[0] != probe or full_shape != (lengths[a],) + tuple(one.shape[1:])
+          or jnp.result_type(full) != one.dtype):
         raise ValueError(
             f"make_layerwise_step: the state leaf {path} has shape {full_shape}, but for one layer "
-            f"of the stack {name!r} tx keeps {tuple(one.shape)}: it is not the stack of its "
-            "layers' states, so tx cannot be applied layer by layer"
+            f"of the stack {name!r} tx keeps {(1,) + tuple(one.shape[1:])}: it is not the stack of "
+            "its layers' states, so tx cannot be applied layer by layer"
         )
       if owner[j] is not None:
         raise ValueError(f"make_layerwise_step: the state leaf {path} belongs to two stacks")
@@ -409,7 +414,7 @@ def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
 
   def view_shape(x, stack):
     s = tuple(jnp.shape(x))
-    return s[1:] if stack is not None else s
+    return (1,) + s[1:] if stack is not None else s
 
   g = [jax.ShapeDtypeStruct(view_shape(x, a), x.dtype) for x, a in zip(leaves, plan.stack_of_leaf)]
   s = [jax.ShapeDtypeStruct(view_shape(x, a), jnp.result_type(x))
@@ -545,11 +550,12 @@ def make_layerwise_step(
   leaf would differ from its layers' updates, found by comparing ``tx.update``'s jaxpr on the whole
   stacked leaves with the one-layer update: a norm over a whole leaf (across its layers: ``lamb``,
   ``lars``, ``fromage``, ``adafactor``, ``clip_by_block_rms``), a callable mask that sees ``[L, d]``
-  and ``[d]`` differently (pass the mask as a tree of bools instead), and random numbers drawn from
-  a key that does not depend on the layer (``add_noise``, ``noisy_sgd``: every layer would get the
-  same draw). The optimizer state is the ordinary
-  ``tx.init(params)``: every state leaf of a stacked leaf must be the stack of its layers' states
-  (leading axis ``L``), which is checked.
+  and one layer differently (e.g. by size; pass the mask as a tree of bools instead), and random
+  numbers drawn from a key that does not depend on the layer (``add_noise``, ``noisy_sgd``: every
+  layer would get the same draw). ``tx`` sees one layer as a stack of one (leaves ``[1, ...]``), so
+  it recognises the layer as it recognises the stack, and a choice on ``ndim`` is the stack's. The
+  optimizer state is the ordinary ``tx.init(params)``: every state leaf of a stacked leaf must be
+  the stack of its layers' states (leading axis ``L``), which is checked.
 
   **Memory.** Live at once: the weights, the optimizer state, the activations saved by the forward
   pass (use ``jax.checkpoint`` on the layer function to keep only each layer's input), one layer's
@@ -622,12 +628,13 @@ def make_layerwise_step(
     outer = [i for i, a in enumerate(plan.stack_of_leaf) if a is None]
 
     def zeros_view(x, stacked):
-      shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+      shape = (1,) + tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
       return jnp.zeros(shape, jnp.result_type(x))
 
     def view_update(grads, weights, states, extra):
-      """tx.update on the params' structure, stacked leaves seen as one layer; ``grads``,
-      ``weights``, ``states``: {leaf index: value} for the leaves that matter, zeros elsewhere."""
+      """tx.update on the params' structure, stacked leaves seen as one layer (a stack of one,
+      ``[1, ...]``); ``grads``, ``weights``, ``states``: {leaf index: value} for the leaves that
+      matter, zeros elsewhere."""
       g = [grads[i] if i in grads else zeros_view(x, a is not None)
            for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
       p = [weights[i] if i in weights else (x if a is None else zeros_view(x, True))
@@ -648,13 +655,14 @@ def make_layerwise_step(
 
       def update(layer, grads, weights, states):
         u, new_s = view_update(
-            dict(zip(members, grads)), dict(zip(members, weights)),
-            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))
+            {i: g[None] for i, g in zip(members, grads)},
+            {i: w[None] for i, w in zip(members, weights)},
+            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))[None]
              for j, c in zip(owned, states)},
             {_tree.LAYER_SLICE_ARG: (mask, layer)},
         )
-        new_w = [(w + u[i]).astype(w.dtype) for i, w in zip(members, weights)]
-        new_c = [_to_carrier(new_s[j]) for j in owned]
+        new_w = [(w + u[i][0]).astype(w.dtype) for i, w in zip(members, weights)]
+        new_c = [_to_carrier(new_s[j][0]) for j in owned]
         return new_w, new_c
 
       return update

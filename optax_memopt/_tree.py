@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 # Extra argument of ``tx.update`` under :func:`optax_memopt.make_layerwise_step`: ``(mask, layer)``
 # where ``mask`` has one bool per leaf of the updates (True: the leaf is layer ``layer`` of a layer
-# stack, its leading axis indexed away) and ``layer`` is an int32 scalar. Transformations that draw
-# random numbers per matrix (AdaRankGrad's sketches) use it to draw for a layer what they draw for
-# that member of the stacked leaf; every other transformation ignores it.
+# stack, seen as a stack of one: leading axis of length 1) and ``layer`` is an int32 scalar.
+# Transformations that draw random numbers per matrix (AdaRankGrad's sketches) use it to draw for a
+# layer what they draw for that member of the stacked leaf; every other transformation ignores it.
 LAYER_SLICE_ARG = "optax_memopt_layer_slice"
 
 

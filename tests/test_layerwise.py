@@ -223,10 +223,20 @@ def _decay_matrices_only(params):
   return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
+def test_callable_mask_on_ndim_sees_a_layer_as_the_stack():
+  # One layer is given to tx as a stack of one ([1, d]), so a mask on ndim decays the stacked norm
+  # scales [L, d] on both paths (before: decayed in the ordinary step only, silently).
+  params = _params()
+  params["layers"]["b"] = params["layers"]["b"] + 1.0  # decay has something to act on
+  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=_decay_matrices_only)
+  (p1, _), (p2, _) = _run_both(tx, 3, params)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, tx", [
-    # A callable mask sees the stacked norm scale [L, d] (ndim 2: decayed) in the ordinary step and
-    # one layer's [d] (not decayed) layer by layer: before, different numbers without an error.
-    ("callable mask", optax.adamw(1e-2, weight_decay=0.5, mask=_decay_matrices_only)),
+    # A mask on size sees the stacked norm scale [L, d] and one layer's [1, d] differently.
+    ("callable mask", optax.adamw(1e-2, weight_decay=0.5,
+                                  mask=lambda p: jax.tree.map(lambda x: x.size > 2 * D, p))),
     # Norms over a whole leaf (across the stack's layers in the ordinary step): before, computed
     # per layer without an error.
     ("lamb", optax.lamb(1e-2)),
@@ -244,10 +254,11 @@ def test_updates_that_see_the_whole_stacked_leaf_are_refused(name, tx):
 
 
 def test_mask_as_a_tree_of_bools_gives_the_ordinary_numbers():
-  # The way out the refusal names: the same mask computed once from the (stacked) params.
+  # The way out the refusal names: the mask computed once from the (stacked) params.
   params = _params()
-  params["layers"]["b"] = params["layers"]["b"] + 1.0  # decay has something to act on
-  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=_decay_matrices_only(params))
+  params["layers"]["b"] = params["layers"]["b"] + 1.0
+  mask = jax.tree.map(lambda x: x.size > 2 * D, params)
+  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=mask)
   (p1, _), (p2, _) = _run_both(tx, 3, params)
   _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
 
@@ -262,3 +273,42 @@ def test_noise_from_a_key_shared_by_the_layers_is_refused(tx):
   step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
   with pytest.raises(ValueError, match="same draw"):
     step(params, tx.init(params), *_batch())
+
+
+def _square_stack():
+  k = jax.random.split(jax.random.key(3), 4)
+  params = {"embed": jax.random.normal(k[0], (V, D)) * 0.3,
+            "layers": {"q": jax.random.normal(k[1], (L, D, D)) * 0.3,
+                       "o": jax.random.normal(k[2], (L, D, D)) * 0.3},
+            "head": jax.random.normal(k[3], (D, V)) * 0.3}
+
+  def loss(params, tokens, targets):
+    x = params["embed"][tokens]
+    x = optax_memopt.scan_layers(lambda p, x: x + jnp.tanh(x @ p["q"]) @ p["o"], params["layers"], x)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ params["head"], targets))
+
+  return params, loss
+
+
+def _encoder_decoder():
+  def loss(params, tokens, targets):
+    x = params["embed"][tokens]
+    x = optax_memopt.scan_layers(_layer, params["encoder_layers"], x, jnp.float32(0.5))
+    x = optax_memopt.scan_layers(_layer, params["decoder_layers"], x, jnp.float32(0.5))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ params["head"], targets))
+
+  params = _params()
+  params["encoder_layers"] = params.pop("layers")
+  params["decoder_layers"] = _params(key=5)["layers"]
+  return params, loss
+
+
+@pytest.mark.parametrize("model", [_square_stack, _encoder_decoder])
+def test_adarankgrad_on_square_matrices_and_two_stacks(model):
+  # Before: refused ("tx.init gives a state of another structure"): one layer of a stack of square
+  # matrices [d, d] looked like a stack of d vectors, and one decoder layer like no layer at all.
+  params, loss = model()
+  tx = optax_memopt.adarankgrad(1e-2, max_rank=2, eps=1e-3)
+  (p1, s1), (p2, s2) = _run_both(tx, 3, params, loss)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+  assert all(bool(jnp.all(r > 0)) for r in jax.tree.leaves(optax_memopt.effective_ranks(s2)))
