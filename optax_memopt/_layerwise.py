@@ -61,6 +61,9 @@ def _refuse_known(opt_state: Any) -> None:
        "optax_memopt.make_block_step"),
       (_badam_ratio.BAdamRatioState, "badam_ratio's selection spans whole leaves; use the "
        "ordinary step"),
+      (optax.contrib.ReduceLROnPlateauState, "optax.contrib.reduce_on_plateau needs the loss "
+       "(tx.update(..., value=loss)), which the updates inside the backward pass are not given; "
+       "use the ordinary step"),
   )
 
   def is_kind(x):
@@ -70,6 +73,28 @@ def _refuse_known(opt_state: Any) -> None:
     for kind, why in kinds:
       if isinstance(x, kind):
         raise TypeError(f"make_layerwise_step: tx cannot be applied layer by layer: {why}")
+
+
+def _check_state_is_for(tx, params, opt_state) -> None:
+  """A one-line error when ``opt_state`` is not ``tx.init(params)``'s kind of state (made for other
+  parameters, or by another optimizer), before anything blames ``tx``."""
+  expected = jax.eval_shape(tx.init, params)
+  got_leaves, got_def = jax.tree_util.tree_flatten(opt_state)
+  want_leaves, want_def = jax.tree_util.tree_flatten(expected)
+  got_paths, want_paths = _state_paths(opt_state), _state_paths(expected)
+  if got_def != want_def:
+    first = next((p for p in got_paths if p not in set(want_paths)), None)
+    first = first or next((p for p in want_paths if p not in set(got_paths)), "its containers")
+    raise ValueError(
+        f"make_layerwise_step: opt_state does not have the structure of tx.init(params) (at "
+        f"{first}): it was made for other parameters or by another optimizer; pass "
+        "tx.init(params)")
+  for path, got, want in zip(got_paths, got_leaves, want_leaves):
+    if tuple(jnp.shape(got)) != tuple(want.shape):
+      raise ValueError(
+          f"make_layerwise_step: the state leaf {path} has shape {tuple(jnp.shape(got))}, but "
+          f"tx.init(params) gives {tuple(want.shape)}: opt_state was made for other parameters; "
+          "pass tx.init(params)")
 
 
 def _make_plan(tx, params, opt_state, stacks) -> _Plan:
@@ -98,6 +123,7 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
 
   state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
   state_paths = _state_paths(opt_state)
+  _check_state_is_for(tx, params, opt_state)
   owner: list[int | None] = [None] * len(state_leaves)
   for a, name in enumerate(names):
     # One layer is seen as a stack of one ([1, ...]): tx recognises it as it recognises the stack (a
@@ -684,6 +710,14 @@ def make_layerwise_step(
       with _scan.layerwise_stacks(members):
         out = loss_fn(jax.tree_util.tree_unflatten(params_def, full), *args, **kwargs)
       for obj in stack_objs:
+        if obj.used == 0:
+          raise ValueError(
+              f"make_layerwise_step: the leaves of the layer stack {obj.name!r} never reached "
+              "optax_memopt.scan_layers as given: pass them from params to scan_layers unchanged "
+              "(cast them, e.g. to bfloat16, inside the layer function, not before the scan) and "
+              "not from inside a nested jax.jit or jax.checkpoint (put jax.checkpoint on the layer "
+              "function); a stack run by lax.scan or nnx.scan must use scan_layers instead"
+          )
         if obj.used != 1:
           raise ValueError(
               f"make_layerwise_step: the layer stack {obj.name!r} must run through "

@@ -176,7 +176,7 @@ def test_stack_outside_scan_layers_is_refused():
 
   tx = optax.adam(1e-2)
   params = _params()
-  for loss, match in ((plain_scan, "must run through optax_memopt.scan_layers"),
+  for loss, match in ((plain_scan, "never reached optax_memopt.scan_layers"),
                       (used_twice, "used outside optax_memopt.scan_layers")):
     step = optax_memopt.make_layerwise_step(loss, tx, donate=False)
     with pytest.raises(ValueError, match=match):
@@ -312,3 +312,29 @@ def test_adarankgrad_on_square_matrices_and_two_stacks(model):
   (p1, s1), (p2, s2) = _run_both(tx, 3, params, loss)
   _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
   assert all(bool(jnp.all(r > 0)) for r in jax.tree.leaves(optax_memopt.effective_ranks(s2)))
+
+
+def test_messages_name_the_cause():
+  params = _params()
+  tx = optax.adam(1e-2)
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  # A state made for other parameters: before, "tx.init gives a state of another structure".
+  other = dict(params, head=jnp.zeros((D, V + 1)))
+  with pytest.raises(ValueError, match=r"made for other parameters; pass tx.init\(params\)"):
+    step(params, tx.init(other), *_batch())
+  with pytest.raises(ValueError, match="made for other parameters or by another optimizer"):
+    step(params, tx.init({"w": params["head"]}), *_batch())
+
+  # The stack cast before the scan: before, "must run through scan_layers ... (it ran 0 times)".
+  def cast_first(params, tokens, targets):
+    return _loss(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens, targets)
+
+  cast_step = optax_memopt.make_layerwise_step(cast_first, tx, donate=False)
+  with pytest.raises(ValueError, match="inside the layer function, not before the scan"):
+    cast_step(params, tx.init(params), *_batch())
+
+  # reduce_on_plateau: before, optax's missing `value` TypeError.
+  plateau = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau())
+  plateau_step = optax_memopt.make_layerwise_step(_loss, plateau, donate=False)
+  with pytest.raises(TypeError, match="reduce_on_plateau needs the loss"):
+    plateau_step(params, plateau.init(params), *_batch())
