@@ -217,13 +217,13 @@ def _flatten_like(params_treedef, tree: Any, is_leaf: Callable[[Any], bool]) -> 
   return leaves
 
 
-def _layer_leaves(params: Any) -> list[bool]:
+def _layer_leaves(params: Any, stacks: Any = None) -> list[bool]:
   """Per leaf: is it inside the model's layers (a list of layers or a layer stack, recognised as
   by :func:`optax_memopt.block_labels`)? All ``True`` when no layers are recognised."""
   paths = _blocks.leaf_paths(params)
   shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
   listed = _blocks._list_keys(paths)
-  stacked = _blocks._stack_keys(paths, shapes, listed, None)
+  stacked = _blocks._stack_keys(paths, shapes, listed, stacks)
   inside = [lk is not None or sk is not None for lk, sk in zip(listed, stacked, strict=True)]
   if not any(inside):
     # One layer under a layer-container name (``layers.mlp.w``, no index or stack axis), as a
@@ -237,13 +237,28 @@ def _layouts(
     weight_dimension_numbers: Any,
     projection_mask: Any,
     max_rank: int,
+    stacks: Any = None,
 ) -> list[_Layout | None]:
   """One entry per leaf of ``params``: its layout if projected, else ``None`` (plain Adam)."""
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    return _layouts_of(params, leaves_with_path, treedef, weight_dimension_numbers,
+                       projection_mask, max_rank, stacks)
+  except ValueError as e:
+    if "share axis 1" not in str(e):
+      raise
+    raise ValueError(
+        f"{e}; or, for AdaRankGrad, give weight_dimension_numbers naming the layer axis as a batch "
+        "axis (AdaRankGradDimensionNumbers(reduction_axis=0, output_axis=2) for [d, L, f])"
+    ) from None
+
+
+def _layouts_of(params, leaves_with_path, treedef, weight_dimension_numbers, projection_mask,
+                max_rank, stacks) -> list[_Layout | None]:
   leaves = [leaf for _, leaf in leaves_with_path]
   if weight_dimension_numbers is None:
     # A layer stack's [L, m, n] leaf is L matrices (batch axis 0); its [L, d] leaves are L vectors.
-    stacked = [n is not None for n in _blocks.stack_lengths(params)]
+    stacked = [n is not None for n in _blocks.stack_lengths(params, stacks)]
     specs = [
         _STACKED_MATRIX if s and leaf.ndim == 3
         else AdaRankGradDimensionNumbers() if not s and leaf.ndim == 2 else None
@@ -261,7 +276,7 @@ def _layouts(
   elif isinstance(projection_mask, str):  # "layers", the default
     keep = [True] * len(leaves)
     if weight_dimension_numbers is None or _is_dim_nums(weight_dimension_numbers):
-      keep = _layer_leaves(params)
+      keep = _layer_leaves(params, stacks)
   else:
     tree = projection_mask(params) if callable(projection_mask) else projection_mask
     keep = [bool(k) for k in _flatten_like(treedef, tree, lambda x: x is None)]
@@ -350,7 +365,7 @@ def _negligible_reference(ref: jax.Array, low_norm: jax.Array, g: jax.Array) -> 
   tiny_ref = ref < jnp.finfo(jnp.float32).eps * low_norm
   zero_ref = ref == 0
   nonzero_g = jax.lax.cond(
-      jnp.any(zero_ref),
+      _tree.layer_separable_any(zero_ref),  # each matrix's result is its own either way
       lambda: _frobenius(g) > 0,
       lambda: jnp.zeros(ref.shape, bool),
   )
@@ -379,6 +394,7 @@ def scale_by_adarankgrad(
     weight_dimension_numbers: Any = None,
     projection_mask: Any = "layers",
     state_dtype: Any = None,
+    stacks: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale updates with Adam run on adaptively low-rank projections of the gradients.
 
@@ -502,6 +518,8 @@ def scale_by_adarankgrad(
       the params, or a callable returning one; ``False`` leaves get plain Adam.
     state_dtype: Dtype of the moments and projectors; ``None`` uses each parameter's dtype (the
       linear algebra always runs in float32).
+    stacks: The layer stacks' subtree paths, as in :func:`optax_memopt.block_labels` (static):
+      ``None`` recognises them by name and shape, ``()`` takes no leaf for a stack.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -547,7 +565,7 @@ def scale_by_adarankgrad(
     )
 
   def leaf_layouts(tree: Any) -> list[_Layout | None]:
-    return _layouts(tree, weight_dimension_numbers, projection_mask, max_rank)
+    return _layouts(tree, weight_dimension_numbers, projection_mask, max_rank, stacks)
 
   def dtype_of(leaf: Any) -> Any:
     return leaf.dtype if state_dtype is None else jnp.dtype(state_dtype)
@@ -672,7 +690,7 @@ def scale_by_adarankgrad(
         ids = ids + offset * members
       key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids).reshape(lay.batch)
     q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
-        jnp.any(need),
+        _tree.layer_separable_any(need),  # refresh() keeps every matrix that does not need one
         lambda: refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
         lambda: (q32, rank, mu32, nu32, low, ref, last),
     )
@@ -762,6 +780,7 @@ def adarankgrad(
     state_dtype: Any = None,
     weight_decay: float = 0.0,
     mask: Any = None,
+    stacks: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaRankGrad: memory-efficient Adam(W) on adaptively low-rank projected gradients.
 
@@ -802,6 +821,8 @@ def adarankgrad(
     weight_decay: Strength of the decoupled weight decay.
     mask: Which leaves get weight decay (a pytree of bools or a callable), as in
       ``optax.adamw``.
+    stacks: The layer stacks' subtree paths when the guess cannot find them (static; see
+      :func:`optax_memopt.block_labels`).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -853,6 +874,7 @@ def adarankgrad(
           weight_dimension_numbers=weight_dimension_numbers,
           projection_mask=projection_mask,
           state_dtype=state_dtype,
+          stacks=stacks,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -3,8 +3,11 @@
 Each leaf with at least ``min_size`` entries trains ``n = ceil(update_ratio · size)`` of them at a
 time (a static count per leaf), and Adam's moments exist only for those ``n`` entries: the state holds
 ``[n]``-shaped vectors, never a dense full-size moment. Smaller leaves (norm scales, biases) train
-whole. Every ``switch_every`` updates the selection moves on and every moment (small leaves' too)
-resets to zero, with bias correction restarting from the period's own step 1.
+whole. A leaf of a layer stack (``[L, ...]``, recognised as :func:`optax_memopt.block_labels` does)
+is ``L`` leaves: each layer's slice is selected, decayed and counted as the same layer's leaf of a
+list of layers would be (state ``[L, n]``). Every ``switch_every`` updates the selection moves on
+and every moment (small leaves' too) resets to zero, with bias correction restarting from the
+period's own step 1.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_memopt import _blocks
 from optax_memopt._tree import (
     check_float_leaves,
     check_same_structure,
@@ -38,15 +42,17 @@ class BAdamRatioState(NamedTuple):
       (``count // switch_every``).
     key: uint32 ``[2]``, raw PRNG key data of the ``scatter`` selections.
     index: per leaf, int32 ``[n]`` flat indices of the selected entries (``optax.MaskedNode()``, no
-      array, for leaves trained whole).
-    mu: per leaf, float32 ``[n]`` first moment of the selected entries (``[size]`` for small leaves).
+      array, for leaves trained whole); ``[L, n]`` for a leaf of a layer stack (flat indices into
+      each layer's slice).
+    mu: per leaf, float32 ``[n]`` first moment of the selected entries (``[size]`` for small leaves;
+      ``[L, n]`` for a stacked leaf).
     nu: per leaf, float32 ``[n]`` second moment, likewise.
     master: per leaf, float32 ``[n]`` master copy of the selected entries of bf16/fp16 leaves
-      (``optax.MaskedNode()`` for float32 leaves).
+      (``optax.MaskedNode()`` for float32 leaves), likewise.
 
-  The state holds no zero-size array (orbax's ``StandardCheckpointer`` refuses them), and no field
-  is shaped like the params, so ``optax.tree_utils.tree_map_params`` hands every field to
-  ``transform_non_params``.
+  The state holds no zero-size array (orbax's ``StandardCheckpointer`` refuses them), and the
+  state ``init`` gives ``optax.tree_utils.tree_map_params``' placeholder has no field shaped like the
+  params, so it hands every field to ``transform_non_params``.
   """
 
   count: jax.Array
@@ -101,13 +107,18 @@ def _random_subset(key, size: int, n: int):
   return x
 
 
-def _selection(mode, size, n, key, leaf_id, period):
-  """Flat indices (int32 [n]) of the entries trained in ``period``."""
+def _selection(mode, size, n, key, leaf_id, period, layers=None):
+  """Flat indices (int32 [n]) of the entries trained in ``period``; ``[layers, n]`` (indices into
+  each layer's slice, each layer its own draw) for a leaf of a layer stack."""
   if mode == "adjacent":
     start = _mulmod(period, n, size)
-    return ((start + jnp.arange(n, dtype=jnp.uint32)) % jnp.uint32(size)).astype(jnp.int32)
-  k = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), leaf_id), period)
-  return jnp.sort(_random_subset(k, size, n)).astype(jnp.int32)
+    idx = ((start + jnp.arange(n, dtype=jnp.uint32)) % jnp.uint32(size)).astype(jnp.int32)
+    return idx if layers is None else jnp.broadcast_to(idx, (layers, n))
+  k = jax.random.fold_in(jax.random.wrap_key_data(key), leaf_id)
+  if layers is None:
+    return jnp.sort(_random_subset(jax.random.fold_in(k, period), size, n)).astype(jnp.int32)
+  keys = jax.vmap(lambda l: jax.random.fold_in(jax.random.fold_in(k, l), period))(jnp.arange(layers))
+  return jax.vmap(lambda k: jnp.sort(_random_subset(k, size, n)).astype(jnp.int32))(keys)
 
 
 def _explicit(x) -> bool:
@@ -116,22 +127,35 @@ def _explicit(x) -> bool:
   return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
-def _take(x, idx):
+def _coords(idx, shape, stacked):
+  """Coordinates of flat indices ``idx`` into ``shape``; for a stacked leaf, ``idx`` is ``[L, n]``
+  (flat indices into each layer's slice ``shape[1:]``)."""
+  if not stacked:
+    return jnp.unravel_index(idx, shape) if len(shape) > 1 else idx
+  layer = jnp.arange(shape[0], dtype=idx.dtype)[:, None]
+  inner = shape[1:]
+  if len(inner) == 0:
+    return (layer,)
+  return (layer,) + tuple(jnp.unravel_index(idx, inner) if len(inner) > 1 else (idx,))
+
+
+def _take(x, idx, stacked=False):
   """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
-  ``MaskedNode`` (a leaf trained whole). Indexes by coordinates: flattening a sharded array first
-  would all-gather it whole, while a gather by coordinates moves only the selected entries. On an
-  explicit mesh the result is typed replicated, like the state's ``[n]``-vectors."""
+  ``MaskedNode`` (a leaf trained whole); per layer (``[L, n]``) for a stacked leaf. Indexes by
+  coordinates: flattening a sharded array first would all-gather it whole, while a gather by
+  coordinates moves only the selected entries. On an explicit mesh the result is typed replicated,
+  like the state's ``[n]``-vectors."""
   if isinstance(idx, optax.MaskedNode):
-    return x.reshape(-1)
-  coords = jnp.unravel_index(idx, x.shape) if x.ndim > 1 else idx
+    return x.reshape(x.shape[0], -1) if stacked else x.reshape(-1)
+  coords = _coords(idx, x.shape, stacked)
   return x.at[coords].get(out_sharding=jax.P() if _explicit(x) else None)
 
 
-def _put(like, idx, values):
+def _put(like, idx, values, stacked=False):
   """Zeros like ``like`` (and sharded like it) with ``values`` at flat indices ``idx``."""
   if isinstance(idx, optax.MaskedNode):
     return values.reshape(like.shape)
-  coords = jnp.unravel_index(idx, like.shape) if like.ndim > 1 else idx
+  coords = _coords(idx, like.shape, stacked)
   out_sharding = jax.typeof(like).sharding if _explicit(like) else None
   return zeros_like_placed(like).at[coords].set(values, out_sharding=out_sharding)
 
@@ -149,6 +173,7 @@ def badam_ratio(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     master_weights: bool = True,
+    stacks: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BAdam ratio mode: Adam on a moving fraction ``update_ratio`` of every tensor's entries.
 
@@ -161,7 +186,9 @@ def badam_ratio(
   equally likely and the draw needs :math:`O(n)` memory, never a permutation of the whole leaf.
   On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step
   (bias correction counts from there); outside it, zero. Leaves with fewer than ``min_size``
-  entries train every entry. The learning rate schedule runs on the global step.
+  entries train every entry. The learning rate schedule runs on the global step. Each layer of a
+  layer stack (a leaf ``[L, ...]``) counts as a leaf of its own, so a stacked model trains the same
+  entries as the same model written as a list of layers (in ``adjacent`` mode, the same numbers).
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
   length :math:`n` (only for selected leaves) and, for bf16/fp16 params, a float32 master copy of the
@@ -176,8 +203,11 @@ def badam_ratio(
     min_size: leaves with fewer entries are trained whole.
     seed: seed of the ``scatter`` selections.
     b1, b2, eps: Adam's coefficients.
-    weight_decay: decoupled weight decay on the selected entries of leaves with ``ndim >= 2``.
+    weight_decay: decoupled weight decay on the selected entries of leaves with ``ndim >= 2`` (for a
+      stacked leaf, of one layer's slice: a stack of norm scales ``[L, d]`` is not decayed).
     master_weights: keep a float32 copy of the selected entries of bf16/fp16 leaves.
+    stacks: the layer stacks' subtree paths (as in :func:`optax_memopt.block_labels`), ``None`` to
+      recognise them by name and shape, ``()`` to treat every leaf as one tensor.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BAdamRatioState`.
@@ -215,9 +245,15 @@ def badam_ratio(
   k = switch_every
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
-  def sizes(params):
+  def layouts(params):
+    """Per leaf: (number of layers or None, shape of one unit, its size, entries selected)."""
     leaves = jax.tree_util.tree_leaves(params)
-    return [(x.size, _selected_count(x.size, update_ratio, min_size)) for x in leaves]
+    out = []
+    for x, layers in zip(leaves, _blocks.stack_lengths(params, stacks)):
+      unit = tuple(x.shape[1:]) if layers is not None else tuple(x.shape)
+      size = math.prod(unit)
+      out.append((layers, unit, size, _selected_count(size, update_ratio, min_size)))
+    return out
 
   def low_precision(x):
     return master_weights and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float16)
@@ -225,24 +261,27 @@ def badam_ratio(
   def select_all(params, key, period):
     treedef = jax.tree_util.tree_structure(params)
     index = []
-    for i, (size, n) in enumerate(sizes(params)):
+    for i, (layers, _, size, n) in enumerate(layouts(params)):
       if n == size:
         index.append(optax.MaskedNode())
       else:
-        index.append(_selection(mask_mode, size, n, key, i, period))
+        index.append(_selection(mask_mode, size, n, key, i, period, layers))
     return jax.tree_util.tree_unflatten(treedef, index)
 
   def fresh(params, index):
     """Zero moments and a master copy for the selection ``index``."""
-    def one(x, idx):
-      n = x.size if isinstance(idx, optax.MaskedNode) else idx.shape[0]
+    def one(x, idx, layout):
+      layers, _, size, n = layout
+      shape = (n,) if layers is None else (layers, n)
       if low_precision(x):
-        master = _take(x, idx).astype(jnp.float32)
+        master = _take(x, idx, layers is not None).astype(jnp.float32)
       else:
         master = optax.MaskedNode()
       # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
-      return jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32), master
-    out = jax.tree.map(one, params, index)
+      return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), master
+    treedef = jax.tree_util.tree_structure(params)
+    out = jax.tree.map(one, params, index, jax.tree_util.tree_unflatten(treedef, layouts(params)),
+                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)
     return pick(0), pick(1), pick(2)
 
@@ -262,12 +301,15 @@ def badam_ratio(
       raise ValueError("badam_ratio requires params: call tx.update(grads, state, params)")
     check_same_structure("badam_ratio", updates, "grads", params, "params")
     check_same_structure("badam_ratio", params, "params", state.mu, "the state's moments (from init)")
-    for path, (size, n), m in zip(leaf_paths(params), sizes(params), jax.tree_util.tree_leaves(state.mu)):
-      if m.shape != (n,):
+    layout = layouts(params)
+    for path, (layers, _, _, n), m in zip(leaf_paths(params), layout,
+                                              jax.tree_util.tree_leaves(state.mu)):
+      want = (n,) if layers is None else (layers, n)
+      if m.shape != want:
         raise ValueError(
-            f"badam_ratio: parameter {path!r} ({size} entries) trains {n} at a time but the state "
-            f"built at init holds {m.shape[0]}: it changed shape between init and update (re-run "
-            "tx.init)"
+            f"badam_ratio: parameter {path!r} trains {want} entries at a time but the state built "
+            f"at init holds {m.shape}: it changed shape (or was stacked differently) between init "
+            "and update (re-run tx.init)"
         )
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     reset = state.block_step == 0
@@ -277,9 +319,10 @@ def badam_ratio(
     master = jax.tree.map(lambda a, b: jnp.where(reset, a, b), master0, state.master)
     s = (state.block_step + 1).astype(jnp.float32)
 
-    def one(g, p, idx, m, v, w):
-      g_sel = _take(g, idx).astype(jnp.float32)
-      current = _take(p, idx).astype(jnp.float32)
+    def one(g, p, idx, m, v, w, layout):
+      stacked = layout[0] is not None
+      g_sel = _take(g, idx, stacked).astype(jnp.float32)
+      current = _take(p, idx, stacked).astype(jnp.float32)
       m = b1 * m + (1 - b1) * g_sel
       v = b2 * v + (1 - b2) * g_sel * g_sel
       direction = (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps)
@@ -287,16 +330,19 @@ def badam_ratio(
         base = w
       else:
         base = current
-      if decays and p.ndim >= 2:
+      if decays and len(layout[1]) >= 2:
         direction = direction + weight_decay * base
       new_value = base - lr * direction
       if low_precision(p):
         w = new_value
         new_value = new_value.astype(p.dtype)
       delta = (new_value.astype(jnp.float32) - current).astype(p.dtype)
-      return _put(p, idx, delta), m, v, w
+      return _put(p, idx, delta, stacked), m, v, w
 
-    out = jax.tree.map(one, updates, params, state.index, mu, nu, master)
+    treedef = jax.tree_util.tree_structure(params)
+    out = jax.tree.map(one, updates, params, state.index, mu, nu, master,
+                       jax.tree_util.tree_unflatten(treedef, layout),
+                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)
     new_updates, mu, nu, master = pick(0), pick(1), pick(2), pick(3)
 

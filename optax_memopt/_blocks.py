@@ -97,7 +97,10 @@ def _stack_keys(
 
   Guessed (``stacks=None``): the subtree under the first path component named like a layer container
   (``layers``, ``h``, ``blocks``, ...; Linen's ``nn.scan`` default ``ScanBlock_0``) whose leaves
-  all have two or more dimensions and share the leading one, and are not in a list of layers.
+  share the leading dimension and have two or more dimensions (one-dimensional per-layer scalars
+  ``[L]`` too, next to a leaf of three or more), and are not in a list of layers. A subtree whose
+  leaves share their second axis instead (a stack scanned on axis 1, Linen's
+  ``variable_axes={'params': 1}``) is refused with ``ValueError``: nothing here slices axis 1.
   Explicit: ``stacks`` names the subtrees (dotted paths); each must exist and its leaves must share
   their leading axis, else ``ValueError``.
   """
@@ -113,6 +116,7 @@ def _stack_keys(
         )
       lengths = {shapes[i][0] if shapes[i] else None for i in members}
       if len(lengths) != 1 or None in lengths:
+        _refuse_axis_one(prefix, [paths[i] for i in members], [shapes[i] for i in members])
         raise ValueError(
             f"stacks: the leaves under {prefix!r} do not share a leading (layer) axis: "
             + ", ".join(f"{paths[i]} {tuple(shapes[i])}" for i in members[:4])
@@ -131,12 +135,43 @@ def _stack_keys(
         break
   for prefix, members in candidates.items():
     every = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
-    if len(every) != len(members) or any(len(shapes[i]) < 2 for i in members):
+    ndims = [len(shapes[i]) for i in members]
+    # [L] leaves (a per-layer scalar) only next to a leaf of 3+ dimensions: one unstacked layer's
+    # [d, d] kernel and [d] bias would otherwise look like a stack of d layers.
+    if len(every) != len(members) or min(ndims) < (1 if max(ndims) >= 3 else 2):
       continue
     if len({shapes[i][0] for i in members}) == 1:
       for i in members:
         out[i] = (prefix, shapes[i][0])
+    elif min(ndims) >= 2:
+      _refuse_axis_one(prefix, [paths[i] for i in members], [shapes[i] for i in members])
   return out
+
+
+_ENCODER = re.compile(r"(^|[._])(enc\w*)($|[._])", re.IGNORECASE)
+_DECODER = re.compile(r"(^|[._])(dec\w*)($|[._])", re.IGNORECASE)
+
+
+def _input_to_output(container: str) -> int:
+  """Sort key of a layer container: encoders before decoders (a dict's keys are flattened in
+  alphabetical order, which puts ``decoder`` first); otherwise the order of first appearance."""
+  if _ENCODER.search(container):
+    return 0
+  if _DECODER.search(container):
+    return 2
+  return 1
+
+
+def _refuse_axis_one(prefix: str, paths: list[str], shapes: list[tuple[int, ...]]) -> None:
+  """A ``ValueError`` when the leaves under ``prefix`` share their second axis (a layer stack
+  scanned on axis 1) but not their first."""
+  if len(paths) < 2 or any(len(s) < 2 for s in shapes) or len({s[1] for s in shapes}) != 1:
+    return
+  raise ValueError(
+      f"stacks: the leaves under {prefix!r} share axis 1 ({paths[0]} {tuple(shapes[0])}, ...): a "
+      "layer stack scanned on axis 1 (Linen nn.scan(variable_axes={'params': 1}), MaxText "
+      "param_scan_axis: 1), which optax_memopt does not slice; scan the parameters on axis 0 "
+      "(param_scan_axis: 0), or pass stacks=() to train its leaves as whole tensors")
 
 
 def stack_lengths(params: Any, stacks: Any = None) -> list[int | None]:
@@ -158,12 +193,13 @@ def _default_labels(
   if not any(k is not None for k in listed + stacked):
     return _top_level_blocks(paths)
 
-  # Layer containers (lists and stacks) in order of first appearance, their layers in index order.
+  # Layer containers (lists and stacks) from input to output, their layers in index order.
   containers: list[str] = []
   for lk, sk in zip(listed, stacked):
     c = lk[0] if lk is not None else sk[0] if sk is not None else None
     if c is not None and c not in containers:
       containers.append(c)
+  containers.sort(key=_input_to_output)
   layer_ids = {(containers.index(k[0]), k[1]) for k in listed if k is not None}
   for k in stacked:
     if k is not None:
@@ -206,12 +242,15 @@ def block_labels(
   * a *stack* of layers (what ``nnx.vmap``/``nnx.scan``, Linen's ``nn.scan`` and ``jax.vmap`` of an
     init function produce): the subtree under a container name (``layers``, ``layer``, ``h``,
     ``blocks``, ``block``, Linen's ``ScanBlock_0``, ...) whose leaves all have a leading axis of the
-    same length ``L``. Its leaves get a tuple of ``L`` labels, one block per layer slice
-    ``[l]``. Name the stack subtrees with ``stacks`` when the guess cannot.
+    same length ``L`` (per-layer scalars ``[L]`` included). Its leaves get a tuple of ``L`` labels,
+    one block per layer slice ``[l]``. Name the stack subtrees with ``stacks`` when the guess
+    cannot. The layer axis must be axis 0: a stack scanned on axis 1 (Linen's
+    ``variable_axes={'params': 1}``, MaxText's ``param_scan_axis: 1``) is refused, not guessed.
 
   NNX's trailing ``.value`` is ignored. Blocks are numbered from the input to the output: the
-  embedding block (when included), then the layers in index order (several layer containers, e.g. an
-  encoder and a decoder, in order of first appearance), then one head block (everything after the
+  embedding block (when included), then the layers in index order (several layer containers in
+  order of first appearance, except that a container named like an encoder comes before one named
+  like a decoder), then one head block (everything after the
   layers that is not an embedding: final norm, ``lm_head``, classifier; when included). A tree
   without any layer structure gets one block per top-level entry, and a single array is one block.
   :func:`describe_blocks` prints what was inferred.
@@ -229,7 +268,9 @@ def block_labels(
     leaves) or, for the leaves of a layer stack, a tuple of one block id per layer slice.
 
   Raises:
-    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis.
+    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis;
+      the leaves under a layer-container name share their second axis instead (a stack scanned on
+      axis 1: scan on axis 0, or pass ``stacks=()``).
 
   Examples:
     >>> import jax.numpy as jnp

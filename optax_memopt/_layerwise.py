@@ -61,6 +61,9 @@ def _refuse_known(opt_state: Any) -> None:
        "optax_memopt.make_block_step"),
       (_badam_ratio.BAdamRatioState, "badam_ratio's selection spans whole leaves; use the "
        "ordinary step"),
+      (optax.contrib.ReduceLROnPlateauState, "optax.contrib.reduce_on_plateau needs the loss "
+       "(tx.update(..., value=loss)), which the updates inside the backward pass are not given; "
+       "use the ordinary step"),
   )
 
   def is_kind(x):
@@ -70,6 +73,28 @@ def _refuse_known(opt_state: Any) -> None:
     for kind, why in kinds:
       if isinstance(x, kind):
         raise TypeError(f"make_layerwise_step: tx cannot be applied layer by layer: {why}")
+
+
+def _check_state_is_for(tx, params, opt_state) -> None:
+  """A one-line error when ``opt_state`` is not ``tx.init(params)``'s kind of state (made for other
+  parameters, or by another optimizer), before anything blames ``tx``."""
+  expected = jax.eval_shape(tx.init, params)
+  got_leaves, got_def = jax.tree_util.tree_flatten(opt_state)
+  want_leaves, want_def = jax.tree_util.tree_flatten(expected)
+  got_paths, want_paths = _state_paths(opt_state), _state_paths(expected)
+  if got_def != want_def:
+    first = next((p for p in got_paths if p not in set(want_paths)), None)
+    first = first or next((p for p in want_paths if p not in set(got_paths)), "its containers")
+    raise ValueError(
+        f"make_layerwise_step: opt_state does not have the structure of tx.init(params) (at "
+        f"{first}): it was made for other parameters or by another optimizer; pass "
+        "tx.init(params)")
+  for path, got, want in zip(got_paths, got_leaves, want_leaves):
+    if tuple(jnp.shape(got)) != tuple(want.shape):
+      raise ValueError(
+          f"make_layerwise_step: the state leaf {path} has shape {tuple(jnp.shape(got))}, but "
+          f"tx.init(params) gives {tuple(want.shape)}: opt_state was made for other parameters; "
+          "pass tx.init(params)")
 
 
 def _make_plan(tx, params, opt_state, stacks) -> _Plan:
@@ -98,10 +123,15 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
 
   state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
   state_paths = _state_paths(opt_state)
+  _check_state_is_for(tx, params, opt_state)
   owner: list[int | None] = [None] * len(state_leaves)
   for a, name in enumerate(names):
-    view = [jax.ShapeDtypeStruct(s[1:], x.dtype) if st == a else jax.ShapeDtypeStruct(s, x.dtype)
-            for x, s, st in zip(leaves, shapes, stack_of_leaf)]
+    # One layer is seen as a stack of one ([1, ...]): tx recognises it as it recognises the stack (a
+    # stack of square matrices' layer [d, d] would look like a stack of d vectors), and decides on
+    # its ndim as on the stack's. A stack of one is probed as two, to tell its layers' state apart.
+    probe = 1 if lengths[a] > 1 else 2
+    view = [jax.ShapeDtypeStruct((probe,) + s[1:], x.dtype) if st == a
+            else jax.ShapeDtypeStruct(s, x.dtype) for x, s, st in zip(leaves, shapes, stack_of_leaf)]
     params_def = jax.tree_util.tree_structure(params)
     view_state = jax.eval_shape(tx.init, jax.tree_util.tree_unflatten(params_def, view))
     view_leaves, view_def = jax.tree_util.tree_flatten(view_state)
@@ -114,11 +144,12 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
       full_shape = tuple(jnp.shape(full))
       if full_shape == tuple(one.shape):
         continue
-      if full_shape != (lengths[a],) + tuple(one.shape) or jnp.result_type(full) != one.dtype:
+      if (not one.shape or one.shape[0] != probe or full_shape != (lengths[a],) + tuple(one.shape[1:])
+          or jnp.result_type(full) != one.dtype):
         raise ValueError(
             f"make_layerwise_step: the state leaf {path} has shape {full_shape}, but for one layer "
-            f"of the stack {name!r} tx keeps {tuple(one.shape)}: it is not the stack of its "
-            "layers' states, so tx cannot be applied layer by layer"
+            f"of the stack {name!r} tx keeps {(1,) + tuple(one.shape[1:])}: it is not the stack of "
+            "its layers' states, so tx cannot be applied layer by layer"
         )
       if owner[j] is not None:
         raise ValueError(f"make_layerwise_step: the state leaf {path} belongs to two stacks")
@@ -197,11 +228,205 @@ def _eqn_deps(eqn, ins: list[frozenset]) -> list[frozenset]:
       if new == carry:
         return carry
       carry = new
+  if name == "random_bits":
+    # Marks the draw with what its key depends on: a layer's draw from a key that depends neither
+    # on the layer index nor on the layer's own state is the same for every layer.
+    return [ins[0] | {("rand", ins[0])}] * n_out
   sub = _sub_jaxpr(eqn)
   if sub is not None and len(getattr(sub, "jaxpr", sub).invars) == len(ins):
     return _deps(sub, ins)
   every = _union(ins)
   return [every] * n_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the layer axis of a stacked leaf goes in the ordinary update's jaxpr, and whether anything
+# reduces over it (lamb's trust ratio, adafactor's clipping, clip_by_block_rms: a number computed
+# over the whole stacked leaf, which one layer at a time cannot reproduce).
+
+_LOST = -1  # the layer axis can no longer be followed (nothing is concluded from it)
+_REDUCTIONS = frozenset({
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+    "reduce_xor", "argmax", "argmin"})
+_SCANS_ALONG = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+_LINALG = frozenset({"eigh", "qr", "svd", "cholesky", "triangular_solve", "lu", "householder_product",
+                     "geqrf", "orgqr", "schur", "eig"})
+
+
+class _Axis:
+  """Per jaxpr variable: ``ax`` (the layer axis' position, ``None`` for a value that is the same for
+  every layer and has no layer axis, ``_LOST``) and ``mix`` (descriptions of the reductions over the
+  layer axis it was computed from)."""
+
+  __slots__ = ("ax", "mix")
+
+  def __init__(self, ax=None, mix=frozenset()):
+    self.ax, self.mix = ax, mix
+
+  def __eq__(self, other):
+    return self.ax == other.ax and self.mix == other.mix
+
+
+def _where_in_code(eqn) -> str:
+  """The innermost frame of ``eqn``'s source outside JAX (``function (file:line)``)."""
+  try:
+    frames = eqn.source_info.traceback.frames
+  except AttributeError:
+    return "an operation"
+  for f in frames:
+    name = f.file_name.replace("\\", "/")
+    if "/jax/" in name or "/jaxlib/" in name or name.endswith(("/numerics.py", "_layerwise.py")):
+      continue
+    return f"{f.function_name.replace('.<locals>', '')} ({name.rsplit('/', 1)[-1]}:{f.line_num})"
+  return "an operation"
+
+
+def _join(a: _Axis, b: _Axis) -> _Axis:
+  ax = a.ax if a.ax == b.ax else (b.ax if a.ax is None else a.ax if b.ax is None else _LOST)
+  return _Axis(ax, a.mix | b.mix)
+
+
+def _axes(jaxpr, ins: list[_Axis], where: str | None) -> list[_Axis]:
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  env: dict[Any, _Axis] = {}
+
+  def read(v):
+    return env.get(v, _Axis()) if not hasattr(v, "val") else _Axis()
+
+  for v, a in zip(jaxpr.invars, ins, strict=True):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    outs = _eqn_axes(eqn, [read(v) for v in eqn.invars], where or _where_in_code(eqn))
+    for v, a in zip(eqn.outvars, outs):
+      env[v] = a
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _loop_axes(body, consts: list[_Axis], carry: list[_Axis], rest: list[_Axis], where, n_carry,
+               pred=None) -> list[_Axis]:
+  for _ in range(8):
+    outs = _axes(body, consts + carry + rest, where)
+    extra = _Axis() if pred is None else pred(carry)
+    new = [_join(_join(c, o), _Axis(None, extra.mix)) if extra.ax is None
+           else _Axis(_LOST, c.mix | o.mix | extra.mix) for c, o in zip(carry, outs[:n_carry])]
+    if new == carry:
+      return outs if pred is None else carry
+    carry = new
+  return [_Axis(_LOST, _union(a.mix for a in carry + consts + rest))] * len(outs)
+
+
+def _eqn_axes(eqn, ins: list[_Axis], where: str) -> list[_Axis]:
+  name = eqn.primitive.name
+  n_out = len(eqn.outvars)
+  mix = _union(a.mix for a in ins)
+  batched = [a.ax for a in ins if a.ax is not None]
+  if not batched:
+    if name == "cond":
+      outs = [_Axis()] * n_out
+      for branch in eqn.params["branches"]:
+        outs = [_join(o, b) for o, b in zip(outs, _axes(branch, ins[1:], where))]
+      return [_Axis(o.ax, o.mix | ins[0].mix) for o in outs]
+    return [_Axis(None, mix)] * n_out
+  if _LOST in batched:
+    return [_Axis(_LOST, mix)] * n_out
+  in_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+  out_rank = len(getattr(eqn.outvars[0].aval, "shape", ()))
+
+  def one(ax):
+    return [_Axis(ax, mix)] * n_out
+
+  p = eqn.params
+  if p.get("name") == _tree.LAYER_SEPARABLE_ANY:
+    return [_Axis(None, mix)] * n_out
+  if name in _REDUCTIONS:
+    k, axes = ins[0].ax, tuple(p["axes"])
+    if k in axes:
+      return [_Axis(None, mix | {where})] * n_out
+    return one(k - sum(a < k for a in axes))
+  if name in _SCANS_ALONG or name == "sort":
+    k = ins[0].ax
+    along = p.get("axis", p.get("dimension"))
+    return [_Axis(k, mix | ({where} if along == k else frozenset()))] * n_out
+  if name == "broadcast_in_dim":
+    return one(p["broadcast_dimensions"][ins[0].ax])
+  if name == "transpose":
+    return one(tuple(p["permutation"]).index(ins[0].ax))
+  if name == "squeeze":
+    k, dims = ins[0].ax, tuple(d % len(in_shapes[0]) for d in p["dimensions"])
+    return one(_LOST if k in dims else k - sum(d < k for d in dims))
+  if name == "reshape":
+    k, shape, new = ins[0].ax, in_shapes[0], tuple(p["new_sizes"])
+    lo, hi = _prod(shape[:k]), _prod(shape[:k + 1])
+    for j in range(len(new)):
+      if _prod(new[:j]) <= lo and hi <= _prod(new[:j + 1]) and new[j] > 1:
+        return one(j)  # the layer axis, or an axis it was merged into
+    return one(_LOST)
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    lhs, rhs = ins[0].ax, ins[1].ax
+    l_free = [d for d in range(len(in_shapes[0])) if d not in lc and d not in lb]
+    r_free = [d for d in range(len(in_shapes[1])) if d not in rc and d not in rb]
+    found, mixed = [], frozenset()
+    for k, c, b, free, off in ((lhs, lc, lb, l_free, len(lb)),
+                               (rhs, rc, rb, r_free, len(lb) + len(l_free))):
+      if k is None:
+        continue
+      if k in c:
+        mixed = {where}
+      elif k in b:
+        found.append(tuple(b).index(k))
+      else:
+        found.append(off + free.index(k))
+    ax = None if not found else found[0] if len(set(found)) == 1 else _LOST
+    return [_Axis(ax, mix | mixed)] * n_out
+  if name in _LINALG:
+    k = ins[0].ax
+    if k is not None and k >= len(in_shapes[0]) - 2:
+      return [_Axis(None, mix | {where})] * n_out
+    return one(k)
+  if name in ("slice", "dynamic_slice", "pad", "concatenate", "dynamic_update_slice"):
+    k = batched[0]
+    full = all(a.ax in (None, k) for a in ins) and all(
+        len(s) <= k or s[k] == in_shapes[0][k] for s, a in zip(in_shapes, ins) if a.ax == k)
+    along = p.get("dimension")
+    return one(k if full and along != k and tuple(getattr(eqn.outvars[0].aval, "shape", ()))[k]
+               == in_shapes[0][k] else _LOST)
+  if name == "cond":
+    outs = [_Axis()] * n_out
+    for branch in p["branches"]:
+      outs = [_join(o, b) for o, b in zip(outs, _axes(branch, ins[1:], where))]
+    return [_Axis(o.ax, o.mix | ins[0].mix) for o in outs]
+  if name == "scan":
+    nc, nk = p["num_consts"], p["num_carry"]
+    xs = [_Axis(_LOST if a.ax == 0 else None if a.ax is None else a.ax - 1, a.mix)
+          for a in ins[nc + nk:]]
+    outs = _loop_axes(p["jaxpr"], ins[:nc], ins[nc:nc + nk], xs, where, nk)
+    return outs[:nk] + [_Axis(None if o.ax is None else _LOST if o.ax == _LOST else o.ax + 1, o.mix)
+                        for o in outs[nk:]]
+  if name == "while":
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+
+    def pred(carry):
+      got = _axes(p["cond_jaxpr"], ins[:cn] + carry, where)[0]
+      return _Axis(None if got.ax is None else _LOST, got.mix)
+
+    return _loop_axes(p["body_jaxpr"], ins[cn:cn + bn], ins[cn + bn:], [], where, n_out, pred)
+  sub = _sub_jaxpr(eqn)
+  if sub is not None and len(getattr(sub, "jaxpr", sub).invars) == len(ins):
+    return _axes(sub, ins, where)
+  # Elementwise (operands of the output's rank share the layer axis; scalars broadcast).
+  ranked = [a.ax for a, s in zip(ins, in_shapes) if a.ax is not None and len(s) == out_rank]
+  if len(ranked) == len(batched) and len(set(ranked)) == 1 and all(
+      len(s) in (0, out_rank) for s in in_shapes):
+    return one(ranked[0])
+  return one(_LOST)
+
+
+def _prod(xs) -> int:
+  out = 1
+  for x in xs:
+    out *= int(x)
+  return out
 
 
 def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
@@ -215,7 +440,7 @@ def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
 
   def view_shape(x, stack):
     s = tuple(jnp.shape(x))
-    return s[1:] if stack is not None else s
+    return (1,) + s[1:] if stack is not None else s
 
   g = [jax.ShapeDtypeStruct(view_shape(x, a), x.dtype) for x, a in zip(leaves, plan.stack_of_leaf)]
   s = [jax.ShapeDtypeStruct(view_shape(x, a), jnp.result_type(x))
@@ -232,7 +457,7 @@ def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
   n, m = len(leaves), len(state_leaves)
   # Input ids: ("g", i), ("s", j), ("p", i) in the order make_jaxpr flattened them.
   in_ids = ([frozenset({("g", i)}) for i in range(n)] + [frozenset({("s", j)}) for j in range(m)]
-            + [frozenset({("p", i)}) for i in range(n)] + [frozenset()])
+            + [frozenset({("p", i)}) for i in range(n)] + [frozenset({("layer", 0)})])
   out = _deps(closed, in_ids)
   u_deps, s_deps = out[:n], out[n:]
 
@@ -248,8 +473,11 @@ def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
   outputs = ([(plan.stack_of_leaf[i], f"the update of {paths[i]!r}", d) for i, d in enumerate(u_deps)]
              + [(plan.owner[j], f"the new state leaf {state_paths[j]}", d)
                 for j, d in enumerate(s_deps)])
+  def real(deps):
+    return sorted(d for d in deps if d[0] in ("g", "s", "p"))
+
   for a, what, deps in outputs:
-    for kind, k in sorted(deps):
+    for kind, k in real(deps):
       b, source = where(kind, k)
       # A layer's update may read outer values and state (they are the step's inputs in both
       # places); it may not read an outer gradient, nor anything of another stack. An outer update
@@ -263,6 +491,56 @@ def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
             "gradient (optax.clip_by_global_norm, apply_if_finite, ...) must run in the ordinary "
             "step"
         )
+
+  # Random numbers: a layer's draw must come from a key that depends on the layer (the layer index
+  # passed as LAYER_SLICE_ARG, or the layer's own state), else every layer gets the same numbers.
+  for a, what, deps in outputs:
+    for d in deps:
+      if a is None or d[0] != "rand":
+        continue
+      key = d[1]
+      if ("layer", 0) in key or any(where(kind, k)[0] == a for kind, k in real(key)):
+        continue
+      raise ValueError(
+          f"make_layerwise_step: tx cannot be applied layer by layer: {what} adds random numbers "
+          "drawn from a key shared by every layer (optax.add_noise, noisy_sgd, ...), so every "
+          "layer would get the same draw; use the ordinary step")
+
+  # The ordinary update on the whole stacked leaves: it must read what one layer's update reads
+  # (a callable mask or a choice made on a leaf's shape sees a stacked leaf [L, d] and one layer's
+  # [d] differently), and must not reduce over a stacked leaf's layer axis.
+  full = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
+  full_s = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in state_leaves]
+
+  def ordinary(g, s, p):
+    u, new_s = tx.update(
+        jax.tree_util.tree_unflatten(params_def, g), jax.tree_util.tree_unflatten(state_def, s),
+        jax.tree_util.tree_unflatten(params_def, p))
+    return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
+
+  whole = jax.make_jaxpr(ordinary)(full, full_s, full)
+  for (_, what, deps), whole_deps in zip(outputs, _deps(whole, in_ids[:-1])):
+    one, every = real(deps), real(whole_deps)
+    if one == every:
+      continue
+    kind, k = sorted(set(one) ^ set(every))[0]
+    reads = "reads" if (kind, k) in every else "does not read"
+    raise ValueError(
+        f"make_layerwise_step: tx cannot be applied layer by layer: in the ordinary step {what} "
+        f"{reads} {where(kind, k)[1]}, for one layer of the stack it does {'not ' * (reads == 'reads')}"
+        "(a callable mask or a choice made on a leaf's shape, e.g. adamw(mask=lambda p: ... ndim "
+        "...), sees a stacked leaf [L, ...] and one layer differently); pass the mask as a tree of "
+        "bools computed from the params, or use the ordinary step")
+  axes_in = ([_Axis(None if a is None else 0) for a in plan.stack_of_leaf]
+             + [_Axis(None if a is None else 0) for a in plan.owner]
+             + [_Axis(None if a is None else 0) for a in plan.stack_of_leaf])
+  for (a, what, _), got in zip(outputs, _axes(whole, axes_in, None)):
+    if a is not None and got.mix:
+      raise ValueError(
+          f"make_layerwise_step: tx cannot be applied layer by layer: {what} uses a number "
+          f"computed across the layers of the stacked leaf, in {sorted(got.mix)[0]} (a "
+          "transformation that reduces over a whole leaf: optax.lamb, lars, fromage, adafactor, "
+          "clip_by_block_rms, ...); one layer at a time it would differ, use the ordinary step")
 
 
 def make_layerwise_step(
@@ -294,9 +572,16 @@ def make_layerwise_step(
   needs the whole gradient is refused at the first call with a one-line error naming the leaf and
   what it reads: ``optax.clip_by_global_norm``, ``apply_if_finite`` (found by following the
   dependencies through ``tx.update``'s jaxpr), ``optax.MultiSteps`` (its accumulator is a whole
-  gradient), BAdam (use :func:`make_block_step`). The optimizer state is the ordinary
-  ``tx.init(params)``: every state leaf of a stacked leaf must be the stack of its layers' states
-  (leading axis ``L``), which is checked.
+  gradient), BAdam (use :func:`make_block_step`). So is a ``tx`` whose ordinary update of a stacked
+  leaf would differ from its layers' updates, found by comparing ``tx.update``'s jaxpr on the whole
+  stacked leaves with the one-layer update: a norm over a whole leaf (across its layers: ``lamb``,
+  ``lars``, ``fromage``, ``adafactor``, ``clip_by_block_rms``), a callable mask that sees ``[L, d]``
+  and one layer differently (e.g. by size; pass the mask as a tree of bools instead), and random
+  numbers drawn from a key that does not depend on the layer (``add_noise``, ``noisy_sgd``: every
+  layer would get the same draw). ``tx`` sees one layer as a stack of one (leaves ``[1, ...]``), so
+  it recognises the layer as it recognises the stack, and a choice on ``ndim`` is the stack's. The
+  optimizer state is the ordinary ``tx.init(params)``: every state leaf of a stacked leaf must be
+  the stack of its layers' states (leading axis ``L``), which is checked.
 
   **Memory.** Live at once: the weights, the optimizer state, the activations saved by the forward
   pass (use ``jax.checkpoint`` on the layer function to keep only each layer's input), one layer's
@@ -369,12 +654,13 @@ def make_layerwise_step(
     outer = [i for i, a in enumerate(plan.stack_of_leaf) if a is None]
 
     def zeros_view(x, stacked):
-      shape = tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+      shape = (1,) + tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
       return jnp.zeros(shape, jnp.result_type(x))
 
     def view_update(grads, weights, states, extra):
-      """tx.update on the params' structure, stacked leaves seen as one layer; ``grads``,
-      ``weights``, ``states``: {leaf index: value} for the leaves that matter, zeros elsewhere."""
+      """tx.update on the params' structure, stacked leaves seen as one layer (a stack of one,
+      ``[1, ...]``); ``grads``, ``weights``, ``states``: {leaf index: value} for the leaves that
+      matter, zeros elsewhere."""
       g = [grads[i] if i in grads else zeros_view(x, a is not None)
            for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
       p = [weights[i] if i in weights else (x if a is None else zeros_view(x, True))
@@ -395,13 +681,14 @@ def make_layerwise_step(
 
       def update(layer, grads, weights, states):
         u, new_s = view_update(
-            dict(zip(members, grads)), dict(zip(members, weights)),
-            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))
+            {i: g[None] for i, g in zip(members, grads)},
+            {i: w[None] for i, w in zip(members, weights)},
+            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))[None]
              for j, c in zip(owned, states)},
             {_tree.LAYER_SLICE_ARG: (mask, layer)},
         )
-        new_w = [(w + u[i]).astype(w.dtype) for i, w in zip(members, weights)]
-        new_c = [_to_carrier(new_s[j]) for j in owned]
+        new_w = [(w + u[i][0]).astype(w.dtype) for i, w in zip(members, weights)]
+        new_c = [_to_carrier(new_s[j][0]) for j in owned]
         return new_w, new_c
 
       return update
@@ -423,6 +710,14 @@ def make_layerwise_step(
       with _scan.layerwise_stacks(members):
         out = loss_fn(jax.tree_util.tree_unflatten(params_def, full), *args, **kwargs)
       for obj in stack_objs:
+        if obj.used == 0:
+          raise ValueError(
+              f"make_layerwise_step: the leaves of the layer stack {obj.name!r} never reached "
+              "optax_memopt.scan_layers as given: pass them from params to scan_layers unchanged "
+              "(cast them, e.g. to bfloat16, inside the layer function, not before the scan) and "
+              "not from inside a nested jax.jit or jax.checkpoint (put jax.checkpoint on the layer "
+              "function); a stack run by lax.scan or nnx.scan must use scan_layers instead"
+          )
         if obj.used != 1:
           raise ValueError(
               f"make_layerwise_step: the layer stack {obj.name!r} must run through "

@@ -9,10 +9,26 @@ import jax.numpy as jnp
 
 # Extra argument of ``tx.update`` under :func:`optax_memopt.make_layerwise_step`: ``(mask, layer)``
 # where ``mask`` has one bool per leaf of the updates (True: the leaf is layer ``layer`` of a layer
-# stack, its leading axis indexed away) and ``layer`` is an int32 scalar. Transformations that draw
-# random numbers per matrix (AdaRankGrad's sketches) use it to draw for a layer what they draw for
-# that member of the stacked leaf; every other transformation ignores it.
+# stack, seen as a stack of one: leading axis of length 1) and ``layer`` is an int32 scalar.
+# Transformations that draw random numbers per matrix (AdaRankGrad's sketches) use it to draw for a
+# layer what they draw for that member of the stacked leaf; every other transformation ignores it.
 LAYER_SLICE_ARG = "optax_memopt_layer_slice"
+
+
+def layer_separable_any(x: jax.Array) -> jax.Array:
+  """``jnp.any(x)`` as the predicate of a ``lax.cond`` that only skips work: each entry's result is
+  the same whether the branch runs for it or not (e.g. a refresh applied with ``jnp.where(need, ...)``
+  per matrix). :func:`optax_memopt.make_layerwise_step` checks that no update reduces over a stacked
+  leaf's layer axis; this reduction, recognised by its name in the jaxpr, is not counted."""
+  return _layer_separable_any(x)
+
+
+def _any(x: jax.Array) -> jax.Array:
+  return jnp.any(x)
+
+
+_any.__name__ = LAYER_SEPARABLE_ANY = "optax_memopt_layer_separable_any"
+_layer_separable_any = jax.jit(_any)
 
 
 def _key_name(key: Any) -> str:

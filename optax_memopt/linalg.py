@@ -51,8 +51,28 @@ def _small_svd(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return u, s, _mT(v)
 
 
+def _typed_key(key) -> jax.Array:
+  """``key`` as a typed key array: a legacy ``jax.random.PRNGKey`` (uint32 data, e.g. ``[2]`` or
+  ``[..., 2]`` for threefry) is wrapped with the default implementation, so both kinds draw the
+  same numbers."""
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype != jnp.uint32:
+    raise TypeError(
+        f"key must be a jax.random key (jax.random.key or the legacy jax.random.PRNGKey), got an "
+        f"array of dtype {key.dtype} and shape {key.shape}.")
+  try:
+    return jax.random.wrap_key_data(key)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"key: a legacy uint32 key must have the default implementation's trailing key shape, got "
+        f"shape {key.shape} ({e}).") from None
+
+
 def _sketch(key: jax.Array, batch: tuple[int, ...], shape: tuple[int, int]) -> jax.Array:
   """Gaussian sketches ``batch + shape``: from one key, or from one key per batch member."""
+  key = _typed_key(key)
   if jnp.ndim(key) == 0:
     return jax.random.normal(key, batch + shape, jnp.float32)
   if tuple(jnp.shape(key)) != tuple(batch):
@@ -75,8 +95,9 @@ def randomized_range_finder(
   QR factorisation after every product so that small singular directions are not lost to rounding.
 
   Args:
-    key: A ``jax.random`` key, or an array of keys with ``a``'s batch shape (one sketch per matrix:
-      matrix ``b``'s sketch is then the same whether it is computed alone or in a batch).
+    key: A ``jax.random`` key (typed, or a legacy ``jax.random.PRNGKey``), or an array of keys with
+      ``a``'s batch shape (one sketch per matrix: matrix ``b``'s sketch is then the same whether it
+      is computed alone or in a batch).
     a: Array of shape ``[..., m, n]``; leading axes are batch axes. Any float dtype.
     size: Number of basis vectors ``ell``, ``1 <= size <= min(m, n)``.
     power_iters: Number of power (subspace) iterations; each costs two products with ``a``.
@@ -131,7 +152,8 @@ def randomized_svd(
   decays (Halko et al., Theorem 10.6 and Corollary 10.10).
 
   Args:
-    key: A ``jax.random`` key, or an array of keys with ``a``'s batch shape (one per matrix).
+    key: A ``jax.random`` key (typed, or a legacy ``jax.random.PRNGKey``), or an array of keys with
+      ``a``'s batch shape (one per matrix).
     a: Array of shape ``[..., m, n]``; leading axes are batch axes. Any float dtype (bf16 is
       computed in float32).
     rank: Number of singular triplets to return, ``1 <= rank <= min(m, n)``.

@@ -235,3 +235,57 @@ def test_params_changed_between_init_and_update_name_the_leaf():
     tx.update(wider, state, wider)
   with pytest.raises(ValueError, match="params have 'out', which grads have not"):
     tx.update({k: v for k, v in params.items() if k != "out"}, state, params)
+
+
+def _layer_list_and_stack(n_layers=4, d=16, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(7), n_layers)
+  layers = [{"w": jax.random.normal(k, (d, d)).astype(dtype) / 4, "scale": jnp.ones((d,), dtype)}
+            for k in keys]
+  listed = {"layers": layers, "head": jnp.ones((d, 3), dtype) / 3}
+  stacked = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers), "head": listed["head"]}
+  return listed, stacked
+
+
+@pytest.mark.parametrize("mode", ["adjacent", "scatter"])
+def test_stacked_layers_train_like_a_list_of_layers(mode):
+  # A stack [L, ...] is L leaves: each layer trains n = ceil(r * d * d) entries of its own kernel
+  # and its norm scale [d] whole and without weight decay, as in the list form (before: the stack's
+  # first layer took every selected entry, [4 * n, 0, 0, 0], and the norm scales were decayed).
+  listed, stacked = _layer_list_and_stack()
+  kw = dict(update_ratio=0.05, switch_every=3, mask_mode=mode, weight_decay=0.1, min_size=100)
+  tx = optax_memopt.badam_ratio(1e-2, **kw)
+  grads_l = jax.tree.map(lambda x: jnp.cos(3 * x) + 0.5, listed)
+  grads_s = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *grads_l["layers"]),
+             "head": grads_l["head"]}
+  state_l, state_s = tx.init(listed), tx.init(stacked)
+  assert state_s.mu["layers"]["w"].shape == (4, math.ceil(0.05 * 256))
+  upd = jax.jit(tx.update)
+  for _ in range(4):  # two selection periods
+    u_l, state_l = upd(grads_l, state_l, listed)
+    u_s, state_s = upd(grads_s, state_s, stacked)
+    listed, stacked = optax.apply_updates(listed, u_l), optax.apply_updates(stacked, u_s)
+    per_layer = np.asarray((u_s["layers"]["w"] != 0).sum(axis=(1, 2)))
+    np.testing.assert_array_equal(per_layer, [math.ceil(0.05 * 256)] * 4)
+    # Norm scales: Adam's step only (grad cos(3x) + 0.5 > 0 at x = 1 gives a negative update).
+    np.testing.assert_array_equal(u_s["layers"]["scale"] != 0, True)
+    if mode == "adjacent":  # deterministic selection: the same numbers as the list form
+      for l in range(4):
+        for name in ("w", "scale"):
+          np.testing.assert_allclose(u_s["layers"][name][l], u_l["layers"][l][name],
+                                     rtol=1e-6, atol=1e-9)
+  if mode == "adjacent":
+    for name in ("w", "scale"):
+      np.testing.assert_allclose(
+          stacked["layers"][name], np.stack([x[name] for x in listed["layers"]]), rtol=1e-6)
+  # Without weight decay on the norm scales, their update does not depend on their value.
+  zero_g = jax.tree.map(jnp.zeros_like, grads_s)
+  u, _ = tx.update(zero_g, tx.init(stacked), stacked)
+  np.testing.assert_array_equal(u["layers"]["scale"], 0.0)
+
+
+def test_stacks_argument_turns_recognition_off_or_names_the_stack():
+  _, stacked = _layer_list_and_stack()
+  whole_tensors = optax_memopt.badam_ratio(1e-2, update_ratio=0.05, stacks=())
+  assert whole_tensors.init(stacked).mu["layers"]["w"].shape == (math.ceil(0.05 * 4 * 256),)
+  named = optax_memopt.badam_ratio(1e-2, update_ratio=0.05, stacks="layers")
+  assert named.init(stacked).mu["layers"]["w"].shape == (4, math.ceil(0.05 * 256))

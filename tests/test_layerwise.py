@@ -176,7 +176,7 @@ def test_stack_outside_scan_layers_is_refused():
 
   tx = optax.adam(1e-2)
   params = _params()
-  for loss, match in ((plain_scan, "must run through optax_memopt.scan_layers"),
+  for loss, match in ((plain_scan, "never reached optax_memopt.scan_layers"),
                       (used_twice, "used outside optax_memopt.scan_layers")):
     step = optax_memopt.make_layerwise_step(loss, tx, donate=False)
     with pytest.raises(ValueError, match=match):
@@ -217,3 +217,124 @@ def test_xla_temporaries_hold_one_layer_gradient_not_the_stack():
   # in place: every argument but the batch is aliased to an output, and no stack is copied.
   assert m_lw.temp_size_in_bytes <= 5 * layer_grad
   assert m_lw.alias_size_in_bytes == m_lw.argument_size_in_bytes - 2 * tokens.size * 4
+
+
+def _decay_matrices_only(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def test_callable_mask_on_ndim_sees_a_layer_as_the_stack():
+  # One layer is given to tx as a stack of one ([1, d]), so a mask on ndim decays the stacked norm
+  # scales [L, d] on both paths (before: decayed in the ordinary step only, silently).
+  params = _params()
+  params["layers"]["b"] = params["layers"]["b"] + 1.0  # decay has something to act on
+  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=_decay_matrices_only)
+  (p1, _), (p2, _) = _run_both(tx, 3, params)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, tx", [
+    # A mask on size sees the stacked norm scale [L, d] and one layer's [1, d] differently.
+    ("callable mask", optax.adamw(1e-2, weight_decay=0.5,
+                                  mask=lambda p: jax.tree.map(lambda x: x.size > 2 * D, p))),
+    # Norms over a whole leaf (across the stack's layers in the ordinary step): before, computed
+    # per layer without an error.
+    ("lamb", optax.lamb(1e-2)),
+    ("lars", optax.lars(1e-2)),
+    ("fromage", optax.fromage(1e-2)),
+    ("adafactor", optax.adafactor(1e-2)),
+    ("clip_by_block_rms", optax.chain(optax.clip_by_block_rms(0.01), optax.adam(1e-2))),
+])
+def test_updates_that_see_the_whole_stacked_leaf_are_refused(name, tx):
+  params = _params()
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  match = "callable mask" if name == "callable mask" else "computed across the layers"
+  with pytest.raises(ValueError, match=match):
+    step(params, tx.init(params), *_batch())
+
+
+def test_mask_as_a_tree_of_bools_gives_the_ordinary_numbers():
+  # The way out the refusal names: the mask computed once from the (stacked) params.
+  params = _params()
+  params["layers"]["b"] = params["layers"]["b"] + 1.0
+  mask = jax.tree.map(lambda x: x.size > 2 * D, params)
+  tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.5, mask=mask)
+  (p1, _), (p2, _) = _run_both(tx, 3, params)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tx", [
+    optax.noisy_sgd(1e-2, key=0),
+    optax.chain(optax.add_noise(0.1, 0.55, key=0), optax.adam(1e-2)),
+])
+def test_noise_from_a_key_shared_by_the_layers_is_refused(tx):
+  # Before: every layer got the same noise.
+  params = _params()
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  with pytest.raises(ValueError, match="same draw"):
+    step(params, tx.init(params), *_batch())
+
+
+def _square_stack():
+  k = jax.random.split(jax.random.key(3), 4)
+  params = {"embed": jax.random.normal(k[0], (V, D)) * 0.3,
+            "layers": {"q": jax.random.normal(k[1], (L, D, D)) * 0.3,
+                       "o": jax.random.normal(k[2], (L, D, D)) * 0.3},
+            "head": jax.random.normal(k[3], (D, V)) * 0.3}
+
+  def loss(params, tokens, targets):
+    x = params["embed"][tokens]
+    x = optax_memopt.scan_layers(lambda p, x: x + jnp.tanh(x @ p["q"]) @ p["o"], params["layers"], x)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ params["head"], targets))
+
+  return params, loss
+
+
+def _encoder_decoder():
+  def loss(params, tokens, targets):
+    x = params["embed"][tokens]
+    x = optax_memopt.scan_layers(_layer, params["encoder_layers"], x, jnp.float32(0.5))
+    x = optax_memopt.scan_layers(_layer, params["decoder_layers"], x, jnp.float32(0.5))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ params["head"], targets))
+
+  params = _params()
+  params["encoder_layers"] = params.pop("layers")
+  params["decoder_layers"] = _params(key=5)["layers"]
+  return params, loss
+
+
+@pytest.mark.parametrize("model", [_square_stack, _encoder_decoder])
+def test_adarankgrad_on_square_matrices_and_two_stacks(model):
+  # Before: refused ("tx.init gives a state of another structure"): one layer of a stack of square
+  # matrices [d, d] looked like a stack of d vectors, and one decoder layer like no layer at all.
+  params, loss = model()
+  tx = optax_memopt.adarankgrad(1e-2, max_rank=2, eps=1e-3)
+  (p1, s1), (p2, s2) = _run_both(tx, 3, params, loss)
+  _assert_trees_close(p2, p1, rtol=1e-5, atol=1e-6)
+  assert all(bool(jnp.all(r > 0)) for r in jax.tree.leaves(optax_memopt.effective_ranks(s2)))
+
+
+def test_messages_name_the_cause():
+  params = _params()
+  tx = optax.adam(1e-2)
+  step = optax_memopt.make_layerwise_step(_loss, tx, donate=False)
+  # A state made for other parameters: before, "tx.init gives a state of another structure".
+  other = dict(params, head=jnp.zeros((D, V + 1)))
+  with pytest.raises(ValueError, match=r"made for other parameters; pass tx.init\(params\)"):
+    step(params, tx.init(other), *_batch())
+  with pytest.raises(ValueError, match="made for other parameters or by another optimizer"):
+    step(params, tx.init({"w": params["head"]}), *_batch())
+
+  # The stack cast before the scan: before, "must run through scan_layers ... (it ran 0 times)".
+  def cast_first(params, tokens, targets):
+    return _loss(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens, targets)
+
+  cast_step = optax_memopt.make_layerwise_step(cast_first, tx, donate=False)
+  with pytest.raises(ValueError, match="inside the layer function, not before the scan"):
+    cast_step(params, tx.init(params), *_batch())
+
+  # reduce_on_plateau: before, optax's missing `value` TypeError.
+  plateau = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau())
+  plateau_step = optax_memopt.make_layerwise_step(_loss, plateau, donate=False)
+  with pytest.raises(TypeError, match="reduce_on_plateau needs the loss"):
+    plateau_step(params, plateau.init(params), *_batch())

@@ -112,3 +112,23 @@ def test_one_key_per_matrix_gives_each_matrix_its_own_sketch():
     np.testing.assert_allclose(np.abs(u[b].T @ ub), np.eye(4), atol=1e-4)
   with pytest.raises(ValueError, match="batch shape"):
     randomized_svd(keys[:2], a, 4)
+
+
+def test_legacy_uint32_keys_work_like_typed_keys():
+  # jax.random.PRNGKey (uint32 data) is still what most code passes: one key, or one per matrix.
+  a = _matrix_with_spectrum(8, 20, 12, 0.6 ** np.arange(12))
+  for typed, legacy in [(jax.random.key(3), jax.random.PRNGKey(3))]:
+    for got, want in zip(randomized_svd(legacy, a, 3), randomized_svd(typed, a, 3)):
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(randomized_range_finder(legacy, a, 3),
+                                  randomized_range_finder(typed, a, 3))
+  stack = jnp.stack([a, 2 * a])
+  typed = jax.random.split(jax.random.key(4), 2)
+  legacy = jax.random.split(jax.random.PRNGKey(4), 2)
+  for got, want in zip(randomized_svd(legacy, stack, 3), randomized_svd(typed, stack, 3)):
+    np.testing.assert_array_equal(got, want)
+  jitted = jax.jit(randomized_svd, static_argnames="rank")
+  np.testing.assert_array_equal(jitted(jax.random.PRNGKey(3), a, rank=3)[1],
+                                jitted(jax.random.key(3), a, rank=3)[1])
+  with pytest.raises(TypeError, match="jax.random key"):
+    randomized_svd(jnp.zeros(2, jnp.float32), a, 3)

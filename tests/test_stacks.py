@@ -422,3 +422,72 @@ def test_adarankgrad_stacked_updates_equal_list_form():
     assert int(ranks["layers.mlp.up"][i]) == int(want_ranks[f"layers.{i}.mlp.up"])
   chex.assert_trees_all_close(unstack(got, n), want, rtol=1e-4, atol=1e-5)
   assert not np.allclose(got["layers"]["mlp"]["up"], stack(params)["layers"]["mlp"]["up"])
+
+
+def _linen_scan(n_layers, axis, scalar):
+  from flax import linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+      y = nn.Dense(5)(nn.relu(nn.Dense(8)(nn.LayerNorm()(x))))
+      if scalar:  # a per-layer scalar: [L] once stacked
+        y = y * self.param("alpha", nn.initializers.ones, ())
+      return x + y, None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      x = nn.Embed(10, 5)(ids)
+      x, _ = nn.scan(Block, variable_axes={"params": axis}, split_rngs={"params": True},
+                     length=n_layers)(name="layers")(x, None)
+      return nn.Dense(10)(x)
+
+  return Model().init(jax.random.key(0), jnp.zeros((2,), jnp.int32))["params"]
+
+
+def test_stack_with_a_per_layer_scalar_is_recognised():
+  # Before: the [L] leaf made the whole stack unrecognised: top-level blocks, embedding and head
+  # trained, AdaRankGrad projecting the norm scales and giving the kernels plain Adam.
+  params = _linen_scan(3, 0, scalar=True)
+  labels = optax_memopt.block_labels(params)
+  assert labels["layers"]["alpha"] == (0, 1, 2)
+  assert labels["layers"]["Dense_1"]["kernel"] == (0, 1, 2)
+  assert labels["Embed_0"]["embedding"] == -1 and labels["Dense_0"]["kernel"] == -1
+  ranks = optax_memopt.effective_ranks(optax_memopt.adarankgrad(1e-3, max_rank=2).init(params))
+  assert set(ranks) == {"layers.Dense_0.kernel", "layers.Dense_1.kernel"}
+  assert ranks["layers.Dense_0.kernel"].shape == (3,)
+
+
+def test_stack_scanned_on_axis_one_is_refused_not_guessed():
+  # MaxText's param_scan_axis: 1 gives [d, L, ...] leaves; nothing slices axis 1, so every entry
+  # point refuses in one line naming the subtree and the way out (before: top-level blocks).
+  params = _linen_scan(3, 1, scalar=False)
+  assert params["layers"]["Dense_1"]["kernel"].shape == (5, 3, 8)
+  for build in (lambda: optax_memopt.block_labels(params),
+                lambda: optax_memopt.block_labels(params, stacks="layers"),
+                lambda: optax_memopt.badam(1e-3).init(params),
+                lambda: optax_memopt.adarankgrad(1e-3).init(params),
+                lambda: optax_memopt.badam_ratio(1e-3).init(params)):
+    with pytest.raises(ValueError, match="share axis 1.*param_scan_axis: 0.*stacks=()"):
+      build()
+  # The way out for whole tensors: stacks=() (no stack taken).
+  assert optax_memopt.block_labels(params, stacks=())["layers"]["Dense_0"]["kernel"] == 2
+  # AdaRankGrad's way out: the layer axis named as a batch axis of each kernel [d, L, f].
+  dims = jax.tree.map(
+      lambda x: optax_memopt.AdaRankGradDimensionNumbers(0, 2) if x.ndim == 3 else None, params)
+  tx = optax_memopt.adarankgrad(1e-3, max_rank=2, weight_dimension_numbers=dims)
+  ranks = optax_memopt.effective_ranks(tx.init(params))
+  assert set(ranks) == {"layers.Dense_0.kernel", "layers.Dense_1.kernel"}
+  assert ranks["layers.Dense_1.kernel"].shape == (3,)  # one subspace per layer
+  with pytest.raises(ValueError, match="weight_dimension_numbers"):
+    optax_memopt.adarankgrad(1e-3).init(params)
+
+
+def test_encoder_blocks_come_before_decoder_blocks():
+  # A dict flattens its keys alphabetically (decoder first); blocks go from input to output.
+  enc = {"w": jnp.zeros((2, 4, 4)), "v": jnp.zeros((2, 4, 8))}
+  dec = {"w": jnp.zeros((3, 4, 4)), "v": jnp.zeros((3, 4, 8))}
+  params = {"embed": jnp.zeros((10, 4)), "encoder": {"layers": enc}, "decoder": {"layers": dec}}
+  labels = optax_memopt.block_labels(params)
+  assert labels["encoder"]["layers"]["w"] == (0, 1) and labels["decoder"]["layers"]["w"] == (2, 3, 4)
