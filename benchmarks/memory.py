@@ -28,6 +28,12 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
   copy) whose gradients are one layer's plus those of the leaves outside the stack; the XLA table
   gains ``adarankgrad_layerwise``, the float32 layer-wise step compiled on the scanned model.
 
+* **Activation memory of the block step** at a realistic batch (``--activation-shape``, batch
+  ``--activation-batch`` x ``--activation-seq``): XLA's temporaries of BAdam's block step for the
+  bottom and the top layer block, with the layers as a list and stacked (run by ``scan_layers``),
+  and of the drop-in step, without a global-norm clip (on a stack, a clip before BAdam materialises
+  the clipped stack gradient, which would hide the activations).
+
     python -m benchmarks.memory            # every shape and optimizer
     python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
 """
@@ -35,6 +41,7 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -60,6 +67,9 @@ UNSCANNABLE = ("lora", "galore")
 LAYERWISE_XLA = ("adarankgrad_layerwise",)
 LAYERWISE_ACCOUNT = ("adarankgrad_layerwise_bf16",)
 SLOW_CELLS: set[tuple[str, str]] = set()
+# The block step's activation memory: a model whose activations at this batch dwarf its weights.
+ACTIVATION = {"shape": "small", "batch": 8, "seq": 512}
+QUICK_ACTIVATION = {"shape": "micro", "batch": 2, "seq": 32}
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
 PAPER_GB = {
@@ -211,6 +221,36 @@ def xla_step(shape: str, variant: str, args) -> dict:
   return row
 
 
+def activation_rows(shape: str, batch_size: int, seq_len: int, args) -> list[dict]:
+  """XLA's temporaries of the block step (bottom and top layer block) and of the drop-in step,
+  the layers as a list and stacked, at batch ``batch_size`` x ``seq_len``, without a clip."""
+  cfg = dataclasses.replace(_train_config(args), clip_norm=0.0)
+  rows = []
+  for scanned in (False, True):
+    model_cfg = bc.llama_config(shape, seq_len=seq_len, scan_layers=scanned)
+    task = bc.llama_task(model_cfg, from_scratch=False)
+    batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=True)
+    top = model_cfg.num_hidden_layers - 1  # blocks 0..L-1 are the layers, input to output
+    cells = [("badam_block", 0, "block step, bottom layer (block 0)"),
+             ("badam_block", top, f"block step, top layer (block {top})"),
+             ("badam_dropin", 0, "drop-in (jax.grad + tx.update)")]
+    for variant, block, what in cells:
+      setup = bc.make_setup(variant, task, cfg, abstract=True)
+      m = setup.lower(batch, block=block).compile().memory_analysis()
+      rows.append({"shape": shape, "batch": batch_size, "seq_len": seq_len,
+                   "layers": "stacked (scan_layers)" if scanned else "list",
+                   "optimizer": variant, "block": block, "step": what,
+                   "temp_bytes": int(m.temp_size_in_bytes)})
+  return rows
+
+
+def activation_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "batch", "layers", "step", "temporaries"],
+      [[r["shape"], f"{r['batch']} x {r['seq_len']}", r["layers"], r["step"],
+        f"{r['temp_bytes'] / 2**20:,.1f} MiB"] for r in rows])
+
+
 def account_table(rows) -> str:
   return bc.markdown_table(
       ["model", "optimizer", "trained params", "weights (bf16)", "fp32 master", "gradients",
@@ -249,6 +289,9 @@ def _merged(old: dict, new: dict) -> dict:
         last = max((i for i, r in enumerate(rows) if r["shape"] == row["shape"]), default=-1)
         rows.insert(last + 1 if last >= 0 else len(rows), row)
     out[part] = rows
+  if new.get("activations"):
+    out["activations"] = new["activations"]
+    cells.append("activations")
   out["merged"] = list(old.get("merged", [])) + [{"environment": new["environment"],
                                                    "cells": cells}]
   return out
@@ -270,6 +313,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="shapes whose XLA step is compiled from the scanned (stacked) model")
   parser.add_argument("--layerwise", nargs="*", default=list(LAYERWISE_XLA), choices=LAYERWISE_XLA,
                       help="layer-wise steps to compile (on the scanned model of every XLA shape)")
+  parser.add_argument("--activation-shape", default=None, choices=tuple(bc.LLAMA_SHAPES),
+                      help="model of the block step's activation-memory table (default: "
+                           f"{ACTIVATION['shape']}; --quick: {QUICK_ACTIVATION['shape']})")
+  parser.add_argument("--activation-batch", type=int, default=None,
+                      help=f"its batch size (default: {ACTIVATION['batch']})")
+  parser.add_argument("--activation-seq", type=int, default=None,
+                      help=f"its sequence length (default: {ACTIVATION['seq']})")
+  parser.add_argument("--only-activations", action="store_true",
+                      help="compute only the activation-memory table (with --merge: update it "
+                           "in the existing --out file)")
   parser.add_argument("--merge", action="store_true",
                       help="update these cells in the existing --out file (an earlier complete "
                            "run) instead of replacing it")
@@ -280,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       QUICK_XLA_SHAPES if args.quick else FULL_XLA_SHAPES)
   account_shapes = args.account_shapes if args.account_shapes is not None else (
       QUICK_ACCOUNT_SHAPES if args.quick else ACCOUNT_SHAPES)
+  act = QUICK_ACTIVATION if args.quick else ACTIVATION
+  act = {"shape": args.activation_shape or act["shape"],
+         "batch": args.activation_batch or act["batch"], "seq": args.activation_seq or act["seq"]}
+  if args.only_activations:
+    xla_shapes, account_shapes = [], []
   env = bc.environment()
   start = time.perf_counter()
   result = {"benchmark": "memory", "quick": args.quick, "environment": env,
@@ -296,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for what, chosen in (("XLA compile", xla_shapes), ("mixed-precision account", account_shapes)):
     left_out = [s for s in bc.LLAMA_SHAPES if s not in chosen]
     if left_out:
-      why = "--quick" if args.quick else "not selected on the command line"
+      why = ("--only-activations" if args.only_activations else "--quick" if args.quick
+             else "not selected on the command line")
       result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
   for shape in xla_shapes:
     for variant in list(args.optimizers) + list(args.layerwise):
@@ -316,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       result["xla"].append(row)
       if not args.merge:
         bc.write_json(args.out, result | {"complete": False})
+  result["activations"] = activation_rows(act["shape"], act["batch"], act["seq"], args)
+  print(f"activations {act['shape']}: done", flush=True)
   result["wall_s"] = time.perf_counter() - start
   result["complete"] = True
   if args.merge:
@@ -331,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
       "operands to f32 and would inflate the temporaries):",
       xla_table(result["xla"]),
+      f"Activation memory of the block step: XLA's temporaries at batch {act['batch']} x "
+      f"{act['seq']}, float32, no global-norm clip (the list form's bottom block backpropagates "
+      "through every layer; its top block through one):",
+      activation_table(result["activations"]),
   ] + (["Not computed: " + "; ".join(result["skipped"])] if result["skipped"] else [])
     + [f"Cells {', '.join(m['cells'])} measured later: {bc.environment_header(m['environment'])}"
        for m in result.get("merged", [])])

@@ -6,6 +6,7 @@ task's script; this module holds what both need.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Sequence
@@ -60,9 +61,13 @@ class Tokenizer:
 
 def bpe_tokenizer(texts: Sequence[str], path: pathlib.Path, *, vocab_size: int,
                   special: Sequence[str], bos: str, eos: str, pad: str,
-                  single: str | None = None, pair: str | None = None,
+                  single: str | None = None, pair: str | None = None, keep: bool = False,
                   **special_tokens: str) -> Tokenizer:
   """A byte-level BPE trained on ``texts`` in seconds, cached at ``path`` (``tokenizer.json``).
+
+  The cache is reused only when it was trained on the same texts with the same options: its
+  provenance (a hash of the texts, the vocabulary size and the options) is recorded next to it
+  (``tokenizer.provenance.json``); otherwise it is trained again, and that is printed.
 
   Args:
     texts: the training texts.
@@ -72,6 +77,8 @@ def bpe_tokenizer(texts: Sequence[str], path: pathlib.Path, *, vocab_size: int,
     bos, eos, pad: which of them are the begin, end and padding tokens.
     single, pair: ``tokenizers`` templates of the special tokens that transformers adds around one
       text or a pair (e.g. ``"<s> $A </s>"``) once exported; :meth:`Tokenizer.encode` adds none.
+    keep: the cache must be reused (a resumed run's checkpoint was trained with it): a cache
+      that does not match is an error instead of being trained again.
     **special_tokens: further named special tokens for transformers (``unk_token="<unk>"``).
 
   Returns:
@@ -80,9 +87,18 @@ def bpe_tokenizer(texts: Sequence[str], path: pathlib.Path, *, vocab_size: int,
   from tokenizers import Tokenizer as HFTokenizer
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-  if path.is_file():
+  provenance = tokenizer_provenance(texts, vocab_size=vocab_size, special=list(special), bos=bos,
+                                    eos=eos, pad=pad, single=single, pair=pair, **special_tokens)
+  record = path.with_name(path.stem + ".provenance.json")
+  stale = _stale_reason(path, record, provenance)
+  if stale and keep:
+    raise UsageError(f"{path} {stale}, but the run's checkpoint was trained with it; resume with "
+                     "the run's data and options, or start over with --overwrite")
+  if not stale:
     tok = HFTokenizer.from_file(str(path))
   else:
+    if path.exists():
+      print(f"training a new tokenizer: {path} {stale}")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -95,9 +111,39 @@ def bpe_tokenizer(texts: Sequence[str], path: pathlib.Path, *, vocab_size: int,
           single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in special])
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
+    record.write_text(json.dumps(provenance, indent=1) + "\n")
   names = {"bos_token": bos, "eos_token": eos, "pad_token": pad, **special_tokens}
   return Tokenizer(tok, bos=tok.token_to_id(bos), eos=tok.token_to_id(eos), pad=tok.token_to_id(pad),
                    special_tokens=names)
+
+
+def tokenizer_provenance(texts: Sequence[str], **options) -> dict:
+  """What a trained tokenizer is made of: the SHA-256 of its training texts (in order, each one
+  delimited), their number, and its options (vocabulary size, special tokens, templates)."""
+  digest = hashlib.sha256()
+  for text in texts:
+    encoded = text.encode("utf-8")
+    digest.update(len(encoded).to_bytes(8, "little"))
+    digest.update(encoded)
+  return {"texts_sha256": digest.hexdigest(), "texts": len(texts), **options}
+
+
+def _stale_reason(path: pathlib.Path, record: pathlib.Path, provenance: dict) -> str | None:
+  """Why the cached tokenizer at ``path`` cannot be reused (None: it can)."""
+  if not path.is_file():
+    return "does not exist"
+  try:
+    old = json.loads(record.read_text())
+  except (OSError, ValueError):
+    return f"has no provenance record ({record.name})"
+  if old.get("texts_sha256") != provenance["texts_sha256"]:
+    return (f"was trained on other texts ({old.get('texts')} of them, now "
+            f"{provenance['texts']})")
+  changed = [k for k in provenance if k not in ("texts_sha256", "texts") and old.get(k) != provenance[k]]
+  if changed:
+    return "was trained with other options (" + ", ".join(
+        f"{k} {old.get(k)} -> {provenance[k]}" for k in changed) + ")"
+  return None
 
 
 def pretrained_tokenizer(model_dir: str) -> Tokenizer:
@@ -120,6 +166,8 @@ def pretrained_tokenizer(model_dir: str) -> Tokenizer:
 def read_records(path: str, what: str) -> list[dict]:
   """Rows of a JSON list or JSONL file, with a one-line error for a missing or malformed file."""
   p = pathlib.Path(path)
+  if p.is_dir():
+    raise UsageError(f"{what} {path} is a directory; give a JSON or JSONL file")
   if not p.is_file():
     raise UsageError(f"{what} file {path} not found; give a JSON or JSONL file")
   text = p.read_text(encoding="utf-8")
@@ -131,9 +179,33 @@ def read_records(path: str, what: str) -> list[dict]:
   except json.JSONDecodeError as e:
     raise UsageError(f"{what} file {path} is not valid JSON/JSONL ({e.msg} at line {e.lineno}); "
                      "give a JSON list or one JSON object per line") from None
-  if not rows or not all(isinstance(r, dict) for r in rows):
+  if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
     raise UsageError(f"{what} file {path} must hold a non-empty list of JSON objects")
   return rows
+
+
+def check_fields(rows: Sequence[dict], what: str, fields: dict[str, tuple[type, ...]],
+                 hint: str) -> None:
+  """One line for the first record whose field (name -> allowed types) is missing or of another
+  type, e.g. an ``output`` that is null or a number where text is expected."""
+  for i, r in enumerate(rows):
+    check_record(i, r, what, fields, hint)
+
+
+def check_record(index: int, record: dict, what: str, fields: dict[str, tuple[type, ...]],
+                 hint: str) -> None:
+  """:func:`check_fields` for one record (``index``: its place in the file)."""
+  kinds = {str: "text", int: "an integer", type(None): "null"}
+  for name, types in fields.items():
+    if name not in record:
+      if type(None) in types:
+        continue
+      raise UsageError(f"{what}: record {index} has no {name!r} ({hint})")
+    value = record[name]
+    if not isinstance(value, types):
+      given = "null" if value is None else type(value).__name__
+      allowed = " or ".join(kinds.get(t, t.__name__) for t in types if t is not type(None))
+      raise UsageError(f"{what}: record {index}'s {name!r} is {given}, not {allowed} ({hint})")
 
 
 def load_hub_dataset(name: str, *args, **kwargs):

@@ -48,10 +48,13 @@ class Config(config.TrainConfig):
   num_heads: int = field(4, "random-init model: attention heads")
   num_kv_heads: int = field(2, "random-init model: key/value heads (grouped-query attention)")
   intermediate_size: int = field(384, "random-init model: MLP hidden size")
-  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16")
-  dtype: str = field("float32", "compute dtype: float32 or bfloat16")
+  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16",
+                           choices=config.DTYPES)
+  dtype: str = field("float32", "compute dtype: float32 or bfloat16", choices=config.DTYPES)
   remat: bool = field(False, "rematerialise each layer in the backward pass")
-  scan_layers: bool = field(False, "stack the layers and run them with nnx.scan")
+  scan_layers: bool = field(False, "stack the layers ([L, ...] weights) and run them with "
+                            "optax_memopt.scan_layers: BAdam's block step compiles once for all "
+                            "layer blocks; needed by --layerwise")
   gen_tokens: int = field(64, "tokens to generate after training (0: none)")
   pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
                               "as a plain language model on the Python reference manual's other "
@@ -160,10 +163,9 @@ def load_examples(cfg: Config) -> list[dict]:
     rows = data.read_records(cfg.data, "--data")
   else:
     rows = list(data.load_hub_dataset(cfg.data, split="train"))
-  bad = [i for i, r in enumerate(rows) if "instruction" not in r or "output" not in r]
-  if bad:
-    raise config.UsageError(f"--data {cfg.data}: record {bad[0]} lacks 'instruction' or 'output' "
-                            "(Alpaca format: instruction, input, output)")
+  data.check_fields(rows, f"--data {cfg.data}", {"instruction": (str,), "input": (str, type(None)),
+                                                "output": (str,)},
+                    "Alpaca format: instruction, input, output")
   return rows
 
 
@@ -254,7 +256,7 @@ def build_task(cfg: Config):
       texts += pretrain_texts
     tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
                              special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
-                             single="<s> $A", pair="<s> $A $B")
+                             single="<s> $A", pair="<s> $A $B", keep=cfg.resume)
     model_cfg = llama.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -303,4 +305,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-  main()
+  config.run_script(main)

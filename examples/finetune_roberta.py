@@ -60,10 +60,13 @@ class Config(config.TrainConfig):
   num_layers: int = field(4, "random-init model: encoder layers")
   num_heads: int = field(4, "random-init model: attention heads")
   intermediate_size: int = field(256, "random-init model: MLP hidden size")
-  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16")
-  dtype: str = field("float32", "compute dtype: float32 or bfloat16")
+  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16",
+                           choices=config.DTYPES)
+  dtype: str = field("float32", "compute dtype: float32 or bfloat16", choices=config.DTYPES)
   remat: bool = field(False, "rematerialise each layer in the backward pass")
-  scan_layers: bool = field(False, "stack the layers and run them with nnx.scan")
+  scan_layers: bool = field(False, "stack the layers ([L, ...] weights) and run them with "
+                            "optax_memopt.scan_layers: BAdam's block step compiles once for all "
+                            "layer blocks; needed by --layerwise")
   pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
                               "with masked language modelling on the Python reference manual's "
                               "paragraphs (--train's texts for other data; never the held-out "
@@ -129,10 +132,13 @@ def _hub_rows(task: str) -> tuple[list[dict], list[dict]]:
 
 
 def _check_rows(rows: list[dict], what: str) -> None:
+  hint = "each record: 'label' and 'text' (or 'premise' and 'hypothesis')"
   for i, r in enumerate(rows):
     if "label" not in r or not ("text" in r or ("premise" in r and "hypothesis" in r)):
       raise config.UsageError(f"{what}: record {i} needs 'label' and 'text' (or 'premise' and "
                               "'hypothesis')")
+    fields = ({"text": (str,)} if "text" in r else {"premise": (str,), "hypothesis": (str,)})
+    data.check_record(i, r, what, {**fields, "label": (str, int)}, hint)
 
 
 def load_rows(cfg: Config) -> tuple[list[dict], list[dict] | None]:
@@ -342,7 +348,7 @@ def build_task(cfg: Config):
     tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
                              special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
                              single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                             unk_token="<unk>", mask_token="<mask>")
+                             unk_token="<unk>", mask_token="<mask>", keep=cfg.resume)
     model_cfg = roberta.RobertaConfig(
         vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -390,4 +396,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-  main()
+  config.run_script(main)

@@ -9,13 +9,10 @@ active block.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import pathlib
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,42 +132,51 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
 
   ckpts = checkpoints.Checkpoints(out / "checkpoints", fresh=not cfg.resume)
   start = (cfg.resume and ckpts.latest_step()) or 0
+  end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
   if start:
+    recorded = ckpts.meta(start)["optimizer"]
+    if recorded != optimizer:
+      ckpts.close()
+      raise config.UsageError(f"--resume: {ckpts.directory} holds a {recorded} run, not {optimizer}")
+    if start >= end:  # nothing to train: keep what the run wrote
+      ckpts.close()
+      print(f"{optimizer} in {out} is at step {start} already (asked for {end}): nothing to do")
+      return _stored_summary(out, optimizer, start)
     state, meta = ckpts.restore(start, {"params": params, "opt": opt_state})
-    if meta["optimizer"] != optimizer:
-      raise config.UsageError(f"--resume: {ckpts.directory} holds a {meta['optimizer']} run, "
-                              f"not {optimizer}")
     params, opt_state = state["params"], state["opt"]
     print(f"resumed {optimizer} from step {start} ({ckpts.directory})")
   elif cfg.resume:
     print(f"no checkpoint of {optimizer} in {ckpts.directory}: starting from step 0")
 
   state_bytes = optimizers.tree_bytes(opt_state)
-  end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
   progress = reporting.Progress(out / "metrics.jsonl", start=start, total=cfg.steps,
                                 desc=f"{task.name}/{optimizer}")
-  with _stop_on_ctrl_c() as stop:
+  config.check_interrupted()
+  done = start
+  with config.defer_ctrl_c() as ctrl_c:
     for step in range(start, end):
       batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, step)]
                for k, v in task.train_data.items()}
       params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
       done = step + 1
       progress.step(done, loss, int(batch[task.tokens_key].sum()))
-      if done % cfg.log_every == 0 or done == end or stop.requested:
+      stop = ctrl_c.requested and done < end
+      if done % cfg.log_every == 0 or done == end or stop:
         progress.flush(**optimizers.optimizer_probe(optimizer, opt_state))
       if done % cfg.eval_every == 0 or done == cfg.steps:
         progress.log({"step": done, **evaluate(eval_step, params, rest, eval_data, eval_batch,
                                                place)})
         progress.restart_clock()
-      if done % cfg.checkpoint_every == 0 or done == end or stop.requested:
+      if done % cfg.checkpoint_every == 0 or done == end or stop:
         ckpts.save(done, {"params": params, "opt": opt_state},
                    {"step": done, "optimizer": optimizer, "seed": cfg.seed})
-      if stop.requested:
-        progress.close()
-        ckpts.close()
-        raise config.Interrupted(done)
-  progress.close()
-  ckpts.close()
+      if stop:
+        break
+    progress.close()
+    ckpts.close()
+  if ctrl_c.requested and done < end:
+    raise config.Interrupted(done)
+  ctrl_c.requested = False  # during the last save: the run is whole, finish it
 
   summary = {"optimizer": optimizer, "steps": end, **reporting.summarize(
       progress.records, step_times=progress.step_times,
@@ -211,31 +217,15 @@ def run(cfg: config.TrainConfig, task: Task) -> list[dict]:
 # Helpers of the loop.
 
 
-class _StopFlag:
-  requested = False
-
-
-@contextlib.contextmanager
-def _stop_on_ctrl_c():
-  """Turns the first Ctrl-C into a flag the loop checks after each step (a second one aborts).
-
-  Raising ``KeyboardInterrupt`` in the middle of a step could leave donated buffers half-consumed
-  (or crash inside XLA); stopping between steps lets the loop save a consistent checkpoint.
-  """
-  flag = _StopFlag()
-  if threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-
-  def handler(signum, frame):
-    flag.requested = True
-    signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: the usual KeyboardInterrupt
-
-  previous = signal.signal(signal.SIGINT, handler)
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGINT, previous)
+def _stored_summary(out: pathlib.Path, optimizer: str, step: int) -> dict:
+  """The summary an earlier invocation wrote (a resumed run with nothing left to train)."""
+  path = out / "summary.json"
+  if path.is_file():
+    return json.loads(path.read_text())
+  records = [json.loads(line) for line in (out / "metrics.jsonl").open()] if (
+      out / "metrics.jsonl").is_file() else []
+  return {"optimizer": optimizer, "steps": step,
+          **reporting.summarize(records, opt_state_bytes=0, wall_s=None)}
 
 
 def _distinct_buffers(tree, *others):

@@ -15,12 +15,24 @@ layer's weight gradient and every layer's activation gradient, then the unwanted
   stack, the backward pass runs layers ``L-1 .. k+1`` for activation gradients only (no
   weight-gradient matmuls), layer ``k`` for its weight and activation gradients, and stops there
   (layers below ``k`` ran forward only, unless something below the stack is differentiated). ``k``
-  is a traced index: one compiled step serves every layer of the stack.
+  is a traced index: one compiled step serves every layer of the stack. Since which layers will be
+  differentiated is known only on the device, the forward pass keeps each layer's input only and
+  the backward pass recomputes the layers it differentiates: the activations held are one layer's
+  residuals plus ``L`` carries, whichever layer is active;
+* inside :func:`optax_memopt.make_layerwise_step`, the backward pass applies the optimizer to each
+  layer's slice of the weights and state as soon as that layer's gradient is computed.
+
+Both custom VJPs run on one engine (:class:`_Engine`): a forward scan that keeps per layer what its
+pullback needs, and a reverse scan in which each step builder decides what to do with each layer's
+pullback.
 
 The block step finds the stack by identity: it hands ``loss_fn`` the stacked leaves of the active
 block as marked arrays, and ``scan_layers`` recognises them among its ``layers``. A model whose stack
-does not go through ``scan_layers`` (or that transforms the stacked leaves before scanning them)
-still gets the right gradient from the block step, at the cost of the whole stack's backward pass.
+does not go through ``scan_layers`` still gets the right gradient from the block step, at the cost
+of the whole stack's backward pass. So does a stacked leaf computed from the marked ones before the
+scan (a tied ``w.T``, ``softplus(raw)``): it is differentiated whole, every layer's weight gradient
+is computed and the mark takes the active layer's slice of what reaches the marked leaf (with a
+warning naming the leaf).
 """
 
 from __future__ import annotations
@@ -28,6 +40,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -85,7 +101,158 @@ def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any) -> Any:
+def _pick(values: list, mask: list[bool]) -> list:
+  """The entries of ``values`` where ``mask`` is set."""
+  return [v for v, m in zip(values, mask) if m]
+
+
+def _put(picked: list, values: list, mask: list[bool]) -> list:
+  """``values`` with the entries where ``mask`` is set replaced, in order, by ``picked``."""
+  it = iter(picked)
+  return [next(it) if m else v for v, m in zip(values, mask)]
+
+
+def _spread(picked: list, mask: list[bool]) -> list:
+  """``picked`` at the positions where ``mask`` is set, ``None`` elsewhere."""
+  it = iter(picked)
+  return [next(it) if m else None for m in mask]
+
+
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` of the first frame outside JAX and this module (the user's loss)."""
+  frame, level = sys._getframe(1), 1
+  while frame is not None:
+    name = frame.f_code.co_filename
+    if name != __file__ and f"{os.sep}jax{os.sep}" not in name and "jaxlib" not in name:
+      return level
+    frame, level = frame.f_back, level + 1
+  return 1
+
+
+class _Layer:
+  """``fn`` on flat leaf lists: ``(layer, carry, shared, state) -> (carry, state)``."""
+
+  def __init__(self, fn, layer_def, carry_def, shared_def, state_def, state_avals):
+    self.fn, self.layer_def, self.carry_def = fn, layer_def, carry_def
+    self.shared_def, self.state_def, self.state_avals = shared_def, state_def, state_avals
+
+  def __call__(self, p, c, s, t):
+    args = (jax.tree_util.tree_unflatten(self.layer_def, p),
+            jax.tree_util.tree_unflatten(self.carry_def, c),
+            *jax.tree_util.tree_unflatten(self.shared_def, s))
+    if self.state_def is None:
+      out, new_t = self.fn(*args), []
+    else:
+      out = self.fn(*args, state=jax.tree_util.tree_unflatten(self.state_def, t))
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("scan_layers: with state=..., fn must return a pair (carry, state)")
+      out, new_state = out
+      new_t, new_def = jax.tree_util.tree_flatten(new_state)
+      got = [(jnp.shape(x), jnp.result_type(x)) for x in new_t]
+      if new_def != self.state_def or got != self.state_avals:
+        raise TypeError(
+            "scan_layers: fn must return a layer state of the structure, shapes and dtypes it was "
+            f"given ({self.state_def}, {self.state_avals}), got {new_def}, {got}"
+        )
+    out_leaves, out_def = jax.tree_util.tree_flatten(out)
+    if out_def != self.carry_def:
+      raise TypeError(
+          f"scan_layers: fn must return a carry with the input's structure {self.carry_def}, "
+          f"got {out_def}"
+      )
+    return out_leaves, new_t
+
+  def plain(self, stacked, c_leaves, s_leaves, t_stacked):
+    """``lax.scan`` over the layers: ``(carry, stacked new state)``."""
+    def body(c, xs):
+      p, t = xs
+      return self(p, c, s_leaves, t)
+
+    return jax.lax.scan(body, c_leaves, (stacked, t_stacked))
+
+
+class _Engine:
+  """The per-layer forward and backward passes of both custom VJPs of :func:`scan_layers`.
+
+  ``forward`` is a scan over the layers that runs ``jax.vjp`` of each layer with respect to the
+  wanted inputs only: the layer leaves in ``p_wrt`` (whose weight gradients are wanted), the float
+  carry leaves, and the shared leaves in ``s_wrt``. It stacks, per layer, what that layer's
+  pullback needs: its residuals as ``lax.scan`` keeps them, or with ``remat`` only its inputs (the
+  carry; the pullback recomputes the layer). Residuals that are the layer's own weights or a
+  shared argument are never stacked: the pullback reads them from the inputs.
+
+  ``backward`` is the reverse scan: per layer it calls the caller's ``step``, which decides what to
+  do with that layer's pullback (skip it, propagate activations only, take its weight gradients,
+  apply an optimizer to them), and it sums the shared arguments' gradients over the layers.
+  """
+
+  def __init__(self, layer: _Layer, num_layers: int, p_wrt, c_diff, s_wrt, *, remat: bool):
+    self.layer, self.num_layers, self.remat = layer, num_layers, remat
+    self.p_wrt, self.c_diff, self.s_wrt = list(p_wrt), list(c_diff), list(s_wrt)
+    self.res_def = None
+    self.where: list[tuple[str, int]] = []
+
+  def forward(self, stacked, c_leaves, s_leaves, t_stacked):
+    """``(carry out, stacked new state, stacked per-layer saves)``."""
+    p_wrt, c_diff, s_wrt = self.p_wrt, self.c_diff, self.s_wrt
+
+    def body(c, xs):
+      p, t = xs
+
+      def f(pw, cd, sw):
+        outs, new_t = self.layer(_put(pw, p, p_wrt), _put(cd, c, c_diff), _put(sw, s_leaves, s_wrt), t)
+        return _pick(outs, c_diff), ([o for o, d in zip(outs, c_diff) if not d], new_t)
+
+      if self.remat:
+        f = jax.checkpoint(f, prevent_cse=False)  # recomputed in another loop: no CSE to fear
+      outs_d, vjp_fn, (outs_nd, new_t) = jax.vjp(
+          f, _pick(p, p_wrt), _pick(c, c_diff), _pick(s_leaves, s_wrt), has_aux=True)
+      res, self.res_def = jax.tree_util.tree_flatten(vjp_fn)
+      self.where, saved = [], []
+      for r in res:
+        hit = next((("p", i) for i, x in enumerate(p) if r is x), None)
+        hit = hit or next((("s", i) for i, x in enumerate(s_leaves) if r is x), None)
+        if hit is None:
+          hit = ("r", len(saved))
+          saved.append(r)
+        self.where.append(hit)
+      it_d, it_nd = iter(outs_d), iter(outs_nd)
+      return [next(it_d) if d else next(it_nd) for d in c_diff], (saved, new_t)
+
+    c_out, (saved, t_out) = jax.lax.scan(body, c_leaves, (stacked, t_stacked))
+    return c_out, t_out, saved
+
+  def pullback(self, saved_l, p_l, s_leaves):
+    """Layer ``l``'s pullback ``dc -> (d weights in p_wrt, dc, d shared in s_wrt)`` from its
+    saves and its layer leaves ``p_l``."""
+    res = [saved_l[j] if kind == "r" else (p_l[j] if kind == "p" else s_leaves[j])
+           for kind, j in self.where]
+    return jax.tree_util.tree_unflatten(self.res_def, res)
+
+  def backward(self, ct, s_leaves, saved, step, init):
+    """Reverse scan: ``step(l, pullback, dc, extra) -> (dc, d shared, extra, per-layer output)``
+    with ``pullback(p_l)`` layer ``l``'s pullback. Returns ``(d carry, d shared, extra, outputs)``
+    (``None`` for the carry and shared leaves without a gradient)."""
+    ct_d = [
+        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
+        for c, d in zip(ct, self.c_diff) if d
+    ]
+    zeros_s = [jnp.zeros_like(x) for x in _pick(s_leaves, self.s_wrt)]
+
+    def body(carry, xs):
+      dc, ds, extra = carry
+      l, saved_l = xs
+      pull = functools.partial(self.pullback, saved_l, s_leaves=s_leaves)
+      dc, ds_l, extra, out = step(l, pull, dc, extra)
+      return (dc, [a + b for a, b in zip(ds, ds_l)], extra), out
+
+    (dc, ds, extra), outs = jax.lax.scan(
+        body, (ct_d, zeros_s, init), (jnp.arange(self.num_layers), saved), reverse=True)
+    return _spread(dc, self.c_diff), _spread(ds, self.s_wrt), extra, outs
+
+
+def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any,
+                state: Any = None) -> Any:
   """Runs ``carry = fn(layer, carry, *shared)`` for each layer of a stacked ``layers`` tree.
 
   Equivalent to ``jax.lax.scan(lambda c, layer: (fn(layer, c, *shared), None), carry, layers)[0]``,
@@ -95,21 +262,44 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any) -
   it are not differentiated. Reverse-mode only (``jax.grad``, ``jax.vjp``); forward-mode
   (``jax.jvp``) is not supported, as for any ``jax.custom_vjp`` function.
 
-  The forward pass keeps each layer's residuals as ``jax.vjp`` does (the stacked weights themselves
-  are not copied); wrap ``fn`` in ``jax.checkpoint`` to keep only each layer's input instead and
-  recompute the rest in the backward pass.
+  Memory: under plain ``jax.grad`` the forward pass keeps each layer's residuals as ``lax.scan``
+  does (the stacked weights themselves are not copied); wrap ``fn`` in ``jax.checkpoint`` to keep
+  only each layer's input instead. Under the block step, where the active layer is only known on
+  the device, the forward pass always keeps only each layer's input (its carry) and the backward
+  pass recomputes the layers it differentiates (the active one and those above it), so the
+  activation memory is one layer's residuals plus ``L`` carries, whichever layer is active.
+
+  Per-layer state: layers that write state while they run (Flax NNX dropout RNG counts, BatchNorm
+  statistics) pass it as ``state``, a tree of ``[L, ...]`` leaves like ``layers``. Then ``fn`` is
+  called as ``fn(layer, carry, *shared, state=layer_state)`` and returns ``(carry, layer_state)``,
+  and ``scan_layers`` returns ``(carry, state)`` with every layer's new state stacked, as
+  ``nnx.scan`` returns a scanned module's state. The state is not differentiated (its gradient is
+  zero, as for BatchNorm's running statistics). With NNX::
+
+    graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
+    def one(p, x, state):
+      layer = nnx.merge(graphdef, p, state)
+      return layer(x), nnx.state(layer, nnx.Not(nnx.Param))
+    x, rest = optax_memopt.scan_layers(one, params, x, state=rest)
+    nnx.update(layers, rest)
 
   Args:
     fn: ``fn(layer, carry, *shared) -> carry``, one layer; ``layer`` is ``layers`` with the leading
-      axis indexed away. It must return a carry of the same structure, shapes and dtypes.
+      axis indexed away. It must return a carry of the same structure, shapes and dtypes. With
+      ``state``: ``fn(layer, carry, *shared, state=layer_state) -> (carry, layer_state)``.
     layers: a pytree whose leaves share a leading axis of length ``L`` (e.g. the ``nnx.State`` of an
-      ``nnx.vmap``-initialised stack, or a Linen ``nn.scan`` stack's params).
+      ``nnx.vmap``-initialised stack, or a Linen ``nn.scan`` stack's params). Arrays computed from
+      the stacked parameters before the scan (a tied ``w.T``, ``softplus(raw)``) get the right
+      gradient, but the block step then differentiates every layer (with a warning): compute them
+      inside ``fn`` to keep its one-layer backward pass.
     carry: the input of the first layer (a pytree).
     *shared: arguments every layer receives unchanged (masks, rotary tables, ...); they may be
       differentiated.
+    state: optional per-layer state (a pytree of ``[L, ...]`` leaves: RNG keys and counts, running
+      statistics) that ``fn`` reads and returns updated; not differentiated.
 
   Returns:
-    The output of the last layer.
+    The output of the last layer; with ``state``, the pair ``(output, new state)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -122,21 +312,46 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any) -
     >>> g = jax.grad(lambda l: jnp.sum(optax_memopt.scan_layers(layer, l, x)))(layers)
     >>> g['w'].shape
     (3, 2, 2)
+
+    Per-layer state, here a count of calls per layer:
+
+    >>> def counting(p, x, state):
+    ...   return jnp.tanh(x @ p['w']), state + 1
+    >>> y, calls = optax_memopt.scan_layers(counting, layers, x, state=jnp.zeros(3, jnp.int32))
+    >>> calls.tolist()
+    [1, 1, 1]
   """
   if not callable(fn):
     raise TypeError("scan_layers: fn must be callable")
-  leaves, treedef = jax.tree_util.tree_flatten(layers)
+  with_paths, layer_def = jax.tree_util.tree_flatten_with_path(layers)
+  leaves = [x for _, x in with_paths]
   if not leaves:
     raise ValueError("scan_layers: layers has no arrays")
-  lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  t_leaves, t_def = jax.tree_util.tree_flatten(state) if state is not None else ([], None)
+  lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves + t_leaves}
   if len(lengths) != 1 or None in lengths:
     raise ValueError(
-        "scan_layers: every leaf of layers must have the same leading (layer) axis; got leading "
-        f"sizes {sorted(str(n) for n in lengths)}"
+        "scan_layers: every leaf of layers (and of state) must have the same leading (layer) axis; "
+        f"got leading sizes {sorted(str(n) for n in lengths)}"
     )
+  carry_leaves, carry_def = jax.tree_util.tree_flatten(carry)
+  shared_leaves, shared_def = jax.tree_util.tree_flatten(shared)
+  layer = _Layer(fn, layer_def, carry_def, shared_def, t_def,
+                 [(jnp.shape(x)[1:], jnp.result_type(x)) for x in t_leaves])
   layerwise = _LAYERWISE.get()
   if layerwise is not None and any(id(x) in layerwise for x in leaves):
-    return _scan_layerwise(fn, treedef, leaves, layerwise, carry, shared)
+    c_out, t_out = _scan_layerwise(layer, leaves, layerwise, carry_leaves, shared_leaves, t_leaves)
+  else:
+    names = [jax.tree_util.keystr(path) for path, _ in with_paths]
+    c_out, t_out = _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves)
+  out = jax.tree_util.tree_unflatten(carry_def, c_out)
+  if state is None:
+    return out
+  return out, jax.tree_util.tree_unflatten(t_def, t_out)
+
+
+def _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves):
+  """``scan_layers`` under plain ``jax.grad`` or the block step (active slices marked)."""
   entries = _ACTIVE.get() or {}
   active: list[jax.Array | None] = []
   index = None
@@ -154,175 +369,87 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any) -
     index = jnp.int32(-1)
     stacked = leaves
   else:
+    # The marked leaves reach the scan through their active slice only.
     stacked = [jax.lax.stop_gradient(x) if a is not None else x for x, a in zip(leaves, active)]
-  return _scan(fn, treedef, stacked, active, index, carry, shared)
-
-
-def _scan(fn, treedef, stacked, active, index, carry, shared):
-  carry_leaves, carry_def = jax.tree_util.tree_flatten(carry)
-  shared_leaves, shared_def = jax.tree_util.tree_flatten(shared)
-  num_layers = jnp.shape(stacked[0])[0]
-
-  def call(p_leaves, c_leaves, s_leaves):
-    out = fn(
-        jax.tree_util.tree_unflatten(treedef, p_leaves),
-        jax.tree_util.tree_unflatten(carry_def, c_leaves),
-        *jax.tree_util.tree_unflatten(shared_def, s_leaves),
-    )
-    out_leaves, out_def = jax.tree_util.tree_flatten(out)
-    if out_def != carry_def:
-      raise TypeError(
-          f"scan_layers: fn must return a carry with the input's structure {carry_def}, "
-          f"got {out_def}"
-      )
-    return out_leaves
-
-  def plain(stacked, c_leaves, s_leaves):
-    def body(c, p):
-      return call(p, c, s_leaves), None
-
-    return jax.lax.scan(body, c_leaves, stacked)[0]
+  num_layers, num_state = jnp.shape(leaves[0])[0], len(t_leaves)
 
   @jax.custom_vjp
-  def run(stacked, active, index, c_leaves, s_leaves):
+  def run(stacked, active, index, c_leaves, s_leaves, t_stacked):
     del active, index
-    return plain(stacked, c_leaves, s_leaves)
+    return layer.plain(stacked, c_leaves, s_leaves, t_stacked)
 
-  # Static facts the forward pass finds out for the backward pass (set while tracing fwd).
+  # What the forward pass finds out (set while tracing fwd) for the backward pass.
   facts: dict[str, Any] = {}
 
-  def fwd(stacked, active, index, c_leaves, s_leaves):
+  def fwd(stacked, active, index, c_leaves, s_leaves, t_stacked):
     p_pert = [x.perturbed for x in stacked]
-    a_pert = [a is not None and a.perturbed for a in active]
+    marked = [a is not None and a.perturbed for a in active]
     c_pert = any(x.perturbed for x in c_leaves)
     s_pert = [x.perturbed for x in s_leaves]
     stacked = [x.value for x in stacked]
     index = index.value
     c_leaves = [x.value for x in c_leaves]
     s_leaves = [x.value for x in s_leaves]
-    # Differentiable positions: float leaves only (ints and bools are closed over).
+    t_stacked = [x.value for x in t_stacked]
     p_diff = [_is_float(x) for x in stacked]
-    c_diff = [_is_float(x) for x in c_leaves]
-    s_diff = [_is_float(x) for x in s_leaves]
-
-    def split(values, diff):
-      return [v for v, d in zip(values, diff) if d]
-
-    def merge(diff_values, values, diff):
-      it = iter(diff_values)
-      return [next(it) if d else v for v, d in zip(values, diff)]
-
-    def body(c, p):
-      def f(pd, cd, sd):
-        outs = call(merge(pd, p, p_diff), merge(cd, c, c_diff), merge(sd, s_leaves, s_diff))
-        return split(outs, c_diff), [o for o, d in zip(outs, c_diff) if not d]
-
-      pd, cd, sd = split(p, p_diff), split(c, c_diff), split(s_leaves, s_diff)
-      outs_d, vjp_fn, outs_int = jax.vjp(f, pd, cd, sd, has_aux=True)
-      res, res_def = jax.tree_util.tree_flatten(vjp_fn)
-      # Residuals that are this layer's weights or the shared arguments are read from the inputs
-      # in the backward pass instead of being stacked by the scan (a copy of every weight).
-      where, saved = [], []
-      for r in res:
-        hit = next((("p", i) for i, x in enumerate(pd) if r is x), None)
-        hit = hit or next((("s", i) for i, x in enumerate(sd) if r is x), None)
-        if hit is None:
-          hit = ("r", len(saved))
-          saved.append(r)
-        where.append(hit)
-      facts["res_def"], facts["where"] = res_def, where
-      it_d, it_i = iter(outs_d), iter(outs_int)
-      return [next(it_d) if d else next(it_i) for d in c_diff], saved
-
-    c_out, saved = jax.lax.scan(body, c_leaves, stacked)
-    facts.update(p_pert=p_pert, a_pert=a_pert, c_pert=c_pert, s_pert=s_pert, p_diff=p_diff,
-                 c_diff=c_diff, s_diff=s_diff)
-    return c_out, (saved, stacked, index, s_leaves)
+    # Stacked leaves differentiated whole: perturbed, not marked (under the block step, an array
+    # computed from the marked weights before the scan).
+    whole = [pp and d for pp, d in zip(p_pert, p_diff)]
+    s_wrt = [sp and _is_float(x) for sp, x in zip(s_pert, s_leaves)]
+    any_marked, any_whole = any(marked), any(whole)
+    if any_marked and any_whole:
+      warnings.warn(
+          "scan_layers: the stacked leaves "
+          f"{', '.join(n for n, w in zip(names, whole) if w)} are computed from the block step's "
+          "layer weights before the scan, so every layer is differentiated for the active "
+          "layer's gradient (exact, not faster); compute them inside the layer function instead",
+          stacklevel=_caller_stacklevel(),
+      )
+    # Under the block step (the active layer known only on the device) each layer keeps only its
+    # input; the layers that are differentiated are recomputed in the backward pass.
+    engine = _Engine(layer, num_layers, [w or m for w, m in zip(whole, marked)],
+                     [_is_float(x) for x in c_leaves], s_wrt, remat=any_marked and not any_whole)
+    c_out, t_out, saved = engine.forward(stacked, c_leaves, s_leaves, t_stacked)
+    facts.update(engine=engine, whole=whole, marked=marked, any_whole=any_whole,
+                 below=c_pert or any(s_wrt))
+    return (c_out, t_out), (saved, stacked, index, s_leaves)
 
   def bwd(residuals, ct):
     saved, stacked, index, s_leaves = residuals
-    f = facts
-    p_diff, c_diff, s_diff = f["p_diff"], f["c_diff"], f["s_diff"]
-    res_def, where = f["res_def"], f["where"]
-    pd_stacked = [x for x, d in zip(stacked, p_diff) if d]
-    sd = [x for x, d in zip(s_leaves, s_diff) if d]
-    ct_d = [
-        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
-        for c, d in zip(ct, c_diff) if d
-    ]
+    engine, whole, marked = facts["engine"], facts["whole"], facts["marked"]
+    any_whole, below = facts["any_whole"], facts["below"]
+    p_wrt = engine.p_wrt
+    zeros_s = [jnp.zeros_like(x) for x in _pick(s_leaves, engine.s_wrt)]
+    # Per layer: the gradient of the whole-differentiated leaves (stacked by the scan) and, at
+    # layer ``index``, that of the marked leaves (carried).
+    da0 = [jnp.zeros(x.shape[1:], x.dtype) for x in _pick(stacked, marked)]
 
-    def pullback(l, saved_l):
-      pd = [x[l] for x in pd_stacked]
-      res = [saved_l[j] if kind == "r" else (pd[j] if kind == "p" else sd[j])
-             for kind, j in where]
-      return jax.tree_util.tree_unflatten(res_def, res)
+    def step(l, pull, dc, da):
+      p_l = [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in stacked]
 
-    any_p = any(pp for pp, d in zip(f["p_pert"], p_diff) if d)
-    any_s = any(sp for sp, d in zip(f["s_pert"], s_diff) if d)
-    zeros_sd = [jnp.zeros_like(x) for x in sd]
+      def differentiate(at_index):
+        def branch():
+          dp, dc_new, ds_l = pull(p_l)(dc)
+          dp = _put(dp, [None] * len(stacked), p_wrt)
+          return dc_new, ds_l, (_pick(dp, marked) if at_index else da), _pick(dp, whole)
+        return branch
 
-    if any_p or not any(f["a_pert"]):
-      # The plain backward pass (every layer), with weight gradients when a stacked leaf is
-      # differentiated. With neither weights nor anything below the stack differentiated there
-      # would be no backward pass at all.
-      def body(carry, xs):
-        dc, ds = carry
-        l, saved_l = xs
-        dp, dc, ds_l = pullback(l, saved_l)(dc)
-        ds = [a + b for a, b in zip(ds, ds_l)]
-        return (dc, ds), (dp if any_p else None)
+      def skip():
+        return dc, zeros_s, da, [jnp.zeros(x.shape[1:], x.dtype) for x in _pick(stacked, whole)]
 
-      (dc, ds), dp = jax.lax.scan(
-          body, (ct_d, zeros_sd), (jnp.arange(num_layers), saved), reverse=True
-      )
-      it = iter(dp if any_p else [])
-      d_stacked = [next(it) if d and any_p else None for d in p_diff]
-      # A whole stacked leaf differentiated beside the active slices (an always-active leaf of the
-      # stack): every layer's weight gradient is computed anyway; the active slices take theirs.
-      d_active = [jax.lax.dynamic_index_in_dim(g, index, keepdims=False) if a and g is not None
-                  else None for g, a in zip(d_stacked, f["a_pert"])]
-    else:
-      # One layer's weights (the active slice ``index``) are differentiated: the layers above it
-      # for activations only, it for weights and activations, the layers below only when
-      # something below the stack (the carry's source, a shared argument) is differentiated.
-      below = f["c_pert"] or any_s
-      da0 = [jnp.zeros(x.shape[1:], x.dtype) for x in pd_stacked]
+      if not any(marked):
+        return differentiate(False)()
+      # Layers above the active one for their activations, the active one for its weights too,
+      # the layers below only when something there needs a gradient.
+      branch = jnp.where(l == index, 2, jnp.where(l > index, 1, 1 if below or any_whole else 0))
+      return jax.lax.switch(branch, [skip, differentiate(False), differentiate(True)])
 
-      def body(carry, xs):
-        dc, ds, da = carry
-        l, saved_l = xs
-
-        def skip():
-          return dc, ds, da
-
-        def act_only():
-          _, dc_new, ds_l = pullback(l, saved_l)(dc)
-          return dc_new, [a + b for a, b in zip(ds, ds_l)], da
-
-        def active_layer():
-          dp, dc_new, ds_l = pullback(l, saved_l)(dc)
-          return dc_new, [a + b for a, b in zip(ds, ds_l)], list(dp)
-
-        branch = jnp.where(l == index, 2, jnp.where(l > index, 1, 1 if below else 0))
-        return jax.lax.switch(branch, [skip, act_only, active_layer]), None
-
-      (dc, ds, da), _ = jax.lax.scan(
-          body, (ct_d, zeros_sd, da0), (jnp.arange(num_layers), saved), reverse=True
-      )
-      it = iter(da)
-      da_by_leaf = [next(it) if d else None for d in p_diff]
-      d_active = [g if a else None for g, a in zip(da_by_leaf, f["a_pert"])]
-      d_stacked = [None] * len(stacked)
-
-    it = iter(dc)
-    d_carry = [next(it) if d else None for d in c_diff]
-    it = iter(ds)
-    d_shared = [next(it) if d else None for d in s_diff]
-    return d_stacked, d_active, None, d_carry, d_shared
+    d_carry, d_shared, da, d_whole = engine.backward(ct[0], s_leaves, saved, step, da0)
+    return (_spread(d_whole, whole), _spread(da, marked), None, d_carry, d_shared,
+            [None] * num_state)
 
   run.defvjp(fwd, bwd, symbolic_zeros=True)
-  out = run(list(stacked), list(active), index, carry_leaves, shared_leaves)
-  return jax.tree_util.tree_unflatten(carry_def, out)
+  return run(list(stacked), list(active), index, carry_leaves, shared_leaves, t_leaves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +490,7 @@ def layerwise_stacks(members: dict[int, _Member]) -> Iterator[None]:
     _LAYERWISE.reset(token)
 
 
-def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
+def _scan_layerwise(layer, leaves, members, carry_leaves, shared_leaves, t_leaves):
   """``scan_layers`` for a stack trained layer by layer.
 
   The custom VJP takes the stacked weights and the stack's optimizer-state slices as primal
@@ -391,107 +518,48 @@ def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
           "not a recognised stacked parameter"
       )
   stack.used += 1
+  is_weight = [m is not None for m in found]
   order = sorted((m.position, i) for i, m in enumerate(found) if m is not None)
   w_pos = [i for _, i in order]  # layer-leaf position of the stack's weight k
   weights = [found[i].weights for i in w_pos]
-  fixed = [None if m is not None else x for m, x in zip(found, leaves)]
+  fixed = [x for x, w in zip(leaves, is_weight) if not w]
+  num_layers, num_state = jnp.shape(weights[0])[0], len(t_leaves)
 
-  carry_leaves, carry_def = jax.tree_util.tree_flatten(carry)
-  shared_leaves, shared_def = jax.tree_util.tree_flatten(shared)
-  num_layers = jnp.shape(weights[0])[0]
+  def layer_leaves(weights, fixed):
+    """The layer leaves in ``layers`` order (weights given in the stack's order)."""
+    out = _put(fixed, [None] * len(leaves), [not w for w in is_weight])
+    for i, w in zip(w_pos, weights):
+      out[i] = w
+    return out
 
-  def call(w_leaves, fixed_l, c_leaves, s_leaves):
-    p = list(fixed_l)
-    for i, w in zip(w_pos, w_leaves):
-      p[i] = w
-    out = fn(
-        jax.tree_util.tree_unflatten(treedef, p),
-        jax.tree_util.tree_unflatten(carry_def, c_leaves),
-        *jax.tree_util.tree_unflatten(shared_def, s_leaves),
-    )
-    out_leaves, out_def = jax.tree_util.tree_flatten(out)
-    if out_def != carry_def:
-      raise TypeError(
-          f"scan_layers: fn must return a carry with the input's structure {carry_def}, "
-          f"got {out_def}"
-      )
-    return out_leaves
-
-  fixed_stacked = [x for x in fixed if x is not None]
-
-  def fixed_at(l_or_slices):
-    it = iter(l_or_slices)
-    return [None if x is None else next(it) for x in fixed]
+  def in_stack_order(layer_values):
+    return [layer_values[i] for i in w_pos]
 
   @jax.custom_vjp
-  def run(weights, carriers, c_leaves, s_leaves):
+  def run(weights, carriers, fixed, c_leaves, s_leaves, t_stacked):
     del carriers
-
-    def body(c, xs):
-      w_l, f_l = xs
-      return call(w_l, fixed_at(f_l), c, s_leaves), None
-
-    return jax.lax.scan(body, c_leaves, (weights, fixed_stacked))[0]
+    return layer.plain(layer_leaves(weights, fixed), c_leaves, s_leaves, t_stacked)
 
   facts: dict[str, Any] = {}
 
-  def fwd(weights, carriers, c_leaves, s_leaves):
-    weights = [x.value for x in weights]
-    carriers = [x.value for x in carriers]
-    c_leaves = [x.value for x in c_leaves]
-    s_leaves = [x.value for x in s_leaves]
-    c_diff = [_is_float(x) for x in c_leaves]
-    s_diff = [_is_float(x) for x in s_leaves]
-
-    def split(values, diff):
-      return [v for v, d in zip(values, diff) if d]
-
-    def merge(diff_values, values, diff):
-      it = iter(diff_values)
-      return [next(it) if d else v for v, d in zip(values, diff)]
-
-    def body(c, xs):
-      w_l, f_l = xs
-      f_l = fixed_at(f_l)
-
-      def f(wd, cd, sd):
-        outs = call(wd, f_l, merge(cd, c, c_diff), merge(sd, s_leaves, s_diff))
-        return split(outs, c_diff), [o for o, d in zip(outs, c_diff) if not d]
-
-      cd, sd = split(c, c_diff), split(s_leaves, s_diff)
-      outs_d, vjp_fn, outs_int = jax.vjp(f, list(w_l), cd, sd, has_aux=True)
-      res, res_def = jax.tree_util.tree_flatten(vjp_fn)
-      # Residuals that are this layer's weights or the shared arguments are re-read in the
-      # backward pass (the weights from the scan's carry, where layer l is still unchanged).
-      where, saved = [], []
-      for r in res:
-        hit = next((("w", i) for i, x in enumerate(w_l) if r is x), None)
-        hit = hit or next((("s", i) for i, x in enumerate(sd) if r is x), None)
-        if hit is None:
-          hit = ("r", len(saved))
-          saved.append(r)
-        where.append(hit)
-      facts["res_def"], facts["where"] = res_def, where
-      it_d, it_i = iter(outs_d), iter(outs_int)
-      return [next(it_d) if d else next(it_i) for d in c_diff], saved
-
-    c_out, saved = jax.lax.scan(body, c_leaves, (weights, fixed_stacked))
-    facts.update(c_diff=c_diff, s_diff=s_diff)
-    return c_out, (saved, weights, carriers, s_leaves)
+  def fwd(weights, carriers, fixed, c_leaves, s_leaves, t_stacked):
+    s_wrt = [x.perturbed and _is_float(x.value) for x in s_leaves]
+    weights, carriers, fixed, c_leaves, s_leaves, t_stacked = (
+        [x.value for x in xs] for xs in (weights, carriers, fixed, c_leaves, s_leaves, t_stacked))
+    # Every layer is differentiated: its residuals are kept, as lax.scan keeps them.
+    engine = _Engine(layer, num_layers, is_weight, [_is_float(x) for x in c_leaves], s_wrt,
+                     remat=False)
+    c_out, t_out, saved = engine.forward(layer_leaves(weights, fixed), c_leaves, s_leaves,
+                                         t_stacked)
+    facts["engine"] = engine
+    return (c_out, t_out), (saved, weights, carriers, fixed, s_leaves)
 
   def bwd(residuals, ct):
-    saved, weights, carriers, s_leaves = residuals
-    c_diff, s_diff = facts["c_diff"], facts["s_diff"]
-    res_def, where = facts["res_def"], facts["where"]
-    sd = [x for x, d in zip(s_leaves, s_diff) if d]
-    ct_d = [
-        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
-        for c, d in zip(ct, c_diff) if d
-    ]
+    saved, weights, carriers, fixed, s_leaves = residuals
+    engine = facts["engine"]
 
-    def body(carry, xs):
-      dc, ds, w_all, s_all = carry
-      l, saved_l = xs
+    def step(l, pull, dc, extra):
+      w_all, s_all = extra
       # Layer l's weights and state as buffers of their own (one layer each), so that every read
       # of the stacked carry comes before its in-place update. Read directly, XLA fuses the reads
       # into their consumers (the activation gradient, the other leaves' updates), which are not
@@ -505,28 +573,19 @@ def _scan_layerwise(fn, treedef, leaves, members, carry, shared):
         return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), stacks)
 
       w_l, s_l = jax.lax.cond(l >= 0, read, zeros, (w_all, s_all))
-      res = [saved_l[j] if kind == "r" else (w_l[j] if kind == "w" else sd[j])
-             for kind, j in where]
-      dw, dc, ds_l = jax.tree_util.tree_unflatten(res_def, res)(dc)
-      ds = [a + b for a, b in zip(ds, ds_l)]
-      new_w, new_s = stack.update(l, list(dw), w_l, s_l)
+      f_l = [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in fixed]
+      dw, dc, ds_l = pull(layer_leaves(w_l, f_l))(dc)
+      new_w, new_s = stack.update(l, in_stack_order(_put(dw, [None] * len(leaves), is_weight)),
+                                  w_l, s_l)
       w_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
                for x, n in zip(w_all, new_w)]
       s_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
                for x, n in zip(s_all, new_s)]
-      return (dc, ds, w_all, s_all), None
+      return dc, ds_l, (w_all, s_all), None
 
-    zeros_sd = [jnp.zeros_like(x) for x in sd]
-    (dc, ds, new_weights, new_carriers), _ = jax.lax.scan(
-        body, (ct_d, zeros_sd, list(weights), list(carriers)),
-        (jnp.arange(num_layers), saved), reverse=True,
-    )
-    it = iter(dc)
-    d_carry = [next(it) if d else None for d in c_diff]
-    it = iter(ds)
-    d_shared = [next(it) if d else None for d in s_diff]
-    return new_weights, new_carriers, d_carry, d_shared
+    d_carry, d_shared, (new_weights, new_carriers), _ = engine.backward(
+        ct[0], s_leaves, saved, step, (list(weights), list(carriers)))
+    return new_weights, new_carriers, [None] * len(fixed), d_carry, d_shared, [None] * num_state
 
   run.defvjp(fwd, bwd, symbolic_zeros=True)
-  out = run(weights, list(stack.carriers), carry_leaves, shared_leaves)
-  return jax.tree_util.tree_unflatten(carry_def, out)
+  return run(weights, list(stack.carriers), fixed, carry_leaves, shared_leaves, t_leaves)

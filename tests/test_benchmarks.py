@@ -76,6 +76,14 @@ def test_memory(tmp_path):
   # tests/test_layerwise.py; in micro the embedding and head are half the parameters.)
   assert xla["adarankgrad_layerwise"]["alias_bytes"] == xla["adarankgrad"]["alias_bytes"]
   assert any("XLA compile of" in s for s in result["skipped"])  # nothing left out silently
+  # The block step's activation memory (quick: micro, batch 2 x 32): the scanned step of every
+  # block needs at most the list form's bottom block, and less than the drop-in step.
+  act = {(r["layers"].split()[0], r["optimizer"], r["block"]): r["temp_bytes"]
+         for r in result["activations"]}
+  scanned_blocks = [v for (layers, opt, _), v in act.items() if layers == "stacked" and opt == "badam_block"]
+  assert len(scanned_blocks) == 2
+  assert max(scanned_blocks) <= act[("list", "badam_block", 0)]
+  assert max(scanned_blocks) < act[("stacked", "badam_dropin", 0)]
 
 
 def test_speed(tmp_path):

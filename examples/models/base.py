@@ -84,8 +84,10 @@ def apply_layers(layers, x, *args, scan: bool, remat: bool):
   """Runs ``x = layer(x, *args)`` through the stack; ``args`` are shared by every layer.
 
   The scanned stack runs through ``optax_memopt.scan_layers`` (a ``lax.scan`` whose backward pass
-  differentiates only BAdam's active layer under ``make_block_step``). The layers hold parameters
-  only, so the stacked module is split into its graph and state and merged again inside each step.
+  differentiates only BAdam's active layer under ``make_block_step``): the stacked module is split
+  into its parameters and the rest of its state (RNG streams of dropout, running statistics), merged
+  again inside each step, and the state the layers write comes back into ``layers``, as
+  ``nnx.scan`` would leave it.
   """
   if not scan:
     body = nnx.remat(lambda layer, x, *args: layer(x, *args)) if remat else None
@@ -93,14 +95,17 @@ def apply_layers(layers, x, *args, scan: bool, remat: bool):
       x = body(layer, x, *args) if remat else layer(x, *args)
     return x
 
-  graphdef, state = nnx.split(layers)
+  graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
 
-  def one(layer_state, x, *args):
-    return nnx.merge(graphdef, layer_state)(x, *args)
+  def one(layer_params, x, *args, state):
+    layer = nnx.merge(graphdef, layer_params, state)
+    return layer(x, *args), nnx.state(layer, nnx.Not(nnx.Param))
 
   if remat:
     one = jax.checkpoint(one)
-  return optax_memopt.scan_layers(one, state, x, *args)
+  x, rest = optax_memopt.scan_layers(one, params, x, *args, state=rest)
+  nnx.update(layers, rest)
+  return x
 
 
 def stack_layers(tree: dict, num_layers: int) -> dict:
