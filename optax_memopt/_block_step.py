@@ -358,7 +358,7 @@ def make_block_step(
         for i, a in zip(leaf_index, active):
           full[i] = _scan.mark_active(leaves[i], a, k)
           entries[id(full[i])] = _scan._Active(a, k)
-        with _scan.active_slices(entries):
+        with _scan.active_slices(entries, frozenset(id(full[i]) for i in whole)):
           out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
         found.extend(entries.values())
         loss = out[0] if has_aux else out
