@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_memopt import _blocks
+from optax_memopt._blocks import AlwaysActiveSpec, resolve_always_active
 from optax_memopt._tree import (
     check_float_leaves,
     check_same_structure,
@@ -164,6 +165,7 @@ def badam_ratio(
     learning_rate: optax.ScalarOrSchedule,
     *,
     update_ratio: float = 0.1,
+    always_active: AlwaysActiveSpec = None,
     switch_every: int = 100,
     mask_mode: str = "adjacent",
     min_size: int = 100,
@@ -189,6 +191,7 @@ def badam_ratio(
   entries train every entry. The learning rate schedule runs on the global step. Each layer of a
   layer stack (a leaf ``[L, ...]``) counts as a leaf of its own, so a stacked model trains the same
   entries as the same model written as a list of layers (in ``adjacent`` mode, the same numbers).
+  Leaves named in ``always_active`` (e.g. a new task head, whatever its size) train every entry.
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
   length :math:`n` (only for selected leaves) and, for bf16/fp16 params, a float32 master copy of the
@@ -198,6 +201,9 @@ def badam_ratio(
   Args:
     learning_rate: scalar or schedule on the global step.
     update_ratio: fraction of each tensor trained at a time, in (0, 1].
+    always_active: leaves trained whole at every step (their moments reset with the others' at each
+      switch): ``None``, a list of regular expressions over dotted key paths, a pytree of bools or
+      a callable ``params -> bools``, as in :func:`badam`.
     switch_every: updates per selection period (``K``).
     mask_mode: ``"adjacent"`` or ``"scatter"``.
     min_size: leaves with fewer entries are trained whole.
@@ -245,14 +251,21 @@ def badam_ratio(
   k = switch_every
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
+  if isinstance(always_active, str):
+    raise TypeError(
+        "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
+        f"[{always_active!r}]"
+    )
+
   def layouts(params):
     """Per leaf: (number of layers or None, shape of one unit, its size, entries selected)."""
     leaves = jax.tree_util.tree_leaves(params)
+    whole = resolve_always_active(always_active, params)
     out = []
-    for x, layers in zip(leaves, _blocks.stack_lengths(params, stacks)):
+    for x, layers, w in zip(leaves, _blocks.stack_lengths(params, stacks), whole):
       unit = tuple(x.shape[1:]) if layers is not None else tuple(x.shape)
       size = math.prod(unit)
-      out.append((layers, unit, size, _selected_count(size, update_ratio, min_size)))
+      out.append((layers, unit, size, size if w else _selected_count(size, update_ratio, min_size)))
     return out
 
   def low_precision(x):

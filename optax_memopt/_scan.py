@@ -63,14 +63,23 @@ class _Active:
   used: bool = False  # set when a scan_layers call consumed it
 
 
+# The stacked leaves the block step being traced differentiates whole on purpose (always-active
+# leaves): id(leaf handed to loss_fn). Not warned about as leaves derived from the marked weights.
+_WHOLE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "optax_memopt_scan_whole", default=frozenset()
+)
+
+
 @contextlib.contextmanager
-def active_slices(entries: dict[int, _Active]) -> Iterator[None]:
-  """While tracing a block step's loss: the marked stacked leaves and their active slices."""
-  token = _ACTIVE.set(entries)
+def active_slices(entries: dict[int, _Active], whole: frozenset[int] = frozenset()) -> Iterator[None]:
+  """While tracing a block step's loss: the marked stacked leaves and their active slices, and the
+  ids of the leaves it differentiates whole on purpose."""
+  token, whole_token = _ACTIVE.set(entries), _WHOLE.set(frozenset(whole))
   try:
     yield
   finally:
     _ACTIVE.reset(token)
+    _WHOLE.reset(whole_token)
 
 
 def mark_active(stacked: jax.Array, active: jax.Array, index: jax.Array) -> jax.Array:
@@ -353,6 +362,7 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any,
 def _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves):
   """``scan_layers`` under plain ``jax.grad`` or the block step (active slices marked)."""
   entries = _ACTIVE.get() or {}
+  intended = [id(x) in _WHOLE.get() for x in leaves]
   active: list[jax.Array | None] = []
   index = None
   for x in leaves:
@@ -397,10 +407,11 @@ def _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves):
     whole = [pp and d for pp, d in zip(p_pert, p_diff)]
     s_wrt = [sp and _is_float(x) for sp, x in zip(s_pert, s_leaves)]
     any_marked, any_whole = any(marked), any(whole)
-    if any_marked and any_whole:
+    derived = [w and not i for w, i in zip(whole, intended)]
+    if any_marked and any(derived):
       warnings.warn(
           "scan_layers: the stacked leaves "
-          f"{', '.join(n for n, w in zip(names, whole) if w)} are computed from the block step's "
+          f"{', '.join(n for n, w in zip(names, derived) if w)} are computed from the block step's "
           "layer weights before the scan, so every layer is differentiated for the active "
           "layer's gradient (exact, not faster); compute them inside the layer function instead",
           stacklevel=_caller_stacklevel(),
