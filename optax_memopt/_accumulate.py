@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_memopt._tree import zeros_like_placed
+
 
 class SlotAccumulator(NamedTuple):
   """Accumulation state of a block-coordinate stage.
@@ -39,6 +41,10 @@ class SlotAccumulator(NamedTuple):
 
 
 def validate_every(accumulate_every) -> None:
+  # The default is None rather than 1: optax.inject_hyperparams turns every numeric argument,
+  # defaults included, into an array unless it is listed in static_args.
+  if accumulate_every is None:
+    return
   if isinstance(accumulate_every, (jax.Array, jax.core.Tracer)):
     raise TypeError(
         "accumulate_every decides the state's structure and must be a Python int; under "
@@ -47,13 +53,15 @@ def validate_every(accumulate_every) -> None:
   if (not isinstance(accumulate_every, int) or isinstance(accumulate_every, bool)
       or accumulate_every < 1):
     raise ValueError(
-        f"accumulate_every must be an int >= 1 (1: no accumulation), got {accumulate_every!r}"
+        f"accumulate_every must be None or an int >= 1 (1: no accumulation), got {accumulate_every!r}"
     )
 
 
 def init(slot_like: Any, every: int) -> SlotAccumulator:
   """An empty window: zeros shaped like the slot ``{group: tuple}`` (nothing for ``every == 1``)."""
-  grads = {} if every == 1 else jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), slot_like)
+  # Zeros derived from the slot's arrays, so that on a device mesh they take their shardings.
+  grads = {} if every == 1 else jax.tree.map(
+      lambda x: zeros_like_placed(x.astype(jnp.float32)), slot_like)
   return SlotAccumulator(jnp.zeros([], jnp.int32), jnp.asarray(every, jnp.int32), grads)
 
 

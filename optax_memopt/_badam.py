@@ -195,7 +195,7 @@ def block_coordinate(
     seed: int = 0,
     master_weights: bool = True,
     groups: Callable[[Any], Any] | None = None,
-    accumulate_every: int = 1,
+    accumulate_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on one active block of parameters at a time, cycling the blocks.
 
@@ -284,8 +284,9 @@ def block_coordinate(
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
     groups: optional callable ``params -> pytree of str`` naming the group of each leaf; leaves of
       different groups never share a slot position and ``inner`` sees them under different keys.
-    accumulate_every: micro-batches per optimizer step (``1``: none); see gradient accumulation
-      above. Use it with :func:`make_block_step` so that no full-size gradient exists at all.
+    accumulate_every: micro-batches per optimizer step (``None`` or ``1``: no accumulation); see
+      gradient accumulation above. Use it with :func:`make_block_step`, so that no full-size
+      gradient exists at all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BlockCoordinateState`.
@@ -327,7 +328,7 @@ def block_coordinate(
     raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
   inner = optax.with_extra_args_support(inner)
   k = switch_every
-  n_acc = accumulate_every
+  n_acc = 1 if accumulate_every is None else accumulate_every
   first = 0 if start_block is None else start_block
   token = object()  # identifies this stage to make_block_step's probe
 
@@ -703,7 +704,7 @@ def badam(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = "matrices",
     master_weights: bool = True,
-    accumulate_every: int = 1,
+    accumulate_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BAdam: block coordinate descent with AdamW on the active block.
 
@@ -743,11 +744,12 @@ def badam(
       callable ``params -> bools`` (then decayed and other leaves never share a slot position, and
       the slot has the groups ``"decay"`` and ``"no_decay"``, whatever ``weight_decay``).
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
-    accumulate_every: micro-batches per optimizer step: the gradients of ``accumulate_every``
-      consecutive calls are averaged in a float32 accumulator of the active block's size and one
-      AdamW step is taken on their mean, as ``optax.MultiSteps(badam(...), accumulate_every)`` does
-      with a full-size accumulator; ``switch_every`` and the learning-rate schedule count optimizer
-      steps. See :func:`block_coordinate`.
+    accumulate_every: micro-batches per optimizer step (``None`` or ``1``: none): the gradients
+      of ``accumulate_every`` consecutive calls are averaged in a float32 accumulator of the
+      active block's size and one AdamW step is taken on their mean, as
+      ``optax.MultiSteps(badam(...), accumulate_every)`` does with a full-size accumulator;
+      ``switch_every`` and the learning-rate schedule count optimizer steps. See
+      :func:`block_coordinate`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -53,7 +53,7 @@ def micro_batches(n, size=2, seed=1):
 
 
 def badam(**kw):
-  return optax_memopt.badam(1e-2, eps=EPS, switch_every=2, **kw)
+  return optax_memopt.badam(1e-2, **(dict(eps=EPS, switch_every=2) | kw))
 
 
 def multisteps_run(params, batches, **kw):
@@ -194,7 +194,60 @@ def test_bf16_master_weights_equal_multisteps():
 
 
 def test_errors():
-  with pytest.raises(ValueError, match="accumulate_every must be an int >= 1"):
+  with pytest.raises(ValueError, match="accumulate_every must be None or an int >= 1"):
     optax_memopt.badam(1e-3, accumulate_every=0)
   with pytest.raises(TypeError, match="accumulate_every .* static_args"):
     optax_memopt.badam(1e-3, accumulate_every=jnp.int32(2))
+
+
+def test_sharded_stack_keeps_the_accumulator_sharded_like_one_layer():
+  """On an 8-device mesh (data=2 x model=4): the accumulator takes the shardings of the layer it
+  holds, keeps them through the block step, and the run equals the single-device one (the sharded
+  reductions round in another order: the tolerance of the block-step comparisons above)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from examples import sharding
+
+  m = sharding.make_mesh("data=2,model=4", devices=jax.devices()[:8])
+  specs = {"embed": P(), "head": P(),
+           "layers": {"up": P(None, None, "model"), "down": P(None, "model", None), "scale": P()}}
+  plain = make_params(stacked=True)
+  p = jax.tree.map(lambda x, s: jax.device_put(jnp.copy(x), NamedSharding(m, s)), plain, specs)
+  tx = badam(accumulate_every=ACC, switch_mode="ascending")
+  state = sharding.init_state(tx, p, m)
+  layer_specs = {tuple(x.shape[1:]): s[1:] for x, s in zip(
+      jax.tree.leaves(plain["layers"]), jax.tree.leaves(specs["layers"], is_leaf=lambda s: isinstance(s, P)))}
+
+  def check(state):
+    for a in jax.tree.leaves(state.accumulator.grads):
+      assert a.sharding.is_equivalent_to(NamedSharding(m, P(*layer_specs[a.shape])), a.ndim), a.shape
+
+  check(state)
+  step = optax_memopt.make_block_step(loss_fn, tx)
+  batches = micro_batches(2 * ACC + 1, size=4)
+  for tokens in batches:
+    p, state, _ = step(p, state, jax.device_put(tokens, NamedSharding(m, P("data"))))
+  check(state)
+  want, _, _ = block_step_run(plain, batches, switch_mode="ascending")
+  assert_close(jax.device_get(p), want)
+
+
+def test_inject_hyperparams():
+  """The default (None) is not numeric, so inject_hyperparams leaves it alone; a window length
+  goes in static_args and gives the same updates as the plain transformation."""
+  params = make_params(stacked=False)
+  static = ("switch_every", "switch_mode", "accumulate_every")
+  tx = optax.inject_hyperparams(optax_memopt.badam, static_args=static)(
+      learning_rate=1e-2, switch_every=2, switch_mode="ascending", accumulate_every=2)
+  plain = badam(accumulate_every=2, switch_mode="ascending", eps=1e-8)
+  s1, s2 = tx.init(params), plain.init(params)
+  for tokens in micro_batches(4):
+    g = jax.grad(loss_fn)(params, tokens)
+    u1, s1 = jax.jit(tx.update)(g, s1, params)
+    u2, s2 = plain.update(g, s2, params)
+    chex.assert_trees_all_close(u1, u2, rtol=1e-4, atol=1e-7)
+    params = optax.apply_updates(params, u1)
+  assert int(s1.inner_state.count) == 2
+  optax.inject_hyperparams(optax_memopt.badam, static_args=("switch_every",))(
+      learning_rate=1e-2, switch_every=2).init(params)
