@@ -97,7 +97,7 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                                        include_lm_head=task.from_scratch or bool(task.head))
     tx = optax_memopt.badam(schedule, blocks=labels, switch_every=cfg.switch_every,
                             switch_mode=cfg.switch_mode, seed=cfg.seed,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, accumulate_every=cfg.grad_accum)
   elif name == "badam_ratio":
     tx = optax_memopt.badam_ratio(schedule, update_ratio=cfg.update_ratio,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
@@ -112,7 +112,11 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if cfg.clip_norm > 0:
+    # With BAdam's own accumulation the clip sees each micro-batch's (active block's) gradient;
+    # under MultiSteps it sees the window's mean.
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  if cfg.grad_accum > 1 and name != "badam":
+    tx = optax.MultiSteps(tx, cfg.grad_accum).gradient_transformation()
   return tx
 
 
