@@ -38,7 +38,7 @@ def _read(path):
 def test_memory(tmp_path):
   out = tmp_path / "memory.json"
   memory.main(["--quick", "--out", str(out), "--account-shapes", "micro",
-               "--xla-shapes", "micro"])
+               "--xla-shapes", "micro", "--accum-shapes", "micro", "--grad-accum", "4"])
   result = _read(out)
   account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
   assert {o for _, o in account} == set(memory.VARIANTS) | set(memory.LAYERWISE_ACCOUNT)
@@ -66,7 +66,7 @@ def test_memory(tmp_path):
     if "one_layer_adamw_bytes" in r:
       assert 1 <= r["stacked_over_one_layer"] <= 1.01, r
   xla = {r["optimizer"]: r for r in result["xla"]}
-  assert set(xla) == set(memory.VARIANTS) | set(memory.LAYERWISE_XLA)
+  assert set(xla) == set(memory.VARIANTS) | set(memory.LAYERWISE_XLA) | set(memory.ACCUMULATED)
   assert not any("XLA micro" in s for s in result["skipped"])
   for r in xla.values():
     assert r["argument_bytes"] > 0 and r["peak_bytes"] > 0 and r["compile_s"] > 0
@@ -76,6 +76,16 @@ def test_memory(tmp_path):
   # tests/test_layerwise.py; in micro the embedding and head are half the parameters.)
   assert xla["adarankgrad_layerwise"]["alias_bytes"] == xla["adarankgrad"]["alias_bytes"]
   assert any("XLA compile of" in s for s in result["skipped"])  # nothing left out silently
+  # Gradient accumulation: BAdam's accumulator is one layer's (float32), at most 1/L of MultiSteps'
+  # full-size one; the accumulating block step holds less than the full-gradient AdamW micro-step.
+  accum = {r["optimizer"]: r for r in result["accumulation"]}
+  own = accum["badam_block_accum"]
+  assert own["accumulator_bytes"] == own["one_layer_f32_bytes"]
+  assert own["accumulator_over_multisteps"] <= 1 / own["layers"]
+  assert accum["multisteps_adamw"]["accumulator_over_multisteps"] == 1
+  assert xla["badam_block_accum"]["opt_state_bytes"] > xla["badam_block"]["opt_state_bytes"]
+  assert xla["badam_block_accum"]["peak_bytes"] < xla["adamw_multisteps"]["peak_bytes"]
+  assert "Gradient accumulation" in result["table"]
 
 
 def test_speed(tmp_path):
