@@ -90,7 +90,7 @@ def test_memory(tmp_path):
 
 def test_speed(tmp_path):
   out = tmp_path / "speed.json"
-  speed.main(["--quick", "--out", str(out), "--repeats", "2",
+  speed.main(["--quick", "--out", str(out), "--repeats", "2", "--no-accumulation",
               "--optimizers", "adamw", "badam_dropin", "badam_block", "adarankgrad"])
   result = _read(out)
   rows = {r["optimizer"]: r for r in result["rows"]}
@@ -108,6 +108,23 @@ def test_speed(tmp_path):
   layerwise = {r["optimizer"]: r for r in result["layerwise"]["rows"]}
   assert set(layerwise) == {"adamw", "adarankgrad"} and "Layer-wise step" in result["table"]
   assert all(r["ratio"] > 0 and r["target"].startswith("<= 1.1") for r in layerwise.values())
+
+
+def test_speed_accumulation_section(tmp_path):
+  """--only-accumulation measures the accumulated steps per micro-batch and adds their section to
+  an earlier result, after any other section; a second run replaces it."""
+  out = tmp_path / "speed.json"
+  env = speed.bc.environment()
+  out.write_text(json.dumps({"complete": True, "environment": env, "table": "earlier table"}))
+  for _ in range(2):
+    speed.main(["--quick", "--out", str(out), "--repeats", "1", "--only-accumulation"])
+  result = json.loads(out.read_text())
+  acc = result["accumulation"]
+  assert acc["grad_accum"] == 2 and acc["micro_batches_per_timed_call"] == 2 * 2  # 2 blocks
+  assert all(t > 0 for t in acc["micro_step_s"].values()) and acc["ratio"] > 0
+  assert acc["target"].startswith("<= 1.05")
+  assert result["table"].startswith("earlier table")
+  assert result["table"].count("Gradient accumulation") == 1
 
 
 def test_convergence(tmp_path):
