@@ -72,7 +72,9 @@ class BlockCoordinateState(NamedTuple):
       blocks; every entry ``start_block`` in ``fixed`` mode).
     key: uint32 ``[2]``, raw PRNG key data; block-epoch ``e`` of ``random`` mode draws its order
       from ``fold_in(key, e)``.
-    inner_state: the inner transformation's state on the slot (see the module docstring).
+    inner_state: the inner transformation's state on the slot (see the module docstring); with
+      ``reset_always_active=False``, a pair: the state on the block's positions, the state on the
+      always-active leaves' positions.
     master: dict ``group -> tuple`` of float32 arrays, the master copy of the slot's bf16/fp16
       positions (empty when all parameters are float32).
     switch_every: int32 scalar, the (constant) block period ``K``; kept so that a host loop can
@@ -189,6 +191,7 @@ def block_coordinate(
     *,
     blocks: blocks_lib.BlockSpec = None,
     always_active: blocks_lib.AlwaysActiveSpec = None,
+    reset_always_active: bool = True,
     switch_every: int = 100,
     switch_mode: str = "random",
     start_block: int | None = None,
@@ -212,7 +215,10 @@ def block_coordinate(
   re-initialised with the block's at every switch (the reference wipes their Adam moments at each
   switch too). The state then holds one block's slot plus the always-active leaves' (see
   :func:`describe_blocks`). A leaf both in a block and always active is always active (it leaves
-  its block); a block left with no leaf is an error.
+  its block); a block left with no leaf is an error. With ``reset_always_active=False`` their state
+  is kept across switches instead: a second instance of ``inner`` runs on them alone, never
+  re-initialised (one uninterrupted Adam run for a head, say); ``inner``'s tree-wide operations
+  (a clip inside ``inner``) then see the block and the always-active leaves separately.
 
   ``inner`` sees the active block as a dict ``{group: tuple of arrays}`` (the *slot*, see the module
   docstring), so it must not depend on parameter names: elementwise optimizers (Adam, Lion, SGD,
@@ -277,6 +283,8 @@ def block_coordinate(
       ``blocks``; each must match a leaf), a pytree of bools with the structure of the params, or a
       callable ``params -> bools``. Whole leaves only (a stacked leaf ``[L, ...]`` is always active
       in all its layers).
+    reset_always_active: re-initialise the always-active leaves' state at every switch with the
+      block's (default, as the reference does), or keep it for the whole run (``False``).
     switch_every: number of consecutive updates per block (``K``, the paper uses 50 to 100).
     switch_mode: ``"random"``, ``"ascending"``, ``"descending"`` or ``"fixed"``.
     start_block: the first block (default 0).
@@ -319,6 +327,11 @@ def block_coordinate(
   """
   _validate_schedule(switch_every, switch_mode, start_block)
   _accumulate.validate_every(accumulate_every)
+  if not isinstance(reset_always_active, bool):
+    raise TypeError(
+        "reset_always_active decides the state's structure and must be a Python bool; under "
+        "optax.inject_hyperparams pass static_args=('reset_always_active', ...)"
+    )
   if isinstance(always_active, str):
     raise TypeError(
         "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
@@ -528,6 +541,42 @@ def block_coordinate(
       return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
     return dtype_of
 
+  def keeps(plan):
+    """Whether the always-active leaves have a state of their own, never reset."""
+    return not reset_always_active and bool(plan.always)
+
+  def parts(plan, slot_values):
+    """``(block positions, always-active positions)`` of a slot dict, each ``{group: tuple}``."""
+    always = set(plan.always.values())
+    out = ({}, {})
+    for g, values in slot_values.items():
+      for part, mine in zip(out, (False, True)):
+        picked = tuple(v for j, v in enumerate(values) if ((g, j) in always) == mine)
+        if picked:
+          part[g] = picked
+    return out
+
+  def joined(plan, block_part, always_part):
+    """The slot dict of ``parts``' two halves."""
+    always = set(plan.always.values())
+    out = {}
+    for g, sigs in plan.slot.items():
+      its = {False: iter(block_part.get(g, ())), True: iter(always_part.get(g, ()))}
+      out[g] = tuple(next(its[(g, j) in always]) for j in range(len(sigs)))
+    return out
+
+  def inner_init(plan, work):
+    if not keeps(plan):
+      return inner.init(work)
+    return tuple(inner.init(part) for part in parts(plan, work))
+
+  def inner_update(plan, grads, inner_state, work, **kwargs):
+    if not keeps(plan):
+      return inner.update(grads, inner_state, work, **kwargs)
+    outs = [inner.update(g, st, w, **kwargs)
+            for g, st, w in zip(parts(plan, grads), inner_state, parts(plan, work))]
+    return joined(plan, outs[0][0], outs[1][0]), (outs[0][1], outs[1][1])
+
   def init_fn(params):
     if is_params_placeholder(params):
       # optax.tree.map_params applies its function to the parts of a state shaped like the params
@@ -544,7 +593,7 @@ def block_coordinate(
     active = order[0]
     (slot_params,) = gather(plan, first, (jax.tree_util.tree_leaves(params), None))
     master = master_of(plan, slot_params)
-    inner_state = inner.init(working_params(plan, slot_params, master))
+    inner_state = inner_init(plan, working_params(plan, slot_params, master))
     return BlockCoordinateState(
         jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), active, order, key, inner_state, master,
         jnp.asarray(k, jnp.int32), _accumulate.init(slot_params, n_acc),
@@ -580,23 +629,31 @@ def block_coordinate(
 
     def reset():
       master = master_of(plan, slot_params)
-      return inner.init(working_params(plan, slot_params, master)), master
+      return inner_init(plan, working_params(plan, slot_params, master)), master
 
     fresh_state = reset()
     check_state_fits(plan, params, fresh_state, (state.inner_state, state.master))
     # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
     # inner update, where a conditional would materialise a copy of the whole slot state.
-    inner_state, master = jax.tree.map(
-        lambda new, old: jnp.where(fresh, new, old), fresh_state, (state.inner_state, state.master)
-    )
+    select = lambda new, old: jnp.where(fresh, new, old)  # noqa: E731
+    if keeps(plan):  # the always-active leaves' state and master copy are never reset
+      always = set(plan.always.values())
+      inner_state = (jax.tree.map(select, fresh_state[0][0], state.inner_state[0]),
+                     state.inner_state[1])
+      master = {g: tuple(old if (g, j) in always else select(new, old)
+                         for j, new, old in zip(plan.master_positions[g], fresh_state[1][g],
+                                                state.master[g]))
+                for g in plan.slot}
+    else:
+      inner_state, master = jax.tree.map(select, fresh_state, (state.inner_state, state.master))
     master = follow_applied(plan, slot_params, master)
     work = working_params(plan, slot_params, master)
     # With accumulation, inner runs on the window's mean at every micro-step and its results are
     # kept only where the window ends (as optax.MultiSteps does): one block's elementwise work.
     slot_grads, emit, acc_grads = _accumulate.add(state.accumulator, slot_grads, n_acc)
     held = (inner_state, master)
-    inner_updates, inner_state = inner.update(
-        slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
+    inner_updates, inner_state = inner_update(
+        plan, slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
     )
     if n_acc > 1:
       inner_updates = jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros((), u.dtype)), inner_updates)
@@ -694,6 +751,7 @@ def badam(
     *,
     blocks: blocks_lib.BlockSpec = None,
     always_active: blocks_lib.AlwaysActiveSpec = None,
+    reset_always_active: bool = True,
     switch_every: int = 100,
     switch_mode: str = "random",
     start_block: int | None = None,
@@ -723,7 +781,8 @@ def badam(
 
   Leaves named in ``always_active`` (e.g. a new classification head) take the update above at every
   step whatever the active block, with their moments reset at each switch together with the block's
-  (the reference's ``active_modules``); their state is added to the block's.
+  (the reference's ``active_modules``; ``reset_always_active=False`` keeps them, and their bias
+  correction, for the whole run); their state is added to the block's.
 
   Args:
     learning_rate: a scalar or an ``optax`` schedule on the global step.
@@ -732,6 +791,8 @@ def badam(
     always_active: leaves trained at every step whatever the active block: ``None``, a list of
       regular expressions over dotted key paths (e.g. ``['classifier']``), a pytree of bools or a
       callable ``params -> bools``; see :func:`block_coordinate`.
+    reset_always_active: reset the always-active leaves' moments at every switch (default, as the
+      reference), or keep them for the whole run (``False``).
     switch_every: Adam steps per block (``K``).
     switch_mode: ``"random"`` (default), ``"ascending"``, ``"descending"`` or ``"fixed"``.
     start_block: first block (default 0).
@@ -821,6 +882,7 @@ def badam(
       inner,
       blocks=blocks,
       always_active=always_active,
+      reset_always_active=reset_always_active,
       switch_every=switch_every,
       switch_mode=switch_mode,
       start_block=start_block,
