@@ -251,3 +251,17 @@ def test_inject_hyperparams():
   assert int(s1.inner_state.count) == 2
   optax.inject_hyperparams(optax_memopt.badam, static_args=("switch_every",))(
       learning_rate=1e-2, switch_every=2).init(params)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_always_active_head_accumulates_with_the_block(reset):
+  """An always-active head is in the slot, so its micro-batch gradients are accumulated beside the
+  active layer's: the block step equals MultiSteps(badam) with the same head."""
+  params = make_params(stacked=True)
+  batches = micro_batches(4 * ACC)
+  kw = dict(switch_mode="ascending", always_active=["head"], reset_always_active=reset)
+  got, state, _ = block_step_run(params, batches, **kw)
+  assert sorted(x.shape for x in jax.tree.leaves(state.accumulator.grads)) == sorted(
+      [x.shape[1:] for x in jax.tree.leaves(params["layers"])] + [params["head"].shape])
+  assert_close(got, multisteps_run(params, batches, **kw))
+  assert not np.allclose(got["head"], params["head"])
