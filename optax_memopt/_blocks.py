@@ -475,8 +475,8 @@ def resolve_blocks(blocks: BlockSpec, tree: Any, always_active: AlwaysActiveSpec
   for lab, p in zip(labels, paths):
     if isinstance(lab, tuple) and min(lab) < FROZEN:
       raise ValueError(
-          f"blocks: the per-slice label of {p!r} holds {min(lab)}; a slice's label is a block id or "
-          "-1 (always-active, -2, applies to whole leaves)"
+          f"blocks: the per-slice label of {p!r} holds {min(lab)}; a slice's label is a block id "
+          "(>= 0) or -1 (always-active, -2, applies to whole leaves only)"
       )
     if isinstance(lab, int) and lab < ALWAYS_ACTIVE:
       raise ValueError(
