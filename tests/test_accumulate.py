@@ -265,3 +265,17 @@ def test_always_active_head_accumulates_with_the_block(reset):
       [x.shape[1:] for x in jax.tree.leaves(params["layers"])] + [params["head"].shape])
   assert_close(got, multisteps_run(params, batches, **kw))
   assert not np.allclose(got["head"], params["head"])
+
+
+def test_block_step_reads_the_schedule_once_per_block(monkeypatch):
+  """The host reads (active block, steps, micro-step) from the device once per block period of
+  switch_every * accumulate_every calls, not once per optimizer step."""
+  params = make_params(stacked=False)
+  tx = badam(accumulate_every=ACC, switch_mode="ascending")
+  step = optax_memopt.make_block_step(loss_fn, tx, donate=False)
+  state = tx.init(params)
+  reads, device_get = [], jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+  for tokens in micro_batches(2 * 2 * ACC):  # two block periods of 2 optimizer steps
+    params, state, _ = step(params, state, tokens)
+  assert len(reads) == 2 and int(state.count) == 4 and int(state.active_block) == 2
