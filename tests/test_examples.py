@@ -465,3 +465,12 @@ def test_llama_grad_accum_runs_and_resumes_exactly(tmp_path, capsys, optimizer):
     # The accumulator is one block's, in the state: more than the plain state by one layer's
     # float32 gradient, never by the model's.
     assert plain["opt_state_bytes"] < summary["opt_state_bytes"] < 2 * plain["opt_state_bytes"]
+
+
+def test_roberta_grad_accum_with_an_always_active_head(tmp_path):
+  """--grad-accum in the RoBERTa script: BAdam's accumulator holds the active layer and the
+  always-active classifier head; --steps counts optimizer steps."""
+  [summary] = finetune_roberta.main(ROBERTA + ["--grad-accum", "2", "--steps", "2", "--eval-every",
+                                               "2", "--out", str(tmp_path)])
+  assert summary["optimizer"] == "badam" and summary["steps"] == 2
+  assert sorted(_losses(tmp_path)) == [1, 2]
