@@ -52,8 +52,8 @@ def micro_batches(n, size=2, seed=1):
   return [jax.random.randint(k, (size, 8), 0, VOCAB) for k in jax.random.split(jax.random.key(seed), n)]
 
 
-def badam(**kw):
-  return optax_memopt.badam(1e-2, **(dict(eps=EPS, switch_every=2) | kw))
+def badam(lr=1e-2, **kw):
+  return optax_memopt.badam(lr, **(dict(eps=EPS, switch_every=2) | kw))
 
 
 def multisteps_run(params, batches, **kw):
@@ -87,11 +87,13 @@ def assert_close(got, want, atol=ATOL, rtol=RTOL):
 
 def test_drop_in_update_equals_multisteps():
   """tx.update on full gradients: the same running mean in float32 as MultiSteps, the same AdamW
-  step on it; only XLA's fusion of the two programs may differ, hence a few float32 ulps."""
+  step on it; only XLA's fusion of the two programs may differ, hence a few float32 ulps. The
+  learning-rate schedule counts optimizer steps, as under MultiSteps."""
   params = make_params(stacked=False)
   batches = micro_batches(8 * ACC)
-  want = multisteps_run(params, batches, switch_mode="random")
-  tx = badam(accumulate_every=ACC, switch_mode="random")
+  lr = optax.linear_schedule(2e-2, 0.0, 8)
+  want = multisteps_run(params, batches, lr=lr, switch_mode="random")
+  tx = badam(lr, accumulate_every=ACC, switch_mode="random")
   state = tx.init(params)
 
   @jax.jit
