@@ -34,6 +34,12 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
   and of the drop-in step, without a global-norm clip (on a stack, a clip before BAdam materialises
   the clipped stack gradient, which would hide the activations).
 
+* **Gradient accumulation** (``--grad-accum N``, scanned bf16 models of ``ACCUM_ACCOUNT_SHAPES``):
+  the accumulator bytes of ``badam(accumulate_every=N)`` (one block's, float32, in the optimizer
+  state) against ``optax.MultiSteps(badam)``'s and ``optax.MultiSteps(adamw)``'s (float32, every
+  parameter), exact from the abstract states; the XLA table gains ``badam_block_accum`` (the block
+  step with BAdam's accumulator) and ``adamw_multisteps``, one micro-step each.
+
     python -m benchmarks.memory            # every shape and optimizer
     python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
 """
@@ -46,6 +52,10 @@ import json
 import time
 from collections.abc import Sequence
 
+import jax
+import optax
+
+import optax_memopt
 from benchmarks import _common as bc
 from examples import config
 
@@ -70,6 +80,11 @@ SLOW_CELLS: set[tuple[str, str]] = set()
 # The block step's activation memory: a model whose activations at this batch dwarf its weights.
 ACTIVATION = {"shape": "small", "batch": 8, "seq": 512}
 QUICK_ACTIVATION = {"shape": "micro", "batch": 2, "seq": 32}
+# Gradient accumulation: XLA variants (one micro-step of the accumulating step) -> the benchmark
+# variant they are built from with TrainConfig.grad_accum (examples.optimizers: BAdam's own
+# accumulator, optax.MultiSteps for the others), and the shapes of the accumulator account.
+ACCUMULATED = {"badam_block_accum": "badam_block", "adamw_multisteps": "adamw"}
+ACCUM_ACCOUNT_SHAPES = ("llama2-7b", "llama3-8b")
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
 PAPER_GB = {
@@ -183,6 +198,55 @@ def stacked_vs_list(shape: str, args) -> list[dict]:
   return rows
 
 
+def accumulation_account(shape: str, args) -> list[dict]:
+  """Accumulator and optimizer-state bytes with ``--grad-accum`` micro-batches per step, scanned
+  bf16 model, from the abstract states: BAdam's one-block accumulator against MultiSteps'."""
+  cfg = dataclasses.replace(_train_config(args), grad_accum=args.grad_accum)
+  model_cfg = bc.llama_config(shape, seq_len=args.seq_len, param_dtype="bfloat16",
+                              scan_layers=True)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  badam = bc.make_setup("badam_block", task, cfg, abstract=True)
+  plain = bc.make_setup("badam_block", task, _train_config(args), abstract=True)
+  n_layers = model_cfg.num_hidden_layers
+  one_layer = bc.tree_size(badam.params["layers"]) // n_layers
+  rows = []
+  for name, state in (
+      ("badam_block_accum", badam.opt_state),
+      ("multisteps_badam", jax.eval_shape(optax.MultiSteps(plain.tx, args.grad_accum).init,
+                                          plain.params)),
+      ("multisteps_adamw", bc.make_setup("adamw", task, cfg, abstract=True).opt_state),
+  ):
+    multi = _states_of(state, optax.MultiStepsState)
+    acc_bytes = (bc.tree_bytes(multi[0].acc_grads) if multi else
+                 sum(bc.tree_bytes(s.accumulator.grads)
+                     for s in _states_of(state, optax_memopt.BlockCoordinateState)))
+    rows.append({"shape": shape, "optimizer": name, "grad_accum": args.grad_accum,
+                 "layers": n_layers, "accumulator_bytes": acc_bytes,
+                 "one_layer_f32_bytes": 4 * one_layer, "opt_state_bytes": bc.tree_bytes(state)})
+  full = next(r["accumulator_bytes"] for r in rows if r["optimizer"] == "multisteps_badam")
+  for r in rows:
+    r["accumulator_over_multisteps"] = r["accumulator_bytes"] / full
+  return rows
+
+
+def _states_of(state, kind) -> list:
+  """The sub-states of type ``kind`` inside an optimizer state."""
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
+          if isinstance(s, kind)]
+
+
+def accumulation_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "optimizer", "micro-batches", "accumulator", "one layer (fp32)",
+       "accumulator / MultiSteps'", "target (<= 1/L)", "optimizer state incl. accumulator"],
+      [[r["shape"] + " (scanned, bf16)", r["optimizer"], r["grad_accum"],
+        bc.gb(r["accumulator_bytes"]), bc.gb(r["one_layer_f32_bytes"]),
+        f"{r['accumulator_over_multisteps']:.4f}",
+        ("met" if r["accumulator_over_multisteps"] <= 1 / r["layers"] else "missed")
+        if r["optimizer"] == "badam_block_accum" else "", bc.gb(r["opt_state_bytes"])]
+       for r in rows])
+
+
 def stack_table(rows) -> str:
   return bc.markdown_table(
       ["model", "optimizer", "weights", "state, layers as a list", "state, layers stacked",
@@ -197,10 +261,13 @@ def stack_table(rows) -> str:
 def xla_step(shape: str, variant: str, args) -> dict:
   """Compiles one float32 training step abstractly and reads XLA's memory analysis."""
   cfg = _train_config(args)
-  scanned = (shape in args.scan_shapes and variant not in UNSCANNABLE) or variant in LAYERWISE_XLA
+  base = ACCUMULATED.get(variant, variant)
+  if variant in ACCUMULATED:
+    cfg = dataclasses.replace(cfg, grad_accum=args.grad_accum)
+  scanned = (shape in args.scan_shapes and base not in UNSCANNABLE) or variant in LAYERWISE_XLA
   model_cfg = bc.llama_config(shape, seq_len=args.seq_len, scan_layers=scanned)
   task = bc.llama_task(model_cfg, from_scratch=False)
-  setup = bc.make_setup(variant, task, cfg, abstract=True)
+  setup = bc.make_setup(base, task, cfg, abstract=True)
   batch = bc.llama_batch(1, args.seq_len, model_cfg.vocab_size, abstract=True)
   start = time.perf_counter()
   lowered = setup.lower(batch, block=0)
@@ -216,6 +283,8 @@ def xla_step(shape: str, variant: str, args) -> dict:
       "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
       "compile_s": compile_s,
   }
+  if variant in ACCUMULATED:
+    row["grad_accum"] = args.grad_accum
   row["peak_bytes"] = (row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"]
                        + row["temp_bytes"])
   return row
@@ -292,6 +361,8 @@ def _merged(old: dict, new: dict) -> dict:
   if new.get("activations"):
     out["activations"] = new["activations"]
     cells.append("activations")
+  if new.get("accumulation"):
+    out["accumulation"] = new["accumulation"]
   out["merged"] = list(old.get("merged", [])) + [{"environment": new["environment"],
                                                    "cells": cells}]
   return out
@@ -323,6 +394,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--only-activations", action="store_true",
                       help="compute only the activation-memory table (with --merge: update it "
                            "in the existing --out file)")
+  parser.add_argument("--accumulated", nargs="*", default=list(ACCUMULATED), choices=ACCUMULATED,
+                      help="gradient-accumulation steps to compile (one micro-step each)")
+  parser.add_argument("--grad-accum", type=int, default=8,
+                      help="micro-batches per optimizer step of the accumulation rows")
+  parser.add_argument("--accum-shapes", nargs="*", default=None, choices=tuple(bc.LLAMA_SHAPES),
+                      help="shapes of the accumulator account (default: Llama 2-7B and 3-8B; "
+                           "--quick: tiny)")
   parser.add_argument("--merge", action="store_true",
                       help="update these cells in the existing --out file (an earlier complete "
                            "run) instead of replacing it")
@@ -342,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   start = time.perf_counter()
   result = {"benchmark": "memory", "quick": args.quick, "environment": env,
             "seq_len": args.seq_len, "rank": args.rank, "lora_rank": args.lora_rank,
-            "account": [], "stacked_vs_list": [], "xla": [], "skipped": []}
+            "account": [], "stacked_vs_list": [], "accumulation": [], "xla": [], "skipped": []}
   for shape in account_shapes:
     rows = [r for r in mixed_precision_account(shape, args) if r["optimizer"] in args.optimizers]
     result["account"] += rows
@@ -351,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"account {shape}: done", flush=True)
   for shape in account_shapes:
     result["stacked_vs_list"] += stacked_vs_list(shape, args)
+  accum_shapes = args.accum_shapes if args.accum_shapes is not None else (
+      ("tiny",) if args.quick else ACCUM_ACCOUNT_SHAPES)
+  for shape in accum_shapes:
+    result["accumulation"] += accumulation_account(shape, args)
   for what, chosen in (("XLA compile", xla_shapes), ("mixed-precision account", account_shapes)):
     left_out = [s for s in bc.LLAMA_SHAPES if s not in chosen]
     if left_out:
@@ -358,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
              else "not selected on the command line")
       result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
   for shape in xla_shapes:
-    for variant in list(args.optimizers) + list(args.layerwise):
+    for variant in list(args.optimizers) + list(args.layerwise) + list(args.accumulated):
       if (shape, variant) in SLOW_CELLS and not args.all_cells:
         result["skipped"].append(f"XLA {shape}/{variant}: compiles for many minutes on CPU; "
                                  "run with --all-cells")
@@ -388,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
       account_table(result["account"]),
       "Optimizer state with the layers as a list and stacked (scanned), same model:",
       stack_table(result["stacked_vs_list"]),
+  ] + ([
+      "Gradient accumulation: accumulator bytes (exact, from the abstract states; GB = 1e9 bytes):",
+      accumulation_table(result["accumulation"]),
+  ] if result.get("accumulation") else []) + [
       f"XLA compiled training step, float32 configs, batch 1, sequence {args.seq_len}, "
       f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
       "operands to f32 and would inflate the temporaries):",

@@ -10,6 +10,10 @@ blocks (long backward) and the upper ones (short backward) are all counted. AdaR
 include its subspace refreshes as they occur (the table counts the matrices refreshed
 during the timed steps).
 
+Gradient accumulation (``--grad-accum N``): on the scanned model, BAdam's block step with its own
+one-block accumulator (``badam(accumulate_every=N)``) against ``optax.MultiSteps(adamw)``, both
+as the examples build them, timed per micro-batch over one block-epoch of optimizer steps.
+
 The refresh ratio is one optimizer update that recomputes the projection, AdaRankGrad (randomized
 SVD) against ``optax.contrib.galore`` (full SVD), for the model's largest weight matrix, measured with
 ``benchmarks/adarankgrad_refresh.py``'s functions.
@@ -54,6 +58,48 @@ TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup
 # Layer-wise step against the ordinary step of the same optimizer on the same scanned model.
 LAYERWISE_PAIRS = (("adamw", "adamw_layerwise"), ("adarankgrad", "adarankgrad_layerwise"))
 LAYERWISE_TARGET = ("<=", 1.1)
+# Accumulated step per micro-batch: BAdam's block step with its one-block accumulator against
+# optax.MultiSteps(adamw), same scanned model (the issue's target).
+ACCUMULATION_TARGET = ("<=", 1.05)
+
+
+def accumulation_rows(shape: str, seq_len: int, batch_size: int, repeats: int,
+                      grad_accum: int) -> dict:
+  """Per-micro-batch time of the accumulating steps the examples build with ``--grad-accum``:
+  BAdam's block step (``badam(accumulate_every=N)``, switching block every optimizer step,
+  ascending) and ``optax.MultiSteps(adamw)``, on the scanned model, interleaved: ``repeats``
+  rounds of one block-epoch of optimizer steps (``N`` micro-batches each) per variant."""
+  model_cfg = bc.llama_config(shape, seq_len=seq_len, scan_layers=True)
+  task = bc.llama_task(model_cfg, from_scratch=False)
+  cfg = config.TrainConfig(optimizer="adamw", steps=10_000, learning_rate=1e-4, switch_every=1,
+                           switch_mode="ascending", grad_accum=grad_accum)
+  batch = bc.llama_batch(batch_size, seq_len, model_cfg.vocab_size, abstract=False)
+  setups = {"badam_block_accum": bc.make_setup("badam_block", task, cfg, abstract=False),
+            "adamw_multisteps": bc.make_setup("adamw", task, cfg, abstract=False)}
+  n_blocks = len(bc.block_sizes(setups["badam_block_accum"].labels,
+                                setups["badam_block_accum"].params))
+  micro = grad_accum * n_blocks
+  runners = {v: _runner(s, batch, micro) for v, s in setups.items()}
+  for v, (run, _) in runners.items():
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    print(f"{v} (scanned, {grad_accum} micro-batches): warm-up {time.perf_counter() - t:.1f} s",
+          flush=True)
+  seconds = bc.interleaved_median({v: run for v, (run, _) in runners.items()}, repeats, warmup=0)
+  ratio = seconds["badam_block_accum"] / seconds["adamw_multisteps"]
+  op, bound = ACCUMULATION_TARGET
+  return {"grad_accum": grad_accum, "micro_batches_per_timed_call": micro, "repeats": repeats,
+          "micro_step_s": {v: s / micro for v, s in seconds.items()}, "ratio": ratio,
+          "target": f"{op} {bound:g}: {'met' if ratio <= bound else 'missed'}"}
+
+
+def accumulation_table(acc: dict) -> str:
+  t = acc["micro_step_s"]
+  return bc.markdown_table(
+      ["step", "time per micro-batch", "ratio to MultiSteps(adamw)", "target"],
+      [["badam block step, accumulate_every", f"{1e3 * t['badam_block_accum']:.1f} ms",
+        f"{acc['ratio']:.2f}x", acc["target"]],
+       ["optax.MultiSteps(adamw)", f"{1e3 * t['adamw_multisteps']:.1f} ms", "1.00x", ""]])
 
 
 def layerwise_rows(shape: str, seq_len: int, batch_size: int, repeats: int, rank: int,
@@ -201,6 +247,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="skip the scanned-model block step section")
   parser.add_argument("--no-layerwise", action="store_true",
                       help="skip the layer-wise against ordinary step table")
+  parser.add_argument("--grad-accum", type=int, default=None,
+                      help="micro-batches per optimizer step of the accumulation section "
+                           "(default 4; --quick: 2)")
+  parser.add_argument("--no-accumulation", action="store_true",
+                      help="skip the gradient-accumulation section")
+  parser.add_argument("--only-accumulation", action="store_true",
+                      help="measure only the gradient-accumulation section and merge it into the "
+                           "existing --out file")
   parser.add_argument("--only-layerwise", action="store_true",
                       help="measure only the layer-wise against ordinary step table and merge it "
                            "into the existing --out file")
@@ -210,13 +264,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
   batch_size = args.batch_size or (2 if args.quick else 4)
   repeats = args.repeats or (3 if args.quick else 5)
   variants = ["adamw"] + [v for v in args.optimizers if v != "adamw"]
+  grad_accum = args.grad_accum or (2 if args.quick else 4)
   env = bc.environment()
   start = time.perf_counter()
+  if args.only_accumulation:
+    result = json.loads(args.out.read_text())
+    result["accumulation"] = {"environment": env, **accumulation_rows(
+        shape, seq_len, batch_size, repeats, grad_accum)}
+    result["table"] = _with_accumulation(result["table"], result, shape)
+    bc.write_json(args.out, result)
+    print(result["table"])
+    return result
   if args.only_layerwise:
     result = json.loads(args.out.read_text())
     result["layerwise"] = {"environment": env, "repeats": repeats,
                            "rows": layerwise_rows(shape, seq_len, batch_size, repeats, args.rank)}
     result["table"] = _with_layerwise(result["table"], result, shape)
+    if "accumulation" in result:
+      result["table"] = _with_accumulation(result["table"], result, shape)
     bc.write_json(args.out, result)
     print(result["table"])
     return result
@@ -314,15 +379,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["layerwise"] = {"environment": env, "repeats": repeats,
                            "rows": layerwise_rows(shape, seq_len, batch_size, repeats, args.rank)}
     result["table"] = _with_layerwise(result["table"], result, shape)
+  if not args.no_accumulation:
+    result["accumulation"] = {"environment": env, **accumulation_rows(
+        shape, seq_len, batch_size, repeats, grad_accum)}
+    result["table"] = _with_accumulation(result["table"], result, shape)
   bc.write_json(args.out, result)
   print(result["table"])
   return result
 
 
+_ACCUMULATION_MARKER = "\n\nGradient accumulation"
+
+
+def _with_accumulation(table: str, result: dict, shape: str) -> str:
+  """``table`` with the gradient-accumulation section last (replacing an earlier one)."""
+  table = table.split(_ACCUMULATION_MARKER)[0]
+  acc = result["accumulation"]
+  when = ("" if acc["environment"]["date"] == result["environment"]["date"]
+          else f" Measured later: {bc.environment_header(acc['environment'])}")
+  return table + _ACCUMULATION_MARKER + (
+      f" ({acc['grad_accum']} micro-batches per optimizer step, as `--grad-accum` builds it) on "
+      f"the scanned Llama {shape}: BAdam's block step with its one-block accumulator against "
+      f"`optax.MultiSteps(adamw)`, per micro-batch; median of {acc['repeats']} interleaved rounds "
+      f"of {acc['micro_batches_per_timed_call']} micro-batches.{when}\n\n"
+      + accumulation_table(acc))
+
+
 def _with_layerwise(table: str, result: dict, shape: str) -> str:
   """``table`` with the layer-wise section (replacing an earlier one)."""
   marker = "\n\nLayer-wise step"
-  table = table.split(marker)[0]
+  table = table.split(_ACCUMULATION_MARKER)[0].split(marker)[0]
   lw = result["layerwise"]
   when = ("" if lw["environment"]["date"] == result["environment"]["date"]
           else f" Measured later: {bc.environment_header(lw['environment'])}")

@@ -89,6 +89,10 @@ class TrainConfig:
   warmup_steps: int = field(20, "linear warmup steps")
   steps: int = field(400, "training steps")
   batch_size: int = field(16, "sequences per step")
+  grad_accum: int = field(1, "micro-batches of --batch-size per optimizer step (gradient "
+                          "accumulation; --steps counts optimizer steps): BAdam accumulates its "
+                          "active block only (badam(accumulate_every=N)), the other optimizers use "
+                          "optax.MultiSteps; not with --layerwise")
   max_examples: int | None = field(None, "use at most this many examples (before the eval split)")
   seed: int = field(0, "seed of the model init, data order and BAdam's block order")
   weight_decay: float = field(0.0, "decoupled weight decay")
@@ -154,7 +158,7 @@ class TrainConfig:
       if name not in OPTIMIZERS:
         raise UsageError(f"--compare: unknown optimizer {name!r}; choose from "
                          f"{', '.join(OPTIMIZERS)}")
-    for name in ("steps", "batch_size", "switch_every", "rank", "lora_rank", "eval_every",
+    for name in ("steps", "batch_size", "grad_accum", "switch_every", "rank", "lora_rank", "eval_every",
                  "log_every", "checkpoint_every", "galore_update_gap"):
       if getattr(self, name) < 1:
         raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -183,6 +187,9 @@ class TrainConfig:
     if self.resume and self.overwrite:
       raise UsageError("--resume continues the run in the run directory and --overwrite replaces "
                        "it: give one of them")
+    if self.layerwise and self.grad_accum > 1:
+      raise UsageError("--layerwise cannot accumulate gradients (optax.MultiSteps keeps a whole "
+                       "gradient); use --grad-accum 1 or the ordinary step")
     if self.layerwise:
       for name in self.compare_list or [self.optimizer]:
         if name not in LAYERWISE_OPTIMIZERS:

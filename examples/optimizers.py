@@ -101,7 +101,8 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
     always = [re.escape(h) for h in task.head] or None
     tx = optax_memopt.badam(schedule, blocks=labels, always_active=always,
                             switch_every=cfg.switch_every, switch_mode=cfg.switch_mode,
-                            seed=cfg.seed, weight_decay=cfg.weight_decay)
+                            seed=cfg.seed, weight_decay=cfg.weight_decay,
+                            accumulate_every=cfg.grad_accum)
   elif name == "badam_ratio":
     tx = optax_memopt.badam_ratio(schedule, update_ratio=cfg.update_ratio,
                                   always_active=[re.escape(h) for h in task.head] or None,
@@ -117,7 +118,11 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   else:
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
   if cfg.clip_norm > 0:
+    # With BAdam's own accumulation the clip sees each micro-batch's (active block's) gradient;
+    # under MultiSteps it sees the window's mean.
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  if cfg.grad_accum > 1 and name != "badam":
+    tx = optax.MultiSteps(tx, cfg.grad_accum).gradient_transformation()
   return tx
 
 

@@ -155,11 +155,17 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   done = start
   with config.defer_ctrl_c() as ctrl_c:
     for step in range(start, end):
-      batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, step)]
-               for k, v in task.train_data.items()}
-      params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
+      # One optimizer step: --grad-accum micro-batches (the optimizer holds back its update
+      # until the last one), each its own draw of the data order.
+      losses, tokens = [], 0
+      for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+        batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, micro)]
+                 for k, v in task.train_data.items()}
+        params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
+        losses.append(loss)
+        tokens += int(batch[task.tokens_key].sum())
       done = step + 1
-      progress.step(done, loss, int(batch[task.tokens_key].sum()))
+      progress.step(done, sum(losses) / len(losses), tokens)
       stop = ctrl_c.requested and done < end
       if done % cfg.log_every == 0 or done == end or stop:
         progress.flush(**optimizers.optimizer_probe(optimizer, opt_state))

@@ -1,6 +1,7 @@
 """optax_memopt: memory-efficient full-parameter optimizers for JAX/Optax."""
 
 from optax_memopt import linalg as linalg
+from optax_memopt._accumulate import SlotAccumulator as SlotAccumulator
 from optax_memopt._adarankgrad import AdaRankGradDimensionNumbers as AdaRankGradDimensionNumbers
 from optax_memopt._adarankgrad import AdaRankGradState as AdaRankGradState
 from optax_memopt._adarankgrad import adarankgrad as adarankgrad

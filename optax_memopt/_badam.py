@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_memopt import _accumulate
 from optax_memopt import _blocks as blocks_lib
 from optax_memopt._tree import (
     check_float_leaves,
@@ -78,6 +79,10 @@ class BlockCoordinateState(NamedTuple):
       positions (empty when all parameters are float32).
     switch_every: int32 scalar, the (constant) block period ``K``; kept so that a host loop can
       tell from the state alone how many updates remain before the next switch.
+    accumulator: a :class:`SlotAccumulator` (``accumulate_every > 1``): the micro-step in the
+      current accumulation window and the running mean of its gradients, float32 arrays shaped like
+      the slot (one block's size, whichever block is active); holds no array of the slot's shape
+      when ``accumulate_every == 1``.
 
   No field has the structure of the params, so ``optax.tree_utils.tree_map_params`` applies its
   function to none of them and ``transform_non_params`` to each field whole.
@@ -91,6 +96,7 @@ class BlockCoordinateState(NamedTuple):
   inner_state: Any
   master: Any
   switch_every: jax.Array
+  accumulator: _accumulate.SlotAccumulator
 
 
 class _Plan(NamedTuple):
@@ -192,6 +198,7 @@ def block_coordinate(
     seed: int = 0,
     master_weights: bool = True,
     groups: Callable[[Any], Any] | None = None,
+    accumulate_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on one active block of parameters at a time, cycling the blocks.
 
@@ -251,6 +258,18 @@ def block_coordinate(
   ``reduce_on_plateau``) change the trajectory as they would for float32 parameters, up to the bf16
   rounding of each applied step. Float32 parameters get no copy.
 
+  Gradient accumulation (``accumulate_every=N``): each call of ``update`` is one micro-batch; the
+  gradients of ``N`` consecutive calls are averaged and ``inner`` runs once on their mean, at the
+  window's last call; the other calls return zero updates. This is ``optax.MultiSteps(tx, N)``'s
+  semantics (its float32 running mean, the same arithmetic), but the accumulator holds only the
+  active block: it lives in the slot (float32, one block's size plus the always-active leaves'),
+  because the active block changes only on optimizer steps, never inside a window. Every count in
+  the schedule (``switch_every``, ``global_step``, a schedule on it) counts optimizer steps, not
+  micro-batches. The micro-step and the running mean are in the state, so resuming in the middle
+  of a window is exact. A stage before this one (``optax.clip_by_global_norm``) sees each
+  micro-batch's gradient; to clip the window's mean gradient instead, clip inside ``inner``
+  (``block_coordinate(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr)), ...)``).
+
   Args:
     inner: the Optax transformation to run on the active block, e.g. ``optax.adam(1e-4)``.
     blocks: the partition: ``None`` for :func:`block_labels` (one block per transformer layer,
@@ -273,6 +292,9 @@ def block_coordinate(
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
     groups: optional callable ``params -> pytree of str`` naming the group of each leaf; leaves of
       different groups never share a slot position and ``inner`` sees them under different keys.
+    accumulate_every: micro-batches per optimizer step (``None`` or ``1``: no accumulation); see
+      gradient accumulation above. Use it with :func:`make_block_step`, so that no full-size
+      gradient exists at all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BlockCoordinateState`.
@@ -304,6 +326,7 @@ def block_coordinate(
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
   """
   _validate_schedule(switch_every, switch_mode, start_block)
+  _accumulate.validate_every(accumulate_every)
   if not isinstance(reset_always_active, bool):
     raise TypeError(
         "reset_always_active decides the state's structure and must be a Python bool; under "
@@ -318,6 +341,7 @@ def block_coordinate(
     raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
   inner = optax.with_extra_args_support(inner)
   k = switch_every
+  n_acc = 1 if accumulate_every is None else accumulate_every
   first = 0 if start_block is None else start_block
   token = object()  # identifies this stage to make_block_step's probe
 
@@ -572,7 +596,7 @@ def block_coordinate(
     inner_state = inner_init(plan, working_params(plan, slot_params, master))
     return BlockCoordinateState(
         jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), active, order, key, inner_state, master,
-        jnp.asarray(k, jnp.int32),
+        jnp.asarray(k, jnp.int32), _accumulate.init(slot_params, n_acc),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -624,9 +648,15 @@ def block_coordinate(
       inner_state, master = jax.tree.map(select, fresh_state, (state.inner_state, state.master))
     master = follow_applied(plan, slot_params, master)
     work = working_params(plan, slot_params, master)
+    # With accumulation, inner runs on the window's mean at every micro-step and its results are
+    # kept only where the window ends (as optax.MultiSteps does): one block's elementwise work.
+    slot_grads, emit, acc_grads = _accumulate.add(state.accumulator, slot_grads, n_acc)
+    held = (inner_state, master)
     inner_updates, inner_state = inner_update(
         plan, slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
     )
+    if n_acc > 1:
+      inner_updates = jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros((), u.dtype)), inner_updates)
     new_master = {
         g: tuple(m + inner_updates[g][j].astype(jnp.float32)
                  for m, j in zip(master[g], plan.master_positions[g]))
@@ -642,6 +672,8 @@ def block_coordinate(
     new_updates = jax.tree_util.tree_unflatten(
         treedef, scatter(plan, slot_updates, block, param_leaves)
     )
+    if n_acc > 1:
+      inner_state, new_master = _accumulate.on_emit(emit, (inner_state, new_master), held)
 
     count = optax.safe_increment(state.count)
     block_step = (state.block_step + 1) % k
@@ -654,9 +686,13 @@ def block_coordinate(
         lambda: state.order,
     )
     active = jnp.where(block_step == 0, order[period % d], state.active_block)
+    schedule = (count, block_step, active.astype(jnp.int32), order)
+    if n_acc > 1:
+      schedule = _accumulate.on_emit(
+          emit, schedule, (state.count, state.block_step, state.active_block, state.order))
     new_state = BlockCoordinateState(
-        count, block_step, active.astype(jnp.int32), order, state.key, inner_state, new_master,
-        state.switch_every,
+        *schedule, state.key, inner_state, new_master, state.switch_every,
+        _accumulate.advance(state.accumulator, acc_grads, emit, n_acc),
     )
     return new_updates, new_state
 
@@ -726,6 +762,7 @@ def badam(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = "matrices",
     master_weights: bool = True,
+    accumulate_every: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BAdam: block coordinate descent with AdamW on the active block.
 
@@ -768,6 +805,12 @@ def badam(
       callable ``params -> bools`` (then decayed and other leaves never share a slot position, and
       the slot has the groups ``"decay"`` and ``"no_decay"``, whatever ``weight_decay``).
     master_weights: keep a float32 master copy of the active block's bf16/fp16 leaves.
+    accumulate_every: micro-batches per optimizer step (``None`` or ``1``: none): the gradients
+      of ``accumulate_every`` consecutive calls are averaged in a float32 accumulator of the
+      active block's size and one AdamW step is taken on their mean, as
+      ``optax.MultiSteps(badam(...), accumulate_every)`` does with a full-size accumulator;
+      ``switch_every`` and the learning-rate schedule count optimizer steps. See
+      :func:`block_coordinate`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -795,6 +838,19 @@ def badam(
     >>> [round(float(u[0]), 3) for u in (updates['layers'][0]['w'], updates['layers'][1]['w'],
     ...                                  updates['head'])]
     [-0.01, 0.0, -0.01]
+
+    Gradient accumulation over two micro-batches, with an accumulator of one layer's size:
+
+    >>> params = {'layers': [{'w': jnp.ones(2)} for _ in range(3)]}
+    >>> tx = optax_memopt.badam(1e-2, switch_mode='ascending', accumulate_every=2)
+    >>> state = tx.init(params)
+    >>> [g.shape for g in state.accumulator.grads['params']]
+    [(2,)]
+    >>> for g in (1.0, 3.0):
+    ...   updates, state = tx.update(jax.tree.map(lambda p: g * p, params), state, params)
+    ...   print(round(float(updates['layers'][0]['w'][0]), 3), int(state.count))
+    0.0 0
+    -0.01 1
 
   References:
     Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
@@ -833,6 +889,7 @@ def badam(
       seed=seed,
       master_weights=master_weights,
       groups=groups,
+      accumulate_every=accumulate_every,
   )
 
 

@@ -28,7 +28,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _badam, _blocks, _scan
+from optax_memopt import _accumulate, _badam, _blocks, _scan
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -190,7 +190,10 @@ def make_block_step(
   Anything before the block-coordinate stage in ``tx`` sees the full gradient tree with zeros outside
   the active block (and the leaves above): a global-norm clip (``optax.clip_by_global_norm``) clips
   by the active block's norm (with the always-active leaves), as the reference implementation does.
-  ``optax.MultiSteps`` works (its accumulators are full-size, as they are for any optimizer).
+  For gradient accumulation use ``badam(..., accumulate_every=N)`` (each call is then one
+  micro-batch): its accumulator is one block's, in the optimizer state, so neither a full-size
+  gradient nor a full-size accumulator ever exists. ``optax.MultiSteps`` works too, with its
+  full-size accumulator.
 
   With Flax NNX, split the model and merge it inside the loss::
 
@@ -434,11 +437,13 @@ def make_block_step(
         params, opt_state = _distinct_buffers((params, opt_state))
         state = _block_state(opt_state)
     if host["left"] <= 0:
-      block, block_step, period = (int(x) for x in jax.device_get(
-          (state.active_block, state.block_step, state.switch_every)))
+      block, block_step, period, micro, every = (int(x) for x in jax.device_get(
+          (state.active_block, state.block_step, state.switch_every,
+           state.accumulator.micro_step, state.accumulator.every)))
       # Each call advances the block's step by at most one (MultiSteps and apply_if_finite can
-      # hold it back), so the active block cannot change for at least this many calls.
-      host["block"], host["left"] = block, period - block_step
+      # hold it back), and by none inside an accumulation window, so the active block cannot
+      # change for at least this many calls.
+      host["block"], host["left"] = block, _accumulate.calls_left(period, block_step, micro, every)
     block = host["block"]
     fn = compiled_for(block, params, opt_state, args, kwargs)
     host["left"] -= 1

@@ -38,7 +38,7 @@ def _read(path):
 def test_memory(tmp_path):
   out = tmp_path / "memory.json"
   memory.main(["--quick", "--out", str(out), "--account-shapes", "micro",
-               "--xla-shapes", "micro"])
+               "--xla-shapes", "micro", "--accum-shapes", "micro", "--grad-accum", "4"])
   result = _read(out)
   account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
   assert {o for _, o in account} == set(memory.VARIANTS) | set(memory.LAYERWISE_ACCOUNT)
@@ -66,7 +66,7 @@ def test_memory(tmp_path):
     if "one_layer_adamw_bytes" in r:
       assert 1 <= r["stacked_over_one_layer"] <= 1.01, r
   xla = {r["optimizer"]: r for r in result["xla"]}
-  assert set(xla) == set(memory.VARIANTS) | set(memory.LAYERWISE_XLA)
+  assert set(xla) == set(memory.VARIANTS) | set(memory.LAYERWISE_XLA) | set(memory.ACCUMULATED)
   assert not any("XLA micro" in s for s in result["skipped"])
   for r in xla.values():
     assert r["argument_bytes"] > 0 and r["peak_bytes"] > 0 and r["compile_s"] > 0
@@ -84,11 +84,21 @@ def test_memory(tmp_path):
   assert len(scanned_blocks) == 2
   assert max(scanned_blocks) <= act[("list", "badam_block", 0)]
   assert max(scanned_blocks) < act[("stacked", "badam_dropin", 0)]
+  # Gradient accumulation: BAdam's accumulator is one layer's (float32), at most 1/L of MultiSteps'
+  # full-size one; the accumulating block step holds less than the full-gradient AdamW micro-step.
+  accum = {r["optimizer"]: r for r in result["accumulation"]}
+  own = accum["badam_block_accum"]
+  assert own["accumulator_bytes"] == own["one_layer_f32_bytes"]
+  assert own["accumulator_over_multisteps"] <= 1 / own["layers"]
+  assert accum["multisteps_adamw"]["accumulator_over_multisteps"] == 1
+  assert xla["badam_block_accum"]["opt_state_bytes"] > xla["badam_block"]["opt_state_bytes"]
+  assert xla["badam_block_accum"]["peak_bytes"] < xla["adamw_multisteps"]["peak_bytes"]
+  assert "Gradient accumulation" in result["table"]
 
 
 def test_speed(tmp_path):
   out = tmp_path / "speed.json"
-  speed.main(["--quick", "--out", str(out), "--repeats", "2",
+  speed.main(["--quick", "--out", str(out), "--repeats", "2", "--no-accumulation",
               "--optimizers", "adamw", "badam_dropin", "badam_block", "adarankgrad"])
   result = _read(out)
   rows = {r["optimizer"]: r for r in result["rows"]}
@@ -106,6 +116,23 @@ def test_speed(tmp_path):
   layerwise = {r["optimizer"]: r for r in result["layerwise"]["rows"]}
   assert set(layerwise) == {"adamw", "adarankgrad"} and "Layer-wise step" in result["table"]
   assert all(r["ratio"] > 0 and r["target"].startswith("<= 1.1") for r in layerwise.values())
+
+
+def test_speed_accumulation_section(tmp_path):
+  """--only-accumulation measures the accumulated steps per micro-batch and adds their section to
+  an earlier result, after any other section; a second run replaces it."""
+  out = tmp_path / "speed.json"
+  env = speed.bc.environment()
+  out.write_text(json.dumps({"complete": True, "environment": env, "table": "earlier table"}))
+  for _ in range(2):
+    speed.main(["--quick", "--out", str(out), "--repeats", "1", "--only-accumulation"])
+  result = json.loads(out.read_text())
+  acc = result["accumulation"]
+  assert acc["grad_accum"] == 2 and acc["micro_batches_per_timed_call"] == 2 * 2  # 2 blocks
+  assert all(t > 0 for t in acc["micro_step_s"].values()) and acc["ratio"] > 0
+  assert acc["target"].startswith("<= 1.05")
+  assert result["table"].startswith("earlier table")
+  assert result["table"].count("Gradient accumulation") == 1
 
 
 def test_convergence(tmp_path):
