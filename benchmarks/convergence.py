@@ -103,15 +103,15 @@ LEARNS_MARGIN = 0.15
 
 
 def expected_blocks(name: str, options: Sequence[str]) -> int:
-  """BAdam's block count on task ``name`` (an upper bound): one per layer, plus the embedding and
-  the head of a random-init model, plus a RoBERTa task head (a block unless always active)."""
+  """BAdam's block count on task ``name``: one per layer, plus the embedding of a random-init
+  model and a random-init Llama's LM head (a RoBERTa task head is always active, not a block)."""
   layers = 4
   for i, o in enumerate(options[:-1]):
     if o == "--num-layers":
       layers = int(options[i + 1])
   if name in PRETRAINED:
-    return layers + (1 if name.startswith("roberta") else 0)
-  return layers + 2
+    return layers
+  return layers + (2 if name.startswith("llama") else 1)
 
 
 def switch_every(name: str, steps: int, options: Sequence[str],
@@ -149,7 +149,7 @@ def count_blocks(task: training.Task, cfg) -> int:
   model = task.make_model()
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                     include_lm_head=task.from_scratch or bool(task.head))
+                                     include_lm_head=task.from_scratch and not task.head)
   ids = {int(b) for lab in jax.tree.leaves(labels) for b in np.ravel(lab)}
   return len({b for b in ids if b >= 0})
 

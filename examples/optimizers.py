@@ -8,6 +8,7 @@ layers' linear maps in ``nnx.LoRA`` and only the adapters (and a task head) trai
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -75,8 +76,9 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   """The optimizer ``name`` over the trainable ``params`` (a nested dict).
 
   ``task.from_scratch`` and ``task.head`` decide BAdam's blocks: a random-init model also trains
-  its embedding and LM head as blocks, a task head is always a block. ``adamw_layers`` is AdamW on
-  BAdam's trainable set (the leaves BAdam would freeze stay unchanged).
+  its embedding and LM head as blocks; a new task head is always active (trained at every step, as
+  the BAdam paper and its reference's ``active_modules`` do for a classifier), not a block.
+  ``adamw_layers`` is AdamW on BAdam's trainable set (the leaves BAdam freezes stay unchanged).
   """
   lr = cfg.learning_rate or DEFAULT_LEARNING_RATES.get(name, 1e-3)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, cfg.steps,
@@ -85,9 +87,12 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   elif name == "adamw_layers":  # AdamW on BAdam's trainable set (the papers' Adam)
     labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                       include_lm_head=task.from_scratch or bool(task.head))
-    trained = jax.tree.map(lambda label: "train" if np.all(np.asarray(label) >= 0) else "frozen",
-                           labels, is_leaf=lambda x: isinstance(x, tuple))
+                                       include_lm_head=task.from_scratch and not task.head)
+    head = re.compile("|".join(re.escape(h) for h in task.head)) if task.head else None
+    trained = jax.tree_util.tree_map_with_path(
+        lambda path, label: "train" if np.all(np.asarray(label) >= 0) or (
+            head is not None and head.match(jax.tree_util.keystr(path, simple=True, separator=".")))
+        else "frozen", labels, is_leaf=lambda x: isinstance(x, tuple))
     tx = optax.multi_transform({"train": optax.adamw(schedule, weight_decay=cfg.weight_decay),
                                 "frozen": optax.set_to_zero()}, trained)
   elif name == "galore":
@@ -101,13 +106,16 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
     tx = optax.contrib.galore(schedule, rank=cfg.rank, update_proj_gap=cfg.galore_update_gap,
                               weight_decay=cfg.weight_decay, weight_dimension_numbers=dims)
   elif name == "badam":
+    # A task head is the whole head of its model: no head block beside it.
     labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                       include_lm_head=task.from_scratch or bool(task.head))
-    tx = optax_memopt.badam(schedule, blocks=labels, switch_every=cfg.switch_every,
-                            switch_mode=cfg.switch_mode, seed=cfg.seed,
-                            weight_decay=cfg.weight_decay)
+                                       include_lm_head=task.from_scratch and not task.head)
+    always = [re.escape(h) for h in task.head] or None
+    tx = optax_memopt.badam(schedule, blocks=labels, always_active=always,
+                            switch_every=cfg.switch_every, switch_mode=cfg.switch_mode,
+                            seed=cfg.seed, weight_decay=cfg.weight_decay)
   elif name == "badam_ratio":
     tx = optax_memopt.badam_ratio(schedule, update_ratio=cfg.update_ratio,
+                                  always_active=[re.escape(h) for h in task.head] or None,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":

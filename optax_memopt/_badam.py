@@ -71,7 +71,9 @@ class BlockCoordinateState(NamedTuple):
       blocks; every entry ``start_block`` in ``fixed`` mode).
     key: uint32 ``[2]``, raw PRNG key data; block-epoch ``e`` of ``random`` mode draws its order
       from ``fold_in(key, e)``.
-    inner_state: the inner transformation's state on the slot (see the module docstring).
+    inner_state: the inner transformation's state on the slot (see the module docstring); with
+      ``reset_always_active=False``, a pair: the state on the block's positions, the state on the
+      always-active leaves' positions.
     master: dict ``group -> tuple`` of float32 arrays, the master copy of the slot's bf16/fp16
       positions (empty when all parameters are float32).
     switch_every: int32 scalar, the (constant) block period ``K``; kept so that a host loop can
@@ -100,6 +102,7 @@ class _Plan(NamedTuple):
   slot: dict[str, list[tuple[tuple[int, ...], Any]]]
   members: list[dict[tuple[str, int], blocks_lib.Unit]]  # block -> {slot position: unit}
   master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
+  always: dict[int, tuple[str, int]]  # always-active leaf -> its own slot position
 
 
 def _validate_schedule(switch_every, switch_mode, start_block):
@@ -117,9 +120,12 @@ def _validate_schedule(switch_every, switch_mode, start_block):
     raise ValueError(f"start_block must be None or an int >= 0, got {start_block!r}")
 
 
-def _make_plan(tree, blocks, groups, master_weights) -> _Plan:
-  labels = blocks_lib.resolve_blocks(blocks, tree)
+def _make_plan(tree, blocks, always_active, groups, master_weights) -> _Plan:
+  labels = blocks_lib.resolve_blocks(blocks, tree, always_active)
   leaves, treedef = jax.tree_util.tree_flatten(tree)
+  always = blocks_lib.always_active_leaves(labels)
+  check_float_leaves(tree, "block_coordinate: always_active", only=[
+      i in always for i in range(len(leaves))])
   check_float_leaves(
       tree, "block_coordinate", only=[max(blocks_lib.label_ids(lab)) >= 0 for lab in labels]
   )
@@ -142,11 +148,18 @@ def _make_plan(tree, blocks, groups, master_weights) -> _Plan:
   members = [{} for _ in range(d)]
   for unit, w in zip(units, where):
     members[unit.block][w] = unit
+  # Each always-active leaf has a slot position of its own, after the blocks' positions: in every
+  # block's slot, so the inner state covers it (and is reset with the block's at every switch).
+  always_at = {}
+  for i in always:
+    positions = slot.setdefault(group_names[i], [])
+    positions.append((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype)))
+    always_at[i] = (group_names[i], len(positions) - 1)
   master_positions = {
       g: [j for j, (_, dt) in enumerate(sigs) if master_weights and dt in _LOW_PRECISION]
       for g, sigs in slot.items()
   }
-  return _Plan(labels, units, where, slot, members, master_positions)
+  return _Plan(labels, units, where, slot, members, master_positions, always_at)
 
 
 def _block_order(mode, d, start, key, epoch):
@@ -171,6 +184,8 @@ def block_coordinate(
     inner: optax.GradientTransformation,
     *,
     blocks: blocks_lib.BlockSpec = None,
+    always_active: blocks_lib.AlwaysActiveSpec = None,
+    reset_always_active: bool = True,
     switch_every: int = 100,
     switch_mode: str = "random",
     start_block: int | None = None,
@@ -186,6 +201,17 @@ def block_coordinate(
   :math:`K` consecutive updates (the first block included); at the start of each block period
   ``inner``'s state is re-initialised on the new block. Every leaf outside the active block, and every
   leaf labelled ``-1``, gets a zero update.
+
+  Always-active leaves (``always_active``, e.g. a randomly initialised task head) are trained at
+  every update whatever the active block, as the reference's ``active_modules``: they are in every
+  block's slot, so ``inner`` sees them beside the active block's leaves and their state is
+  re-initialised with the block's at every switch (the reference wipes their Adam moments at each
+  switch too). The state then holds one block's slot plus the always-active leaves' (see
+  :func:`describe_blocks`). A leaf both in a block and always active is always active (it leaves
+  its block); a block left with no leaf is an error. With ``reset_always_active=False`` their state
+  is kept across switches instead: a second instance of ``inner`` runs on them alone, never
+  re-initialised (one uninterrupted Adam run for a head, say); ``inner``'s tree-wide operations
+  (a clip inside ``inner``) then see the block and the always-active leaves separately.
 
   ``inner`` sees the active block as a dict ``{group: tuple of arrays}`` (the *slot*, see the module
   docstring), so it must not depend on parameter names: elementwise optimizers (Adam, Lion, SGD,
@@ -231,7 +257,15 @@ def block_coordinate(
       embedding and head frozen); a pytree of int labels with the structure of the params (``-1``
       frozen); a callable ``params -> labels``; or a list of regular expressions over dotted key
       paths, one block per expression, matched on whole path components (``r"layers\.1"`` never
-      matches ``layers.10``; a leaf matched by several belongs to the first).
+      matches ``layers.10``; a leaf matched by several belongs to the first). A label tree may
+      label whole leaves ``-2``: always active.
+    always_active: leaves trained at every update whatever the active block: ``None`` (none), a
+      list of regular expressions over dotted key paths (matched on whole path components as in
+      ``blocks``; each must match a leaf), a pytree of bools with the structure of the params, or a
+      callable ``params -> bools``. Whole leaves only (a stacked leaf ``[L, ...]`` is always active
+      in all its layers).
+    reset_always_active: re-initialise the always-active leaves' state at every switch with the
+      block's (default, as the reference does), or keep it for the whole run (``False``).
     switch_every: number of consecutive updates per block (``K``, the paper uses 50 to 100).
     switch_mode: ``"random"``, ``"ascending"``, ``"descending"`` or ``"fixed"``.
     start_block: the first block (default 0).
@@ -245,8 +279,9 @@ def block_coordinate(
 
   Raises:
     ValueError: unknown ``switch_mode``, ``switch_every < 1``, ``start_block`` out of range, a block
-      spec that matches no parameter (at ``init``).
-    TypeError: a non-float parameter inside a block (at ``init``).
+      or ``always_active`` spec that matches no parameter, a block emptied by ``always_active`` (at
+      ``init``).
+    TypeError: a non-float parameter inside a block or always active (at ``init``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -269,6 +304,16 @@ def block_coordinate(
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
   """
   _validate_schedule(switch_every, switch_mode, start_block)
+  if not isinstance(reset_always_active, bool):
+    raise TypeError(
+        "reset_always_active decides the state's structure and must be a Python bool; under "
+        "optax.inject_hyperparams pass static_args=('reset_always_active', ...)"
+    )
+  if isinstance(always_active, str):
+    raise TypeError(
+        "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
+        f"[{always_active!r}]"
+    )
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
   inner = optax.with_extra_args_support(inner)
@@ -281,7 +326,7 @@ def block_coordinate(
     skeleton = jax.tree_util.tree_unflatten(
         treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     )
-    return _make_plan(skeleton, blocks, groups, master_weights)
+    return _make_plan(skeleton, blocks, always_active, groups, master_weights)
 
   def get_plan(tree):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -313,7 +358,9 @@ def block_coordinate(
                        else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt))
       return out
 
-    positions = [(g, j) for g, sigs in plan.slot.items() for j in range(len(sigs))]
+    always = set(plan.always.values())
+    positions = [(g, j) for g, sigs in plan.slot.items() for j in range(len(sigs))
+                 if (g, j) not in always]
     all_leaves = tuple(leaves for leaves, _ in trees)
     if isinstance(block, int):
       filled = [fill(block, leaves, dtype_of, positions) for leaves, (_, dtype_of) in
@@ -347,6 +394,9 @@ def block_coordinate(
           x = cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0),
                                                 keepdims=False), dt, dtype_of)
           out[w] = x if min(table) >= 0 else jnp.where(index >= 0, x, jnp.zeros_like(x))
+    for i, w in plan.always.items():
+      for out, leaves, (_, dtype_of) in zip(filled, all_leaves, trees):
+        out[w] = cast(leaves[i], plan.slot[w[0]][w[1]][1], dtype_of)
     return tuple(
         {g: tuple(out[(g, j)] for j in range(len(sigs))) for g, sigs in plan.slot.items()}
         for out in filled
@@ -361,7 +411,10 @@ def block_coordinate(
     for i, leaf in enumerate(like):
       zero = zeros_like_placed(leaf)
       entries = by_leaf.get(i, [])
-      if not entries:
+      if i in plan.always:
+        g, j = plan.always[i]
+        out.append(slot_values[g][j].astype(leaf.dtype))
+      elif not entries:
         out.append(zero)
       elif isinstance(plan.labels[i], int):
         (unit, (g, j)), = entries
@@ -441,6 +494,8 @@ def block_coordinate(
       elif isinstance(key, jax.tree_util.SequenceKey) and group is not None and pos is None:
         pos = key.idx
     unit = next((u for u, w in zip(plan.units, plan.where) if w == (group, pos)), None)
+    unit = unit or next((blocks_lib.Unit(i, None, blocks_lib.ALWAYS_ACTIVE)
+                         for i, w in plan.always.items() if w == (group, pos)), None)
     if unit is None:
       detail = "the slot differs"
     else:
@@ -462,6 +517,42 @@ def block_coordinate(
       return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
     return dtype_of
 
+  def keeps(plan):
+    """Whether the always-active leaves have a state of their own, never reset."""
+    return not reset_always_active and bool(plan.always)
+
+  def parts(plan, slot_values):
+    """``(block positions, always-active positions)`` of a slot dict, each ``{group: tuple}``."""
+    always = set(plan.always.values())
+    out = ({}, {})
+    for g, values in slot_values.items():
+      for part, mine in zip(out, (False, True)):
+        picked = tuple(v for j, v in enumerate(values) if ((g, j) in always) == mine)
+        if picked:
+          part[g] = picked
+    return out
+
+  def joined(plan, block_part, always_part):
+    """The slot dict of ``parts``' two halves."""
+    always = set(plan.always.values())
+    out = {}
+    for g, sigs in plan.slot.items():
+      its = {False: iter(block_part.get(g, ())), True: iter(always_part.get(g, ()))}
+      out[g] = tuple(next(its[(g, j) in always]) for j in range(len(sigs)))
+    return out
+
+  def inner_init(plan, work):
+    if not keeps(plan):
+      return inner.init(work)
+    return tuple(inner.init(part) for part in parts(plan, work))
+
+  def inner_update(plan, grads, inner_state, work, **kwargs):
+    if not keeps(plan):
+      return inner.update(grads, inner_state, work, **kwargs)
+    outs = [inner.update(g, st, w, **kwargs)
+            for g, st, w in zip(parts(plan, grads), inner_state, parts(plan, work))]
+    return joined(plan, outs[0][0], outs[1][0]), (outs[0][1], outs[1][1])
+
   def init_fn(params):
     if is_params_placeholder(params):
       # optax.tree.map_params applies its function to the parts of a state shaped like the params
@@ -478,7 +569,7 @@ def block_coordinate(
     active = order[0]
     (slot_params,) = gather(plan, first, (jax.tree_util.tree_leaves(params), None))
     master = master_of(plan, slot_params)
-    inner_state = inner.init(working_params(plan, slot_params, master))
+    inner_state = inner_init(plan, working_params(plan, slot_params, master))
     return BlockCoordinateState(
         jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), active, order, key, inner_state, master,
         jnp.asarray(k, jnp.int32),
@@ -492,7 +583,10 @@ def block_coordinate(
     check_same_structure("block_coordinate", updates, "grads", params, "params")
     plan = get_plan(params)
     if probe is not None:
-      probe[token] = plan.labels
+      # The labels, and the key paths of the leaves this stage sees (a wrapper such as
+      # optax.multi_transform hands it part of the tree): make_block_step maps them to its own.
+      probe[token] = (plan.labels, [jax.tree_util.keystr(p) for p, _ in
+                                    jax.tree_util.tree_flatten_with_path(params)[0]])
     d = len(plan.members)
     if state.order.shape != (d,):
       raise ValueError(
@@ -511,19 +605,27 @@ def block_coordinate(
 
     def reset():
       master = master_of(plan, slot_params)
-      return inner.init(working_params(plan, slot_params, master)), master
+      return inner_init(plan, working_params(plan, slot_params, master)), master
 
     fresh_state = reset()
     check_state_fits(plan, params, fresh_state, (state.inner_state, state.master))
     # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
     # inner update, where a conditional would materialise a copy of the whole slot state.
-    inner_state, master = jax.tree.map(
-        lambda new, old: jnp.where(fresh, new, old), fresh_state, (state.inner_state, state.master)
-    )
+    select = lambda new, old: jnp.where(fresh, new, old)  # noqa: E731
+    if keeps(plan):  # the always-active leaves' state and master copy are never reset
+      always = set(plan.always.values())
+      inner_state = (jax.tree.map(select, fresh_state[0][0], state.inner_state[0]),
+                     state.inner_state[1])
+      master = {g: tuple(old if (g, j) in always else select(new, old)
+                         for j, new, old in zip(plan.master_positions[g], fresh_state[1][g],
+                                                state.master[g]))
+                for g in plan.slot}
+    else:
+      inner_state, master = jax.tree.map(select, fresh_state, (state.inner_state, state.master))
     master = follow_applied(plan, slot_params, master)
     work = working_params(plan, slot_params, master)
-    inner_updates, inner_state = inner.update(
-        slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
+    inner_updates, inner_state = inner_update(
+        plan, slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
     )
     new_master = {
         g: tuple(m + inner_updates[g][j].astype(jnp.float32)
@@ -612,6 +714,8 @@ def badam(
     learning_rate: optax.ScalarOrSchedule,
     *,
     blocks: blocks_lib.BlockSpec = None,
+    always_active: blocks_lib.AlwaysActiveSpec = None,
+    reset_always_active: bool = True,
     switch_every: int = 100,
     switch_mode: str = "random",
     start_block: int | None = None,
@@ -638,10 +742,20 @@ def badam(
   outside the active block get :math:`u_t = 0`. Optimizer state: AdamW's two moments for one block
   (plus a float32 master copy of it when params are bf16/fp16), see :func:`block_coordinate`.
 
+  Leaves named in ``always_active`` (e.g. a new classification head) take the update above at every
+  step whatever the active block, with their moments reset at each switch together with the block's
+  (the reference's ``active_modules``; ``reset_always_active=False`` keeps them, and their bias
+  correction, for the whole run); their state is added to the block's.
+
   Args:
     learning_rate: a scalar or an ``optax`` schedule on the global step.
     blocks: the partition, see :func:`block_coordinate` (default: one block per transformer layer,
       embedding and head frozen; see :func:`block_labels`).
+    always_active: leaves trained at every step whatever the active block: ``None``, a list of
+      regular expressions over dotted key paths (e.g. ``['classifier']``), a pytree of bools or a
+      callable ``params -> bools``; see :func:`block_coordinate`.
+    reset_always_active: reset the always-active leaves' moments at every switch (default, as the
+      reference), or keep them for the whole run (``False``).
     switch_every: Adam steps per block (``K``).
     switch_mode: ``"random"`` (default), ``"ascending"``, ``"descending"`` or ``"fixed"``.
     start_block: first block (default 0).
@@ -672,6 +786,16 @@ def badam(
     >>> [round(float(l['w'][0, 0]), 3) for l in params['layers']]
     [0.98, 1.0, 1.0]
 
+    A head trained at every step beside the active layer:
+
+    >>> params = {'layers': [{'w': jnp.ones(2)} for _ in range(3)], 'head': jnp.ones(2)}
+    >>> tx = optax_memopt.badam(1e-2, switch_mode='ascending', always_active=['head'])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> [round(float(u[0]), 3) for u in (updates['layers'][0]['w'], updates['layers'][1]['w'],
+    ...                                  updates['head'])]
+    [-0.01, 0.0, -0.01]
+
   References:
     Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
@@ -701,6 +825,8 @@ def badam(
   return block_coordinate(
       inner,
       blocks=blocks,
+      always_active=always_active,
+      reset_always_active=reset_always_active,
       switch_every=switch_every,
       switch_mode=switch_mode,
       start_block=start_block,

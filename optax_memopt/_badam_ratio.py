@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_memopt._blocks import AlwaysActiveSpec, resolve_always_active
 from optax_memopt._tree import (
     check_float_leaves,
     check_same_structure,
@@ -140,6 +141,7 @@ def badam_ratio(
     learning_rate: optax.ScalarOrSchedule,
     *,
     update_ratio: float = 0.1,
+    always_active: AlwaysActiveSpec = None,
     switch_every: int = 100,
     mask_mode: str = "adjacent",
     min_size: int = 100,
@@ -161,7 +163,8 @@ def badam_ratio(
   equally likely and the draw needs :math:`O(n)` memory, never a permutation of the whole leaf.
   On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step
   (bias correction counts from there); outside it, zero. Leaves with fewer than ``min_size``
-  entries train every entry. The learning rate schedule runs on the global step.
+  entries train every entry, and so do the leaves named in ``always_active`` (e.g. a new task head,
+  whatever its size). The learning rate schedule runs on the global step.
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
   length :math:`n` (only for selected leaves) and, for bf16/fp16 params, a float32 master copy of the
@@ -171,6 +174,9 @@ def badam_ratio(
   Args:
     learning_rate: scalar or schedule on the global step.
     update_ratio: fraction of each tensor trained at a time, in (0, 1].
+    always_active: leaves trained whole at every step (their moments reset with the others' at each
+      switch): ``None``, a list of regular expressions over dotted key paths, a pytree of bools or
+      a callable ``params -> bools``, as in :func:`badam`.
     switch_every: updates per selection period (``K``).
     mask_mode: ``"adjacent"`` or ``"scatter"``.
     min_size: leaves with fewer entries are trained whole.
@@ -215,9 +221,17 @@ def badam_ratio(
   k = switch_every
   decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
+  if isinstance(always_active, str):
+    raise TypeError(
+        "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
+        f"[{always_active!r}]"
+    )
+
   def sizes(params):
     leaves = jax.tree_util.tree_leaves(params)
-    return [(x.size, _selected_count(x.size, update_ratio, min_size)) for x in leaves]
+    whole = resolve_always_active(always_active, params)
+    return [(x.size, x.size if w else _selected_count(x.size, update_ratio, min_size))
+            for x, w in zip(leaves, whole)]
 
   def low_precision(x):
     return master_weights and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float16)

@@ -18,12 +18,12 @@ which the slice index is read from the state on the device. With the stack run b
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 
@@ -76,6 +76,45 @@ def _stack_groups(labels) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
     for block in slice_of:
       out[block] = (leaves, table)
   return out
+
+
+def _own_gradient_reaches_update(jaxpr, leaves: list[int]) -> set[int]:
+  """Of ``leaves``, those whose output (update) depends on the input (gradient) of the same index.
+
+  ``jaxpr`` maps the gradient leaves (its first inputs) to the update leaves. A backward liveness
+  pass over its equations, each output carrying a bit per leaf of ``leaves``; nested ``jit`` calls
+  are followed, any other nested computation links all its inputs to all its outputs (the safe
+  side: a leaf wrongly found trained is differentiated for nothing, never left out).
+  """
+  need: dict[Any, int] = {}
+
+  def add(var, mask):
+    if mask and isinstance(var, jax.extend.core.Var):
+      need[var] = need.get(var, 0) | mask
+
+  def propagate(jaxpr):
+    for eqn in reversed(jaxpr.eqns):
+      mask = 0
+      for v in eqn.outvars:
+        mask |= need.get(v, 0)
+      if not mask:
+        continue
+      sub = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit", "closed_call") else None
+      if sub is None:
+        for v in eqn.invars:
+          add(v, mask)
+        continue
+      sub = getattr(sub, "jaxpr", sub)
+      for o, v in zip(sub.outvars, eqn.outvars):
+        add(o, need.get(v, 0))
+      propagate(sub)
+      for iv, v in zip(sub.invars, eqn.invars):
+        add(v, need.get(iv, 0))
+
+  for bit, i in enumerate(leaves):
+    add(jaxpr.outvars[i], 1 << bit)
+  propagate(jaxpr)
+  return {i for bit, i in enumerate(leaves) if need.get(jaxpr.invars[i], 0) >> bit & 1}
 
 
 def _distinct_buffers(tree):
@@ -200,23 +239,52 @@ def make_block_step(
   # array of the state the last call returned: the cache holds for that state only.
   host = {"block": None, "left": 0, "returned": None}
 
-  def labels_of(params, opt_state, args, kwargs):
-    """The block labels of ``params`` as the block-coordinate stage inside ``tx`` sees them."""
-    probe: dict[Any, list[int]] = {}
+  def labels_of(params, opt_state):
+    """Per leaf of ``params``, the label the block step works from.
+
+    The block-coordinate stage's labels (block ids, ``-1`` frozen, ``-2`` always active) for the
+    leaves it sees; for the leaves it does not see (``optax.multi_transform`` gives it part of the
+    tree), ``-2`` when the update ``tx`` computes for the leaf depends on the leaf's gradient (another
+    optimizer trains it: the step must differentiate it), else ``-1`` (``optax.set_to_zero``).
+    """
+    probe: dict[Any, Any] = {}
     grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    jax.eval_shape(
-        functools.partial(tx.update, **{_badam.LABELS_PROBE_ARG: probe}), grads, opt_state, params
-    )
+
+    def probed_update(grads, opt_state, params):
+      updates, _ = tx.update(grads, opt_state, params, **{_badam.LABELS_PROBE_ARG: probe})
+      return jax.tree_util.tree_leaves(updates)
+
+    closed = jax.make_jaxpr(probed_update)(grads, opt_state, params)
     if len(probe) != 1:
       raise TypeError(
           "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage"
       )
-    return next(iter(probe.values()))
+    stage_labels, stage_paths = next(iter(probe.values()))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    where = {p: i for i, p in enumerate(paths)}
+    if all(p in where for p in stage_paths):
+      position = [where[p] for p in stage_paths]
+    elif len(stage_paths) == len(paths):
+      position = list(range(len(paths)))
+    else:
+      raise TypeError(
+          "make_block_step: the block-coordinate stage sees parameters that are not those of the "
+          f"step ({stage_paths[:2]} ...): a wrapper in tx changes the parameter tree; use jax.grad "
+          "and tx.update"
+      )
+    labels: list[Any] = [None] * len(paths)
+    for i, lab in zip(position, stage_labels):
+      labels[i] = lab
+    outside = [i for i, lab in enumerate(labels) if lab is None]
+    trained = _own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
+    return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab
+            for i, lab in enumerate(labels)]
 
   def build(block, labels, shardings):
     # A stacked leaf with a slice in the block is differentiated whole (its other slices' updates
-    # are zero).
-    index = [i for i, lab in enumerate(labels) if block in _blocks.label_ids(lab)]
+    # are zero); always-active leaves (and leaves another optimizer in tx trains) are in every step.
+    index = [i for i, lab in enumerate(labels)
+             if block in _blocks.label_ids(lab) or lab == _blocks.ALWAYS_ACTIVE]
 
     def one_step(params, opt_state, *args, **kwargs):
       step.trace_count += 1
@@ -259,9 +327,10 @@ def make_block_step(
 
     return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
 
-  def build_stack(leaf_index, table, shardings):
+  def build_stack(leaf_index, table, whole, shardings):
     """One step for every block that is slice ``j`` of the stacked leaves ``leaf_index``: the slice
-    is read from the state's active block on the device, so this compiles once."""
+    is read from the state's active block on the device, so this compiles once. The leaves
+    ``whole`` (always active) are differentiated whole in every block."""
     table = jnp.asarray(table, jnp.int32)
 
     def one_step(params, opt_state, *args, **kwargs):
@@ -271,9 +340,11 @@ def make_block_step(
       slices = [jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False) for i in leaf_index]
       found: list[_scan._Active] = []
 
-      def block_loss(active):
+      def block_loss(active, always):
         full = list(leaves)
         entries = {}
+        for i, a in zip(whole, always):
+          full[i] = a
         for i, a in zip(leaf_index, active):
           full[i] = _scan.mark_active(leaves[i], a, k)
           entries[id(full[i])] = _scan._Active(a, k)
@@ -286,7 +357,8 @@ def make_block_step(
           raise TypeError(f"make_block_step: loss_fn must return a scalar loss, got {shape}")
         return out
 
-      out, slice_grads = jax.value_and_grad(block_loss, has_aux=has_aux)(slices)
+      out, (slice_grads, whole_grads) = jax.value_and_grad(
+          block_loss, argnums=(0, 1), has_aux=has_aux)(slices, [leaves[i] for i in whole])
       if not all(e.used for e in found) and not step.warned:
         step.warned = True
         warnings.warn(
@@ -303,6 +375,8 @@ def make_block_step(
         x = leaves[i]
         layer = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
         grads[i] = jnp.where(layer == k, g.astype(x.dtype)[None], jnp.zeros((), x.dtype))
+      for i, g in zip(whole, whole_grads):
+        grads[i] = g
       updates, opt_state = tx.update(
           jax.tree_util.tree_unflatten(treedef, grads), opt_state, params
       )
@@ -314,6 +388,8 @@ def make_block_step(
                + jax.lax.dynamic_index_in_dim(update_leaves[i], k, keepdims=False))
         new_leaves[i] = jax.lax.dynamic_update_index_in_dim(
             leaves[i], new.astype(leaves[i].dtype), k, 0)
+      for i in whole:
+        new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
       new_params, opt_state = _keep_shardings(
           (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
       )
@@ -323,13 +399,14 @@ def make_block_step(
 
   def compiled_for(block, params, opt_state, args, kwargs):
     if block not in compiled:
-      labels = labels_of(params, opt_state, args, kwargs)
+      labels = labels_of(params, opt_state)
       shardings = _mesh_shardings((params, opt_state))
       group = _stack_groups(labels).get(block)
       if group is None:
         compiled[block] = build(block, labels, shardings)
       else:
-        fn = build_stack(group[0], group[1], shardings)
+        whole = tuple(_blocks.always_active_leaves(labels))
+        fn = build_stack(group[0], group[1], whole, shardings)
         for b, j in enumerate(group[1]):
           if j >= 0:
             compiled[b] = fn

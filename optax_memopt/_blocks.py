@@ -1,7 +1,8 @@
 """Partitioning a parameter pytree into blocks for block coordinate descent.
 
 A partition is a pytree with the structure of the params whose leaves are *labels*: an ``int`` block
-id for a whole leaf (``0 .. D-1``, ``-1`` frozen), or, for a stacked leaf ``[L, ...]`` (a layer stack
+id for a whole leaf (``0 .. D-1``, ``-1`` frozen, ``-2`` always active: trained at every step whatever
+the active block), or, for a stacked leaf ``[L, ...]`` (a layer stack
 run by a scan), a 1-D integer array or list/tuple of ``L`` ids, one per slice along the leading
 axis. :func:`block_labels` infers the usual one-block-per-transformer-layer partition from key paths
 and shapes, for lists of layers and for layer stacks alike; :func:`resolve_blocks` turns every
@@ -38,7 +39,12 @@ _EMBEDDING = re.compile(
 )
 
 BlockSpec = Any  # None | label pytree | Callable[[params], labels] | Sequence[str] of regexes
+# None | pytree of bools | Callable[[params], bools] | Sequence[str] of regexes
+AlwaysActiveSpec = Any
 Label = int | tuple[int, ...]  # one block id for a whole leaf, or one per slice of its leading axis
+FROZEN = -1
+# The label of a leaf trained at every step whatever the active block (a whole leaf only).
+ALWAYS_ACTIVE = -2
 
 
 def _is_container(name: str) -> bool:
@@ -194,6 +200,7 @@ def block_labels(
     include_embedding: bool = False,
     include_lm_head: bool = False,
     stacks: str | Sequence[str] | None = None,
+    always_active: AlwaysActiveSpec = None,
 ) -> Any:
   """Infers one block per transformer layer from the key paths and shapes of ``params``.
 
@@ -223,13 +230,20 @@ def block_labels(
     stacks: ``None`` to recognise layer stacks by name and shape; otherwise the dotted path (or a
       sequence of paths) of each stacked subtree, e.g. ``"model.decoder"`` (no other subtree is then
       taken for a stack; ``()`` turns stack recognition off).
+    always_active: leaves trained at every step whatever the active block (e.g. a new task head),
+      as for :func:`badam`: ``None``, a list of regular expressions over dotted key paths, a pytree
+      of bools or a callable ``params -> bools``. They get the label ``-2`` (whole leaves, also out
+      of any block they would otherwise be in); passing these labels as ``blocks=`` to
+      :func:`badam` keeps them always active.
 
   Returns:
     A pytree with the structure of ``params`` whose leaves are ``int`` block ids (``-1`` for frozen
-    leaves) or, for the leaves of a layer stack, a tuple of one block id per layer slice.
+    leaves, ``-2`` for always-active ones) or, for the leaves of a layer stack, a tuple of one block
+    id per layer slice.
 
   Raises:
-    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis.
+    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis; an
+      ``always_active`` spec matches nothing or empties a block.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -248,8 +262,15 @@ def block_labels(
     ...            'lm_head': jnp.zeros((4, 10))}
     >>> optax_memopt.block_labels(stacked)
     {'embed': -1, 'layers': {'w': (0, 1)}, 'lm_head': -1}
+
+    A new task head trained at every step:
+
+    >>> optax_memopt.block_labels(params, always_active=['lm_head'])
+    {'embed': -1, 'layers': [{'w': 0}, {'w': 1}], 'lm_head': -2}
   """
   labels = _default_labels(params, include_embedding, include_lm_head, stacks)
+  if always_active is not None:
+    labels = _with_always_active(labels, resolve_always_active(always_active, params), params)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
 
@@ -262,19 +283,27 @@ def _top_level_blocks(paths: list[str]) -> list[int]:
   return [tops.index(p.split(".")[0]) for p in paths]
 
 
+def _regex_hits(pattern: str, paths: list[str], what: str) -> list[int]:
+  """The leaves whose dotted path ``pattern`` matches on whole components; raises if none."""
+  if not isinstance(pattern, str):
+    raise TypeError(f"{what}: expected a regular expression (str), got {pattern!r}")
+  try:
+    regex = re.compile(r"(?:^|\.)(?:" + pattern + r")(?:\.|$)")
+  except re.error as e:
+    raise ValueError(f"{what}: {pattern!r} is not a valid regular expression: {e}") from None
+  hits = [i for i, p in enumerate(paths) if regex.search(p)]
+  if not hits:
+    raise ValueError(
+        f"{what}: the expression {pattern!r} matches no parameter; parameter paths look like "
+        f"{paths[:3]}"
+    )
+  return hits
+
+
 def _regex_labels(patterns: Sequence[str], paths: list[str]) -> list[int]:
   labels = [-1] * len(paths)
   for b, pattern in enumerate(patterns):
-    try:
-      regex = re.compile(r"(?:^|\.)(?:" + pattern + r")(?:\.|$)")
-    except re.error as e:
-      raise ValueError(f"blocks: {pattern!r} is not a valid regular expression: {e}") from None
-    hits = [i for i, p in enumerate(paths) if regex.search(p)]
-    if not hits:
-      raise ValueError(
-          f"blocks: the expression {pattern!r} matches no parameter; parameter paths look like "
-          f"{paths[:3]}"
-      )
+    hits = _regex_hits(pattern, paths, "blocks")
     for i in hits:
       if labels[i] == -1:  # the first expression that matches a leaf owns it
         labels[i] = b
@@ -343,15 +372,85 @@ def label_ids(label: Label) -> tuple[int, ...]:
   return label if isinstance(label, tuple) else (label,)
 
 
-def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[Label]:
-  """Flat labels (one per leaf of ``tree``) for any ``blocks=`` spec; validated.
-
-  Each entry is an ``int`` (the whole leaf's block, ``-1`` frozen) or a tuple of ints with one block
-  id per slice of the leaf's leading (layer) axis.
+def resolve_always_active(spec: AlwaysActiveSpec, tree: Any) -> list[bool]:
+  """Per leaf of ``tree``, whether the ``always_active=`` spec selects it; validated.
 
   Raises:
-    ValueError: the spec matches no parameter, leaves a block id empty, or does not fit the tree.
-    TypeError: the spec is of an unsupported kind, or a label is not an integer.
+    ValueError: an expression matches no parameter, a mask selects none, or it does not fit the tree.
+    TypeError: the spec is of an unsupported kind, or a mask leaf is not a bool.
+  """
+  paths = leaf_paths(tree)
+  if spec is None or (isinstance(spec, (list, tuple)) and not spec):
+    return [False] * len(paths)
+  if isinstance(spec, str):
+    raise TypeError(
+        "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
+        f"[{spec!r}]"
+    )
+  if isinstance(spec, Sequence) and all(isinstance(x, str) for x in spec):
+    flags = [False] * len(paths)
+    for pattern in spec:
+      for i in _regex_hits(pattern, paths, "always_active"):
+        flags[i] = True
+    return flags
+  mask = spec(tree) if callable(spec) else spec
+  treedef = jax.tree_util.tree_structure(tree)
+  try:
+    values = treedef.flatten_up_to(mask)
+  except (ValueError, TypeError):
+    raise ValueError(
+        f"always_active: the mask has {len(jax.tree_util.tree_leaves(mask))} leaves but the "
+        f"parameters have {treedef.num_leaves}; it must be a pytree of bools with the structure of "
+        "the parameters (or a list of regular expressions over their paths)"
+    ) from None
+  flags = []
+  for value, path in zip(values, paths):
+    dtype = getattr(value, "dtype", None)
+    if not (isinstance(value, bool) or (dtype is not None and getattr(value, "ndim", None) == 0
+                                        and jax.numpy.dtype(dtype) == jax.numpy.bool_)):
+      raise TypeError(
+          f"always_active: the mask entry of {path!r} is {value!r}; the mask must hold one bool per "
+          "leaf (a whole leaf is always active or not)"
+      )
+    flags.append(bool(value))
+  if not any(flags):
+    raise ValueError(
+        "always_active: the mask selects no parameter; pass always_active=None for none"
+    )
+  return flags
+
+
+def _with_always_active(labels: list[Label], flags: list[bool], tree: Any) -> list[Label]:
+  """``labels`` with the always-active leaves labelled ``ALWAYS_ACTIVE`` (out of their blocks).
+
+  Raises:
+    ValueError: a block loses every member to ``always_active``.
+  """
+  before = {i for lab in labels for i in label_ids(lab)} - {FROZEN, ALWAYS_ACTIVE}
+  out = [ALWAYS_ACTIVE if f else lab for lab, f in zip(labels, flags)]
+  after = {i for lab in out for i in label_ids(lab)}
+  emptied = sorted(before - after)
+  if emptied:
+    paths = leaf_paths(tree)
+    members = [paths[i] for i, lab in enumerate(labels) if emptied[0] in label_ids(lab)]
+    raise ValueError(
+        f"always_active: every leaf of block {emptied[0]} ({', '.join(members[:3])}"
+        f"{', ...' if len(members) > 3 else ''}) is always active, so the block would be empty; "
+        "leave these leaves out of blocks= (label -1) or out of always_active"
+    )
+  return out
+
+
+def resolve_blocks(blocks: BlockSpec, tree: Any, always_active: AlwaysActiveSpec = None) -> list[Label]:
+  """Flat labels (one per leaf of ``tree``) for any ``blocks=`` and ``always_active=`` spec; validated.
+
+  Each entry is an ``int`` (the whole leaf's block, ``-1`` frozen, ``-2`` always active) or a tuple
+  of ints with one block id (or ``-1``) per slice of the leaf's leading (layer) axis. A leaf selected
+  by ``always_active`` is always active, whatever block ``blocks`` puts it in.
+
+  Raises:
+    ValueError: a spec matches no parameter, leaves a block id empty, or does not fit the tree.
+    TypeError: a spec is of an unsupported kind, or a label is not an integer.
   """
   paths = leaf_paths(tree)
   shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(tree)]
@@ -373,11 +472,27 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[Label]:
     labels = _flat_labels(blocks, tree)
 
   labels = [_label(x, p, s) for x, p, s in zip(labels, paths, shapes)]
+  for lab, p in zip(labels, paths):
+    if isinstance(lab, tuple) and min(lab) < FROZEN:
+      raise ValueError(
+          f"blocks: the per-slice label of {p!r} holds {min(lab)}; a slice's label is a block id or "
+          "-1 (always-active, -2, applies to whole leaves)"
+      )
+    if isinstance(lab, int) and lab < ALWAYS_ACTIVE:
+      raise ValueError(
+          "blocks: block ids must be >= 0, -1 for frozen leaves or -2 for always-active ones; "
+          f"{p!r} has {lab}"
+      )
+  if always_active is not None:
+    labels = _with_always_active(labels, resolve_always_active(always_active, tree), tree)
   ids = {i for lab in labels for i in label_ids(lab)}
-  if any(x < -1 for x in ids):
-    raise ValueError("blocks: block ids must be >= 0, or -1 for frozen leaves")
-  used = sorted(ids - {-1})
+  used = sorted(ids - {FROZEN, ALWAYS_ACTIVE})
   if not used:
+    if ALWAYS_ACTIVE in ids:
+      raise ValueError(
+          "blocks: every trained leaf is always active and no block is left to cycle; put the "
+          "other leaves in blocks, or use a plain optimizer (optax.adamw) for what trains every step"
+      )
     raise ValueError(
         "blocks: the block spec matches no parameter (every leaf is frozen); parameter paths look "
         f"like {paths[:3]}. Pass include_embedding/include_lm_head, regexes, or a label tree."
@@ -386,6 +501,11 @@ def resolve_blocks(blocks: BlockSpec, tree: Any) -> list[Label]:
   if missing:
     raise ValueError(f"blocks: block ids must be 0..{used[-1]} without gaps; no leaf has {missing}")
   return labels
+
+
+def always_active_leaves(labels: list[Label]) -> list[int]:
+  """The leaves (indices in leaf order) labelled always active."""
+  return [i for i, lab in enumerate(labels) if isinstance(lab, int) and lab == ALWAYS_ACTIVE]
 
 
 def num_blocks(labels: list[Label]) -> int:
@@ -451,15 +571,17 @@ def _size(shape: tuple[int, ...]) -> int:
   return n
 
 
-def describe_blocks(params: Any, blocks: BlockSpec = None) -> str:
+def describe_blocks(params: Any, blocks: BlockSpec = None, *, always_active: AlwaysActiveSpec = None) -> str:
   r"""A printable table of a BAdam partition: each block's members, parameter count and bytes.
 
-  Stacked leaves appear with the layer slice a block owns (``layers.mlp.kernel[3]``); frozen leaves
-  are summed on the last line.
+  Stacked leaves appear with the layer slice a block owns (``layers.mlp.kernel[3]``); always-active
+  leaves are summed on a line ``always`` and frozen leaves on a line ``frozen``. The last line gives
+  what the optimizer state covers: one block at a time plus the always-active leaves.
 
   Args:
     params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
     blocks: any ``blocks=`` spec of :func:`badam` (``None``: :func:`block_labels`' default).
+    always_active: any ``always_active=`` spec of :func:`badam`.
 
   Returns:
     A multi-line string.
@@ -474,8 +596,17 @@ def describe_blocks(params: Any, blocks: BlockSpec = None) -> str:
          1      16     64  layers.w[1]
     frozen      40    160  embed
     2 blocks; the largest has 16 parameters
+
+    With the embedding trained at every step:
+
+    >>> print(optax_memopt.describe_blocks(params, always_active=['embed']))
+    block   params  bytes  members
+         0      16     64  layers.w[0]
+         1      16     64  layers.w[1]
+    always      40    160  embed
+    2 blocks; the largest has 16 parameters; always active: 40 parameters (state: one block plus these)
   """
-  labels = resolve_blocks(blocks, params)
+  labels = resolve_blocks(blocks, params, always_active)
   paths = leaf_paths(params)
   leaves = jax.tree_util.tree_leaves(params)
   rows: dict[int, list[tuple[str, int, int]]] = {}
@@ -484,30 +615,42 @@ def describe_blocks(params: Any, blocks: BlockSpec = None) -> str:
     shape = tuple(x.shape) if unit.index is None else tuple(x.shape[1:])
     name = paths[unit.leaf] + ("" if unit.index is None else f"[{unit.index}]")
     size = _size(shape)
-    rows.setdefault(unit.block, []).append((name, size, size * jax.numpy.dtype(x.dtype).itemsize))
-  frozen = [(paths[i] + ("" if isinstance(lab, int) else f"[{s}]"),
+    rows.setdefault(unit.block, []).append((name, size, jax.numpy.dtype(x.dtype).itemsize))
+
+  def whole_or_slices(label):
+    return [(paths[i] + ("" if isinstance(lab, int) else f"[{s}]"),
              _size(leaves[i].shape[0 if isinstance(lab, int) else 1:]),
              jax.numpy.dtype(leaves[i].dtype).itemsize)
             for i, lab in enumerate(labels)
             for s in (range(1) if isinstance(lab, int) else range(len(lab)))
-            if (lab if isinstance(lab, int) else lab[s]) == -1]
+            if (lab if isinstance(lab, int) else lab[s]) == label]
+
   table = [("block", "params", "bytes", "members")]
+
+  def add(name, entries):
+    members = [m for m, _, _ in entries]
+    shown = ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else "")
+    table.append((name, f"{sum(s for _, s, _ in entries):,}",
+                  f"{sum(s * k for _, s, k in entries):,}", shown))
+
   for b in sorted(rows):
-    members = [m for m, _, _ in rows[b]]
-    shown = ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else "")
-    table.append((str(b), f"{sum(s for _, s, _ in rows[b]):,}",
-                  f"{sum(n for _, _, n in rows[b]):,}", shown))
+    add(str(b), rows[b])
+  always = whole_or_slices(ALWAYS_ACTIVE)
+  if always:
+    add("always", always)
+  frozen = whole_or_slices(FROZEN)
   if frozen:
-    members = [m for m, _, _ in frozen]
-    shown = ", ".join(members[:4]) + (f", ... (+{len(members) - 4})" if len(members) > 4 else "")
-    table.append(("frozen", f"{sum(s for _, s, _ in frozen):,}",
-                  f"{sum(s * k for _, s, k in frozen):,}", shown))
+    add("frozen", frozen)
   widths = [max(len(r[c]) for r in table) for c in range(3)]
   lines = [f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
            for r in table]
   lines[0] = f"{'block':<{widths[0]}}  {'params':>{widths[1]}}  {'bytes':>{widths[2]}}  members"
   largest = max(sum(s for _, s, _ in r) for r in rows.values())
-  lines.append(f"{len(rows)} blocks; the largest has {largest:,} parameters")
+  summary = f"{len(rows)} blocks; the largest has {largest:,} parameters"
+  if always:
+    summary += (f"; always active: {sum(s for _, s, _ in always):,} parameters "
+                "(state: one block plus these)")
+  lines.append(summary)
   return "\n".join(lines)
 
 

@@ -277,7 +277,10 @@ def _scan(fn, treedef, stacked, active, index, carry, shared):
       )
       it = iter(dp if any_p else [])
       d_stacked = [next(it) if d and any_p else None for d in p_diff]
-      d_active = [None] * len(f["a_pert"])
+      # A whole stacked leaf differentiated beside the active slices (an always-active leaf of the
+      # stack): every layer's weight gradient is computed anyway; the active slices take theirs.
+      d_active = [jax.lax.dynamic_index_in_dim(g, index, keepdims=False) if a and g is not None
+                  else None for g, a in zip(d_stacked, f["a_pert"])]
     else:
       # One layer's weights (the active slice ``index``) are differentiated: the layers above it
       # for activations only, it for weights and activations, the layers below only when

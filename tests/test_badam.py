@@ -218,23 +218,39 @@ def run_badam(tx, params, steps):
   return actives, trajectory, state
 
 
-def reference_badam(params, order, k, lr, wd, labels, eps):
-  """Plain Python BAdam: at each switch a fresh optax.adamw on the active block alone."""
+def reference_badam(params, order, k, lr, wd, labels, eps, always=(), keep=False):
+  """Plain Python BAdam: at each switch a fresh optax.adamw on the active block alone.
+
+  ``always``: leaf indices added to every block, as the reference's ``active_modules``: they train
+  at every step, and their Adam state is wiped at each switch with the block's (a fresh adamw), or
+  with ``keep``, kept by an adamw of their own for the whole run.
+  """
   trajectory = []
   grad_fn = jax.jit(jax.grad(loss_fn))
   leaves, treedef = jax.tree_util.tree_flatten(params)
+
+  def adamw(idx):
+    return optax.adamw(lr, eps=eps, weight_decay=wd, mask=[leaves[i].ndim >= 2 for i in idx])
+
+  kept = adamw(always) if keep else None
+  kept_state = kept.init([leaves[i] for i in always]) if keep else None
   for block in order:
-    idx = [i for i, lab in enumerate(labels) if lab == block]
-    sub = [leaves[i] for i in idx]
-    opt = optax.adamw(lr, eps=eps, weight_decay=wd, mask=[leaves[i].ndim >= 2 for i in idx])
-    opt_state = opt.init(sub)
+    idx = [i for i, lab in enumerate(labels) if lab == block or (i in always and not keep)]
+    opt = adamw(idx)
+    opt_state = opt.init([leaves[i] for i in idx])
     for _ in range(k):
       grads = jax.tree_util.tree_leaves(
           grad_fn(jax.tree_util.tree_unflatten(treedef, leaves), BATCH))
-      u, opt_state = opt.update([grads[i] for i in idx], opt_state, sub)
-      sub = optax.apply_updates(sub, u)
-      for i, s in zip(idx, sub):
-        leaves[i] = s
+      groups = [(idx, opt, opt_state)] + ([(list(always), kept, kept_state)] if keep else [])
+      states = []
+      for ids, tx, st in groups:
+        sub = [leaves[i] for i in ids]
+        u, st = tx.update([grads[i] for i in ids], st, sub)
+        for i, x in zip(ids, optax.apply_updates(sub, u)):
+          leaves[i] = x
+        states.append(st)
+      opt_state = states[0]
+      kept_state = states[1] if keep else None
       trajectory.append(jax.tree_util.tree_unflatten(treedef, list(leaves)))
   return trajectory
 
@@ -274,6 +290,35 @@ def test_trajectory_matches_reference(mode):
   # Frozen leaves never move.
   np.testing.assert_array_equal(trajectory[-1]["embed"], params["embed"])
   np.testing.assert_array_equal(trajectory[-1]["lm_head"], params["lm_head"])
+
+
+@pytest.mark.parametrize("mode", ["random", "descending"])
+def test_trajectory_with_always_active_matches_reference(mode):
+  # The head and the final norm train at every step beside the active layer, with their moments
+  # reset at every switch (the reference's active_modules). Tolerance: as in
+  # test_trajectory_matches_reference (eps 1e-3, 24 updates).
+  n_layers, k, lr, wd, eps = 4, 3, 3e-2, 0.1, 1e-3
+  params = make_params(n_layers)
+  tx = optax_memopt.badam(lr, switch_every=k, switch_mode=mode, weight_decay=wd, seed=7, eps=eps,
+                          always_active=["lm_head", "final_norm"])
+  steps = 2 * n_layers * k
+  actives, trajectory, _ = run_badam(tx, params, steps)
+  order = actives[::k]
+  paths = _blocks.leaf_paths(params)
+  always = [paths.index("lm_head"), paths.index("final_norm")]
+  labels = jax.tree_util.tree_leaves(optax_memopt.block_labels(params))
+  expected = reference_badam(params, order, k, lr, wd, labels, eps, always=always)
+  for got, want in zip(trajectory, expected, strict=True):
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
+  # The head moved at every step; the embedding (frozen) never did.
+  heads = [params["lm_head"]] + [p["lm_head"] for p in trajectory]
+  assert all(float(jnp.max(jnp.abs(a - b))) > 1e-3 for a, b in zip(heads, heads[1:]))
+  np.testing.assert_array_equal(trajectory[-1]["embed"], params["embed"])
+  # Keeping the head's moments across switches is a visibly different trajectory: the comparison
+  # above tells the reset apart.
+  kept = reference_badam(params, order, k, lr, wd, labels, eps, always=always, keep=True)
+  gap = float(jnp.max(jnp.abs(kept[-1]["lm_head"] - expected[-1]["lm_head"])))
+  assert gap > 100 * 1e-4, gap
 
 
 def test_random_order_reshuffles_every_epoch():

@@ -217,7 +217,7 @@ def test_validation_split_and_majority_baseline():
   p = np.array([7, 4, 2]) / 13  # add-one training frequencies of classes 0, 1, 2
   assert base["eval_loss"] == pytest.approx(-(np.log(p[0]) + 3 * np.log(p[1])) / 4)
   opts = convergence.task_options("roberta-pretrained", 200, 16, False)
-  assert opts[opts.index("--switch-every") + 1] == "20"  # 200 steps, <= 5 blocks: >= 2 epochs
+  assert opts[opts.index("--switch-every") + 1] == "25"  # 200 steps, 4 layer blocks: 2 epochs
   opts = convergence.task_options("llama-pretrained", 200, 16, False, extra=["--num-layers", "2"])
   assert opts[opts.index("--switch-every") + 1] == "50"
 
