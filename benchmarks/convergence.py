@@ -63,7 +63,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -79,7 +79,7 @@ DEFAULT_TASKS = ("roberta-pretrained", "llama-pretrained")
 # starts from the same weights).
 PRETRAIN_STEPS = {"full": {"llama-pretrained": 800, "roberta-pretrained": 800},
                   "quick": {"llama-pretrained": 10, "roberta-pretrained": 10}}
-DEFAULT_OPTIMIZERS = ("adamw", "adamw_layers", "badam", "lora", "galore", "adarankgrad")
+DEFAULT_OPTIMIZERS = ("adamw", "adamw_layers", "badam", "galore", "adarankgrad", "lora")
 BLOCK_EPOCHS = 2  # BAdam covers every block at least this many times in a run
 VALIDATION_FRACTION = 0.2  # of the training examples: the sweep's validation split
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # the sweep's rates: these multiples of the examples' default
@@ -421,37 +421,62 @@ def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: 
 
 def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed: int,
                factors: Sequence[float], runs_dir: pathlib.Path,
-               model_seed: int | None = MODEL_SEED) -> dict:
+               model_seed: int | None = MODEL_SEED, reuse: dict | None = None,
+               on_row: Callable[[dict], None] | None = None) -> dict:
   """Each optimizer at ``factors`` x its default learning rate, trained on the training split
   minus a validation split and evaluated on that validation split; the chosen rate has the
-  lowest validation loss."""
+  lowest validation loss. Rows found in ``reuse`` (same task, options, seed, optimizer and rate)
+  are taken from there; ``on_row(partial result)`` is called after each row."""
   module = TASKS[name]
+  reuse = reuse or {}
   built = seed if model_seed is None else model_seed
   cfg = config.parse_config(
       module.Config, overrides + ["--seed", str(built), "--out", str(runs_dir / name / str(built))],
       module.__doc__.splitlines()[0])
-  task = validation_task(module.build_task(cfg), built)
-  cfg = dataclasses.replace(cfg, seed=seed)
+  task = None
   rows, chosen = [], {}
   for opt in optimizers:
     default = config.DEFAULT_LEARNING_RATES.get(opt, 1e-3)
     for f in factors:
       lr = float(f"{default * f:.3g}")
+      earlier = reuse.get((name, tuple(overrides), seed, opt, lr))
+      if earlier is not None:
+        rows.append(earlier | {"reused": True})
+        continue
+      if task is None:
+        task = validation_task(module.build_task(cfg), built)
       out = runs_dir / name / f"sweep-{seed}" / f"{opt}-{lr:g}"
-      summary = training.train(dataclasses.replace(cfg, learning_rate=lr), task, opt, out)
+      summary = training.train(dataclasses.replace(cfg, seed=seed, learning_rate=lr), task, opt,
+                               out)
       rows.append({"optimizer": opt, "learning_rate": lr, "seed": seed,
                    "validation_loss": summary["eval_loss"],
                    "validation_accuracy": summary.get("eval_accuracy"),
-                   "final_loss": summary["final_loss"], "median_step_s": summary["median_step_s"]})
+                   "final_loss": summary["final_loss"], "median_step_s": summary["median_step_s"],
+                   "train_examples": int(len(task.train_data["weight"])),
+                   "validation_examples": int(len(task.eval_data["weight"]))})
       print(f"sweep {name}/{opt} lr {lr:g}: validation loss {summary['eval_loss']:.4f}", flush=True)
+      if on_row is not None:
+        on_row({"task": name, "config_overrides": overrides, "seed": seed, "rows": rows})
     best = min((r for r in rows if r["optimizer"] == opt),
                key=lambda r: (not np.isfinite(r["validation_loss"]), r["validation_loss"]))
     chosen[opt] = best["learning_rate"]
   return {"task": name, "config_overrides": overrides, "seed": seed, "model_seed": model_seed,
-          "steps": cfg.steps,
-          "train_examples": int(len(task.train_data["weight"])),
-          "validation_examples": int(len(task.eval_data["weight"])),
+          "steps": cfg.steps, "train_examples": rows[0]["train_examples"],
+          "validation_examples": rows[0]["validation_examples"],
           "factors": list(factors), "rows": rows, "chosen": chosen}
+
+
+def reusable_sweep_rows(paths: Sequence[pathlib.Path]) -> dict:
+  """``(task, options, seed, optimizer, learning rate) -> row`` of earlier (possibly incomplete)
+  sweep JSONs."""
+  found = {}
+  for path in paths:
+    result = json.loads(pathlib.Path(path).read_text())
+    for t in result["tasks"] + result.get("partial", []):
+      for r in t["rows"]:
+        found[(t["task"], tuple(t["config_overrides"]), r["seed"], r["optimizer"],
+               r["learning_rate"])] = {k: v for k, v in r.items() if k != "reused"}
+  return found
 
 
 def sweep_table(t: dict) -> str:
@@ -622,8 +647,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.sweep:
       factors = QUICK_SWEEP_FACTORS if args.quick else SWEEP_FACTORS
       for seed in seeds:
+        partial = lambda t: bc.write_json(  # noqa: E731 - an interrupted sweep keeps its rows
+            args.out, result | {"complete": False, "partial": [t]})
         result["tasks"].append(sweep_task(name, overrides, args.optimizers, seed, factors,
-                                          runs_dir, model_seed))
+                                          runs_dir, model_seed, reusable_sweep_rows(args.reuse),
+                                          partial))
     else:
       png = args.out.with_name(f"{args.out.stem}_{name}.png")
       png.parent.mkdir(parents=True, exist_ok=True)
