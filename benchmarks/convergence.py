@@ -184,9 +184,10 @@ def learning_rates(path: pathlib.Path | None, name: str, optimizers: Sequence[st
   default learning rate."""
   chosen = {}
   if path is not None and pathlib.Path(path).is_file():
-    for t in json.loads(pathlib.Path(path).read_text())["tasks"]:
+    result = json.loads(pathlib.Path(path).read_text())
+    for t in result["tasks"] + result.get("partial", []):  # a stopped sweep: what it chose
       if t["task"] == name:
-        chosen = t["chosen"]
+        chosen = t.get("chosen", {})
   return {opt: ({"lr": chosen[opt], "source": "sweep"} if opt in chosen else
                 {"lr": config.DEFAULT_LEARNING_RATES.get(opt, 1e-3), "source": "default"})
           for opt in optimizers}
@@ -456,7 +457,10 @@ def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed:
                    "validation_examples": int(len(task.eval_data["weight"]))})
       print(f"sweep {name}/{opt} lr {lr:g}: validation loss {summary['eval_loss']:.4f}", flush=True)
       if on_row is not None:
-        on_row({"task": name, "config_overrides": overrides, "seed": seed, "rows": rows})
+        on_row({"task": name, "config_overrides": overrides, "seed": seed, "model_seed": model_seed,
+                "steps": cfg.steps, "train_examples": rows[-1]["train_examples"],
+                "validation_examples": rows[-1]["validation_examples"], "factors": list(factors),
+                "rows": rows, "chosen": dict(chosen)})
     best = min((r for r in rows if r["optimizer"] == opt),
                key=lambda r: (not np.isfinite(r["validation_loss"]), r["validation_loss"]))
     chosen[opt] = best["learning_rate"]
@@ -479,13 +483,21 @@ def reusable_sweep_rows(paths: Sequence[pathlib.Path]) -> dict:
   return found
 
 
+def sweep_header(t: dict) -> str:
+  return (f"*{t['task']}*, seed {t['seed']}: {t['steps']} steps, trained on "
+          f"{t['train_examples']} examples, the learning rate of lowest loss on "
+          f"{t['validation_examples']} validation examples chosen (held out of the training "
+          f"split; the benchmark's held-out split is not used); options "
+          f"`{' '.join(t['config_overrides'])}`:")
+
+
 def sweep_table(t: dict) -> str:
   has_acc = any(r["validation_accuracy"] is not None for r in t["rows"])
   headers = (["optimizer", "peak learning rate", "validation loss"]
              + (["validation accuracy"] if has_acc else []) + ["final train loss", "chosen"])
   rows = [[r["optimizer"], f"{r['learning_rate']:g}", f"{r['validation_loss']:.4f}"]
           + ([f"{r['validation_accuracy']:.3f}"] if has_acc else [])
-          + [f"{r['final_loss']:.4f}", "**chosen**" if t["chosen"][r["optimizer"]]
+          + [f"{r['final_loss']:.4f}", "**chosen**" if t["chosen"].get(r["optimizer"])
              == r["learning_rate"] else ""] for r in t["rows"]]
   return bc.markdown_table(headers, rows)
 
@@ -648,7 +660,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
       factors = QUICK_SWEEP_FACTORS if args.quick else SWEEP_FACTORS
       for seed in seeds:
         partial = lambda t: bc.write_json(  # noqa: E731 - an interrupted sweep keeps its rows
-            args.out, result | {"complete": False, "partial": [t]})
+            args.out, result | {"complete": False, "partial": [t], "table": "\n\n".join(
+                [bc.environment_header(env)] + [sweep_header(x) + "\n\n" + sweep_table(x)
+                                                for x in result["tasks"] + [t]])})
         result["tasks"].append(sweep_task(name, overrides, args.optimizers, seed, factors,
                                           runs_dir, model_seed, reusable_sweep_rows(args.reuse),
                                           partial))
@@ -664,11 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parts = [bc.environment_header(env)]
   for t in result["tasks"]:
     if args.sweep:
-      parts.append(f"*{t['task']}*, seed {t['seed']}: {t['steps']} steps, trained on "
-                   f"{t['train_examples']} examples, learning rate chosen on the lowest loss on "
-                   f"{t['validation_examples']} validation examples (held out of the training "
-                   f"split; the benchmark's held-out split is not used); options "
-                   f"`{' '.join(t['config_overrides'])}`:")
+      parts.append(sweep_header(t))
       parts.append(sweep_table(t))
     else:
       parts.append(task_header(t) + f" options `{' '.join(t['config_overrides'])}`; "

@@ -27,6 +27,8 @@ SECTIONS = (
     ("speed", "Step time relative to AdamW", "python -m benchmarks.speed"),
     ("adarankgrad_refresh", "AdaRankGrad's subspace refresh against GaLore's SVD",
      "python -m benchmarks.adarankgrad_refresh"),
+    ("convergence_sweep", "Learning-rate sweep of the convergence benchmark (validation split)",
+     "python -m benchmarks.convergence --sweep"),
     ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
     ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
      "python -m benchmarks.adarankgrad_ablation"),
@@ -96,6 +98,10 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
     result = _load(name, results)
     if result is None:
       continue
+    # A result that records its command line (e.g. the convergence benchmark) is reproduced by it.
+    command = result.get("command", command)
+    if not result.get("complete", True):
+      command += " (incomplete: the run was stopped before its end; the rows are those it finished)"
     parts += [f"## {title}", "", f"Reproduce: `{command}`{_wall(result)}", "", result["table"]]
     if result.get("note"):
       parts += ["", result["note"]]
