@@ -100,9 +100,10 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
       continue
     # A result that records its command line (e.g. the convergence benchmark) is reproduced by it.
     command = result.get("command", command)
-    if not result.get("complete", True):
-      command += " (incomplete: the run was stopped before its end; the rows are those it finished)"
-    parts += [f"## {title}", "", f"Reproduce: `{command}`{_wall(result)}", "", result["table"]]
+    stopped = ("" if result.get("complete", True) else
+               " (incomplete: the run was stopped before its end; the rows are those it finished)")
+    parts += [f"## {title}", "", f"Reproduce: `{command}`{stopped}{_wall(result)}", "",
+              result["table"]]
     if result.get("note"):
       parts += ["", result["note"]]
     if name == "convergence":

@@ -272,6 +272,10 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
   (results / "speed.json").write_text(json.dumps(
       {"environment": env, "shape": "small", "wall_s": 60.0,
        "table": "Machine: header\n\n| optimizer | ratio |\n|---|---|\n| adamw | 1.00x |"}))
+  # A result that records its command line is reproduced by that command (a stopped one says so).
+  (results / "convergence_sweep.json").write_text(json.dumps(
+      {"environment": env, "complete": False, "table": "Machine: header\n\n| optimizer |",
+       "command": "python -m benchmarks.convergence --sweep --tasks roberta-pretrained"}))
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{report.START}\nold\n{report.END}\nafter\n")
   results_md = tmp_path / "RESULTS.md"
@@ -282,6 +286,8 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
   assert "| adamw | 1.00x |" in text and "Machine: header" not in text and env["date"] in text
   md = results_md.read_text()
   assert "Reproduce: `python -m benchmarks.speed` (wall time 1.0 min)" in md
+  assert ("Reproduce: `python -m benchmarks.convergence --sweep --tasks roberta-pretrained` "
+          "(incomplete" in md)
   assert "Machine: header" in md and "memory" not in md.split("## Notes")[0].lower()
   readme.write_text("no markers")
   with pytest.raises(SystemExit):
