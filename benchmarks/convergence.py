@@ -491,14 +491,24 @@ def sweep_header(t: dict) -> str:
           f"`{' '.join(t['config_overrides'])}`:")
 
 
+def _chosen_mark(t: dict, r: dict) -> str:
+  """``**chosen**`` on the chosen row, and whether it is at an end of the grid (where a wider grid
+  could choose differently)."""
+  if t["chosen"].get(r["optimizer"]) != r["learning_rate"]:
+    return ""
+  rates = sorted(x["learning_rate"] for x in t["rows"] if x["optimizer"] == r["optimizer"])
+  edge = ("lowest" if r["learning_rate"] == rates[0] else
+          "highest" if r["learning_rate"] == rates[-1] else "")
+  return "**chosen**" + (f" (the grid's {edge} rate)" if edge and len(rates) > 1 else "")
+
+
 def sweep_table(t: dict) -> str:
   has_acc = any(r["validation_accuracy"] is not None for r in t["rows"])
   headers = (["optimizer", "peak learning rate", "validation loss"]
              + (["validation accuracy"] if has_acc else []) + ["final train loss", "chosen"])
   rows = [[r["optimizer"], f"{r['learning_rate']:g}", f"{r['validation_loss']:.4f}"]
           + ([f"{r['validation_accuracy']:.3f}"] if has_acc else [])
-          + [f"{r['final_loss']:.4f}", "**chosen**" if t["chosen"].get(r["optimizer"])
-             == r["learning_rate"] else ""] for r in t["rows"]]
+          + [f"{r['final_loss']:.4f}", _chosen_mark(t, r)] for r in t["rows"]]
   return bc.markdown_table(headers, rows)
 
 
