@@ -84,6 +84,7 @@ BLOCK_EPOCHS = 2  # BAdam covers every block at least this many times in a run
 VALIDATION_FRACTION = 0.2  # of the training examples: the sweep's validation split
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # the sweep's rates: these multiples of the examples' default
 QUICK_SWEEP_FACTORS = (1.0, 3.0)
+SWEEP_EXTEND = 2  # rates added beyond an end of the grid that has the lowest validation loss
 SWEEP_OUT = bc.RESULTS / "convergence_sweep.json"
 # The examples' seed of each task (split, tokenizer, pretraining, initialisation): one pretrained
 # model per task, fine-tuned with every seed (which varies the data order, BAdam's block order and
@@ -423,10 +424,11 @@ def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: 
 def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed: int,
                factors: Sequence[float], runs_dir: pathlib.Path,
                model_seed: int | None = MODEL_SEED, reuse: dict | None = None,
-               on_row: Callable[[dict], None] | None = None) -> dict:
+               on_row: Callable[[dict], None] | None = None, extend: int = SWEEP_EXTEND) -> dict:
   """Each optimizer at ``factors`` x its default learning rate, trained on the training split
   minus a validation split and evaluated on that validation split; the chosen rate has the
-  lowest validation loss. Rows found in ``reuse`` (same task, options, seed, optimizer and rate)
+  lowest validation loss (where it is at an end of the grid, the grid is extended beyond it, at
+  most ``extend`` rates). Rows found in ``reuse`` (same task, options, seed, optimizer and rate)
   are taken from there; ``on_row(partial result)`` is called after each row."""
   module = TASKS[name]
   reuse = reuse or {}
@@ -436,34 +438,47 @@ def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed:
       module.__doc__.splitlines()[0])
   task = None
   rows, chosen = [], {}
+
+  def run(opt: str, lr: float) -> dict:
+    nonlocal task
+    earlier = reuse.get((name, tuple(overrides), seed, opt, lr))
+    if earlier is not None:
+      rows.append(earlier | {"reused": True})
+      return rows[-1]
+    if task is None:
+      task = validation_task(module.build_task(cfg), built)
+    out = runs_dir / name / f"sweep-{seed}" / f"{opt}-{lr:g}"
+    summary = training.train(dataclasses.replace(cfg, seed=seed, learning_rate=lr), task, opt, out)
+    rows.append({"optimizer": opt, "learning_rate": lr, "seed": seed,
+                 "validation_loss": summary["eval_loss"],
+                 "validation_accuracy": summary.get("eval_accuracy"),
+                 "final_loss": summary["final_loss"], "median_step_s": summary["median_step_s"],
+                 "train_examples": int(len(task.train_data["weight"])),
+                 "validation_examples": int(len(task.eval_data["weight"]))})
+    print(f"sweep {name}/{opt} lr {lr:g}: validation loss {summary['eval_loss']:.4f}", flush=True)
+    if on_row is not None:
+      on_row({"task": name, "config_overrides": overrides, "seed": seed, "model_seed": model_seed,
+              "steps": cfg.steps, "train_examples": rows[-1]["train_examples"],
+              "validation_examples": rows[-1]["validation_examples"], "factors": list(factors),
+              "rows": rows, "chosen": dict(chosen)})
+    return rows[-1]
+
+  def key(r):
+    return (not np.isfinite(r["validation_loss"]), r["validation_loss"])
+
   for opt in optimizers:
     default = config.DEFAULT_LEARNING_RATES.get(opt, 1e-3)
-    for f in factors:
-      lr = float(f"{default * f:.3g}")
-      earlier = reuse.get((name, tuple(overrides), seed, opt, lr))
-      if earlier is not None:
-        rows.append(earlier | {"reused": True})
-        continue
-      if task is None:
-        task = validation_task(module.build_task(cfg), built)
-      out = runs_dir / name / f"sweep-{seed}" / f"{opt}-{lr:g}"
-      summary = training.train(dataclasses.replace(cfg, seed=seed, learning_rate=lr), task, opt,
-                               out)
-      rows.append({"optimizer": opt, "learning_rate": lr, "seed": seed,
-                   "validation_loss": summary["eval_loss"],
-                   "validation_accuracy": summary.get("eval_accuracy"),
-                   "final_loss": summary["final_loss"], "median_step_s": summary["median_step_s"],
-                   "train_examples": int(len(task.train_data["weight"])),
-                   "validation_examples": int(len(task.eval_data["weight"]))})
-      print(f"sweep {name}/{opt} lr {lr:g}: validation loss {summary['eval_loss']:.4f}", flush=True)
-      if on_row is not None:
-        on_row({"task": name, "config_overrides": overrides, "seed": seed, "model_seed": model_seed,
-                "steps": cfg.steps, "train_examples": rows[-1]["train_examples"],
-                "validation_examples": rows[-1]["validation_examples"], "factors": list(factors),
-                "rows": rows, "chosen": dict(chosen)})
-    best = min((r for r in rows if r["optimizer"] == opt),
-               key=lambda r: (not np.isfinite(r["validation_loss"]), r["validation_loss"]))
-    chosen[opt] = best["learning_rate"]
+    done = {lr: run(opt, lr) for lr in sorted({float(f"{default * f:.3g}") for f in factors})}
+    # A best rate at an end of the grid: one more rate beyond it (a factor 3), at most
+    # ``extend`` times, so that the choice is not the grid's edge.
+    for _ in range(extend if len(done) > 1 else 0):
+      best = min(done.values(), key=key)["learning_rate"]
+      lo, hi = min(done), max(done)
+      if best not in (lo, hi):
+        break
+      lr = float(f"{(lo / 3 if best == lo else hi * 3):.3g}")
+      done[lr] = run(opt, lr)
+    chosen[opt] = min(done.values(), key=key)["learning_rate"]
   return {"task": name, "config_overrides": overrides, "seed": seed, "model_seed": model_seed,
           "steps": cfg.steps, "train_examples": rows[0]["train_examples"],
           "validation_examples": rows[0]["validation_examples"],
@@ -675,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 for x in result["tasks"] + [t]])})
         result["tasks"].append(sweep_task(name, overrides, args.optimizers, seed, factors,
                                           runs_dir, model_seed, reusable_sweep_rows(args.reuse),
-                                          partial))
+                                          partial, 0 if args.quick else SWEEP_EXTEND))
     else:
       png = args.out.with_name(f"{args.out.stem}_{name}.png")
       png.parent.mkdir(parents=True, exist_ok=True)

@@ -293,3 +293,39 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
   with pytest.raises(SystemExit):
     report.main(["--readme", str(readme), "--results-md", str(results_md),
                  "--results", str(results)])
+
+
+def test_sweep_extends_the_grid_beyond_a_best_edge(tmp_path, monkeypatch):
+  """A lowest validation loss at an end of the grid adds rates beyond it (a factor 3 each, at most
+  SWEEP_EXTEND), so the chosen rate is not just the grid's edge; reused rows are not trained."""
+  import numpy as np
+
+  from examples import finetune_roberta, training
+
+  data = {"labels": np.zeros(10, int), "weight": np.ones(10)}
+  monkeypatch.setattr(finetune_roberta, "build_task", lambda cfg: training.Task(
+      "t", lambda: None, lambda m, b: None, dict(data), dict(data)))
+  trained = []
+
+  def fake_train(cfg, task, opt, out):
+    trained.append((opt, cfg.learning_rate))
+    loss = abs(np.log(cfg.learning_rate / 1e-4)) + (0.5 if opt == "badam" else 0)
+    return {"eval_loss": loss, "final_loss": loss, "median_step_s": 0.1}
+
+  monkeypatch.setattr(training, "train", fake_train)
+  options = convergence.task_options("roberta-pretrained", 20, 4, False)
+  t = convergence.sweep_task("roberta-pretrained", options, ["adamw", "badam"], 0,
+                             convergence.SWEEP_FACTORS, tmp_path)
+  # adamw (default 1e-3): 3.33e-4, 1e-3, 3e-3, then 1.11e-4 and 3.7e-5 below (the best is 1.11e-4).
+  assert sorted(r["learning_rate"] for r in t["rows"] if r["optimizer"] == "adamw") == [
+      3.7e-5, 1.11e-4, 3.33e-4, 1e-3, 3e-3]
+  assert t["chosen"]["adamw"] == 1.11e-4
+  assert "**chosen**" in convergence.sweep_table(t)
+  # Rerun with the rows of the first: nothing is trained again.
+  path = tmp_path / "sweep.json"
+  path.write_text(json.dumps({"tasks": [t]}))
+  trained.clear()
+  again = convergence.sweep_task("roberta-pretrained", options, ["adamw", "badam"], 0,
+                                 convergence.SWEEP_FACTORS, tmp_path,
+                                 reuse=convergence.reusable_sweep_rows([path]))
+  assert trained == [] and again["chosen"] == t["chosen"]
