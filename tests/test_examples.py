@@ -344,7 +344,7 @@ def test_help_lists_every_option(script, capsys):
   flat = " ".join(text.split())  # argparse wraps lines
   assert "(default: None)" not in flat and "DEFAULT_LEARNING_RATES" not in flat
   assert "the library's" not in flat
-  assert "default: 0.001 for adamw; 0.003 for galore" in flat  # the learning rates themselves
+  assert "default: 0.001 for adamw, adamw_layers; 0.003 for galore" in flat  # the rates themselves
 
 
 @pytest.mark.parametrize("content", ["{not json", '[{"instruction": "x"}]', "[]"])
