@@ -1,4 +1,5 @@
-"""The block-gradient training step: differentiate only BAdam's active block.
+"""The block-gradient training step: differentiate only BAdam's active block (and the leaves that
+train at every step: always-active leaves, leaves another optimizer in ``tx`` trains).
 
 Used as a drop-in gradient transformation, BAdam saves optimizer memory but ``jax.grad`` still computes
 every weight gradient of the model. :func:`make_block_step` compiles one training step per block in
@@ -177,10 +178,19 @@ def make_block_step(
   ``jax.checkpoint`` / ``nnx.remat``: layers below the active block are never differentiated, so they
   are not recomputed in the backward pass either.
 
+  Always-active leaves (``badam(always_active=...)``) are differentiated in every block's step,
+  wherever they sit (beside the layers, or a whole stacked leaf inside a ``scan_layers`` stack, whose
+  every layer is then differentiated). So is any leaf that an optimizer outside the block-coordinate
+  stage trains, e.g. the head in ``optax.multi_transform({'head': optax.adamw(...), 'rest':
+  badam(...)}, labels)``: a leaf the block-coordinate stage does not see is differentiated when the
+  update ``tx`` computes for it depends on its gradient, and left out when it does not
+  (``optax.set_to_zero()``). A ``tx`` that hands that stage a different parameter tree (e.g.
+  ``optax.flatten``) is refused.
+
   Anything before the block-coordinate stage in ``tx`` sees the full gradient tree with zeros outside
-  the active block: a global-norm clip (``optax.clip_by_global_norm``) clips by the active block's norm,
-  as the reference implementation does. ``optax.MultiSteps`` works (its accumulators are full-size, as
-  they are for any optimizer).
+  the active block (and the leaves above): a global-norm clip (``optax.clip_by_global_norm``) clips
+  by the active block's norm (with the always-active leaves), as the reference implementation does.
+  ``optax.MultiSteps`` works (its accumulators are full-size, as they are for any optimizer).
 
   With Flax NNX, split the model and merge it inside the loss::
 
@@ -209,8 +219,8 @@ def make_block_step(
     ``jax.stages.Lowered`` step of one block (for XLA's cost and memory analyses).
 
   Raises:
-    TypeError: ``tx`` has no block-coordinate stage, or ``loss_fn`` does not return a scalar (at the
-      first call).
+    TypeError: ``tx`` has no block-coordinate stage, changes the parameter tree it hands that stage,
+      or ``loss_fn`` does not return a scalar (at the first call).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -292,32 +292,32 @@ def test_trajectory_matches_reference(mode):
   np.testing.assert_array_equal(trajectory[-1]["lm_head"], params["lm_head"])
 
 
-@pytest.mark.parametrize("mode", ["random", "descending"])
-def test_trajectory_with_always_active_matches_reference(mode):
+@pytest.mark.parametrize("mode,keep", [("random", False), ("descending", False), ("random", True)])
+def test_trajectory_with_always_active_matches_reference(mode, keep):
   # The head and the final norm train at every step beside the active layer, with their moments
-  # reset at every switch (the reference's active_modules). Tolerance: as in
-  # test_trajectory_matches_reference (eps 1e-3, 24 updates).
+  # reset at every switch (the reference's active_modules), or kept for the whole run. Tolerance:
+  # as in test_trajectory_matches_reference (eps 1e-3, 24 updates).
   n_layers, k, lr, wd, eps = 4, 3, 3e-2, 0.1, 1e-3
   params = make_params(n_layers)
   tx = optax_memopt.badam(lr, switch_every=k, switch_mode=mode, weight_decay=wd, seed=7, eps=eps,
-                          always_active=["lm_head", "final_norm"])
+                          always_active=["lm_head", "final_norm"], reset_always_active=not keep)
   steps = 2 * n_layers * k
   actives, trajectory, _ = run_badam(tx, params, steps)
   order = actives[::k]
   paths = _blocks.leaf_paths(params)
   always = [paths.index("lm_head"), paths.index("final_norm")]
   labels = jax.tree_util.tree_leaves(optax_memopt.block_labels(params))
-  expected = reference_badam(params, order, k, lr, wd, labels, eps, always=always)
+  expected = reference_badam(params, order, k, lr, wd, labels, eps, always=always, keep=keep)
   for got, want in zip(trajectory, expected, strict=True):
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
   # The head moved at every step; the embedding (frozen) never did.
   heads = [params["lm_head"]] + [p["lm_head"] for p in trajectory]
   assert all(float(jnp.max(jnp.abs(a - b))) > 1e-3 for a, b in zip(heads, heads[1:]))
   np.testing.assert_array_equal(trajectory[-1]["embed"], params["embed"])
-  # Keeping the head's moments across switches is a visibly different trajectory: the comparison
-  # above tells the reset apart.
-  kept = reference_badam(params, order, k, lr, wd, labels, eps, always=always, keep=True)
-  gap = float(jnp.max(jnp.abs(kept[-1]["lm_head"] - expected[-1]["lm_head"])))
+  # Resetting the head's moments at each switch or keeping them are visibly different
+  # trajectories: the comparison above tells them apart.
+  other = reference_badam(params, order, k, lr, wd, labels, eps, always=always, keep=not keep)
+  gap = float(jnp.max(jnp.abs(other[-1]["lm_head"] - expected[-1]["lm_head"])))
   assert gap > 100 * 1e-4, gap
 
 
