@@ -517,7 +517,29 @@ def _chosen_mark(t: dict, r: dict) -> str:
   return "**chosen**" + (f" (the grid's {edge} rate)" if edge and len(rates) > 1 else "")
 
 
+def sweep_summary(t: dict) -> str:
+  """Each optimizer at its chosen rate: validation loss (and accuracy) and the loss relative to
+  AdamW's and to AdamW's on BAdam's trainable set (one seed: a first look, not the benchmark)."""
+  best = {opt: next(r for r in t["rows"] if r["optimizer"] == opt and r["learning_rate"] == lr)
+          for opt, lr in t["chosen"].items()}
+  refs = [o for o in ("adamw", "adamw_layers") if o in best]
+  has_acc = any(r["validation_accuracy"] is not None for r in best.values())
+  headers = (["optimizer", "chosen rate", "validation loss"]
+             + (["validation accuracy"] if has_acc else []) + [f"loss / {o}'s" for o in refs])
+  rows = [[opt, f"{r['learning_rate']:g}", f"{r['validation_loss']:.4f}"]
+          + ([f"{r['validation_accuracy']:.3f}"] if has_acc else [])
+          + [f"{r['validation_loss'] / best[o]['validation_loss']:.3f}" for o in refs]
+          for opt, r in best.items()]
+  return bc.markdown_table(headers, rows)
+
+
 def sweep_table(t: dict) -> str:
+  if t.get("chosen"):
+    return sweep_summary(t) + "\n\nEvery rate tried:\n\n" + _sweep_rows(t)
+  return _sweep_rows(t)
+
+
+def _sweep_rows(t: dict) -> str:
   has_acc = any(r["validation_accuracy"] is not None for r in t["rows"])
   headers = (["optimizer", "peak learning rate", "validation loss"]
              + (["validation accuracy"] if has_acc else []) + ["final train loss", "chosen"])
