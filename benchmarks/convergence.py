@@ -499,9 +499,11 @@ def reusable_sweep_rows(paths: Sequence[pathlib.Path]) -> dict:
 
 
 def sweep_header(t: dict) -> str:
-  return (f"*{t['task']}*, seed {t['seed']}: {t['steps']} steps, trained on "
-          f"{t['train_examples']} examples, the learning rate of lowest loss on "
-          f"{t['validation_examples']} validation examples chosen (held out of the training "
+  rows = t["rows"][0] if t["rows"] else {}
+  return (f"*{t['task']}*, seed {t['seed']}: {t.get('steps', '?')} steps, trained on "
+          f"{t.get('train_examples', rows.get('train_examples', '?'))} examples, the learning rate "
+          f"of lowest loss on {t.get('validation_examples', rows.get('validation_examples', '?'))} "
+          "validation examples chosen (held out of the training "
           f"split; the benchmark's held-out split is not used); options "
           f"`{' '.join(t['config_overrides'])}`:")
 

@@ -105,8 +105,14 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
     command = result.get("command", command)
     stopped = ("" if result.get("complete", True) else
                " (incomplete: the run was stopped before its end; the rows are those it finished)")
-    parts += [f"## {title}", "", f"Reproduce: `{command}`{stopped}{_wall(result)}", "",
-              result["table"]]
+    table = result.get("table")
+    if table is None and name == "convergence_sweep":  # a sweep stopped before its first table
+      from benchmarks import convergence as convergence_lib
+
+      table = "\n\n".join([bc.environment_header(result["environment"])] + [
+          convergence_lib.sweep_header(t) + "\n\n" + convergence_lib.sweep_table(t)
+          for t in result["tasks"] + result.get("partial", [])])
+    parts += [f"## {title}", "", f"Reproduce: `{command}`{stopped}{_wall(result)}", "", table]
     if result.get("note"):
       parts += ["", result["note"]]
     if name == "convergence":
