@@ -511,7 +511,7 @@ def sweep_header(t: dict) -> str:
 def _chosen_mark(t: dict, r: dict) -> str:
   """``**chosen**`` on the chosen row, and whether it is at an end of the grid (where a wider grid
   could choose differently)."""
-  if t["chosen"].get(r["optimizer"]) != r["learning_rate"]:
+  if t.get("chosen", {}).get(r["optimizer"]) != r["learning_rate"]:
     return ""
   rates = sorted(x["learning_rate"] for x in t["rows"] if x["optimizer"] == r["optimizer"])
   edge = ("lowest" if r["learning_rate"] == rates[0] else
