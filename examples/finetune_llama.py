@@ -61,6 +61,11 @@ class Config(config.TrainConfig):
                               "paragraphs (not the responses), then fine-tune it (embedding and "
                               "head frozen for BAdam, as in the papers' fine-tuning)")
 
+  pretrain_cache: str | None = field(None, "folder of the --pretrain-steps cache: the pretrained "
+                                     "weights are kept once per pretraining configuration and "
+                                     "reused (default: $OPTAX_MEMOPT_PRETRAIN_CACHE or "
+                                     "runs/pretrained)")
+
   def __post_init__(self):
     super().__post_init__()
     if self.layerwise and not self.scan_layers:
@@ -132,24 +137,33 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
 
   def make_model():
     if "state" not in cache:
-      order = np.random.default_rng(cfg.seed).permutation(len(texts))
-      rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
-                    prompt_fn=lambda ex: "")
-      held = max(1, len(texts) // 20)
+      from examples import pretraining
+
       pre_cfg = dataclasses.replace(
           cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
           stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
           checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
                                                                 cfg.pretrain_steps // 10))
-      pre_task = training.Task(
-          name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=lambda: llama.Llama(
-              model_cfg, rngs=nnx.Rngs(cfg.seed)),
-          train_data={k: v[held:] for k, v in rows.items()},
-          eval_data={k: v[:held] for k, v in rows.items()},
-          after_training=lambda model, _: cache.update(zip(("graphdef", "state"), nnx.split(model))))
-      print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference manual "
-            f"({cfg.pretrain_steps} AdamW steps)")
-      training.train(pre_cfg, pre_task, "adamw", out / "pretrain")
+      make_lm = lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
+
+      def pretrain(run_dir, keep):
+        order = np.random.default_rng(cfg.seed).permutation(len(texts))
+        rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
+                      prompt_fn=lambda ex: "")
+        held = max(1, len(texts) // 20)
+        pre_task = training.Task(
+            name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=make_lm,
+            train_data={k: v[held:] for k, v in rows.items()},
+            eval_data={k: v[:held] for k, v in rows.items()},
+            after_training=lambda model, _: keep(model))
+        print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference "
+              f"manual ({cfg.pretrain_steps} AdamW steps)")
+        resume = (run_dir / "checkpoints").is_dir()
+        training.train(dataclasses.replace(pre_cfg, resume=resume, overwrite=not resume),
+                       pre_task, "adamw", run_dir)
+
+      cache["graphdef"], cache["state"] = pretraining.pretrained_state(
+          "llama-lm", cfg, pre_cfg, model_cfg, tok, texts, make_lm, pretrain, cfg.pretrain_cache)
     return nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
 
   return make_model

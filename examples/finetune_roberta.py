@@ -73,6 +73,11 @@ class Config(config.TrainConfig):
                               "ones), then fine-tune the classifier (embedding frozen for BAdam, "
                               "as in the papers' fine-tuning)")
 
+  pretrain_cache: str | None = field(None, "folder of the --pretrain-steps cache: the pretrained "
+                                     "weights are kept once per pretraining configuration and "
+                                     "reused (default: $OPTAX_MEMOPT_PRETRAIN_CACHE or "
+                                     "runs/pretrained)")
+
   def __post_init__(self):
     super().__post_init__()
     if self.pretrain_steps < 0:
@@ -274,22 +279,31 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
     if "state" not in cache:
       import numpy as np
 
+      from examples import pretraining
+
       order = np.random.default_rng(cfg.seed).permutation(len(texts))
       held = max(1, len(texts) // 20)  # held-out paragraphs: the pretraining's own eval loss
-      held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
-      rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
       pre_cfg = dataclasses.replace(
           cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
           stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
           checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
                                                                 cfg.pretrain_steps // 10))
-      pre_task = training.Task(
-          name=f"{cfg.name}-pretrain", loss_fn=mlm_loss, make_model=make_mlm_model,
-          train_data=rows, eval_data=held_rows,
-          after_training=lambda model, _: cache.update(zip(("graphdef", "state"), nnx.split(model))))
-      print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
-            f"({cfg.pretrain_steps} AdamW steps)")
-      training.train(pre_cfg, pre_task, "adamw", out / "pretrain")
+
+      def pretrain(run_dir, keep):
+        held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
+        rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
+        pre_task = training.Task(
+            name=f"{cfg.name}-pretrain", loss_fn=mlm_loss, make_model=make_mlm_model,
+            train_data=rows, eval_data=held_rows, after_training=lambda model, _: keep(model))
+        print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
+              f"({cfg.pretrain_steps} AdamW steps)")
+        resume = (run_dir / "checkpoints").is_dir()
+        training.train(dataclasses.replace(pre_cfg, resume=resume, overwrite=not resume),
+                       pre_task, "adamw", run_dir)
+
+      cache["graphdef"], cache["state"] = pretraining.pretrained_state(
+          "roberta-mlm", cfg, pre_cfg, model_cfg, tok, texts, make_mlm_model, pretrain,
+          cfg.pretrain_cache)
     model = nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
     model.classifier = roberta.ClassificationHead(model_cfg, rngs=nnx.Rngs(cfg.seed))
     return model

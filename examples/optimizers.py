@@ -78,12 +78,23 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   ``task.from_scratch`` and ``task.head`` decide BAdam's blocks: a random-init model also trains
   its embedding and LM head as blocks; a new task head is always active (trained at every step, as
   the BAdam paper and its reference's ``active_modules`` do for a classifier), not a block.
+  ``adamw_layers`` is AdamW on BAdam's trainable set (the leaves BAdam freezes stay unchanged).
   """
   lr = cfg.learning_rate or DEFAULT_LEARNING_RATES.get(name, 1e-3)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, cfg.steps,
                                                 end_value=0.1 * lr)
   if name in ("adamw", "lora"):
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  elif name == "adamw_layers":  # AdamW on BAdam's trainable set (the papers' Adam)
+    labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
+                                       include_lm_head=task.from_scratch and not task.head)
+    head = re.compile("|".join(re.escape(h) for h in task.head)) if task.head else None
+    trained = jax.tree_util.tree_map_with_path(
+        lambda path, label: "train" if np.all(np.asarray(label) >= 0) or (
+            head is not None and head.match(jax.tree_util.keystr(path, simple=True, separator=".")))
+        else "frozen", labels, is_leaf=lambda x: isinstance(x, tuple))
+    tx = optax.multi_transform({"train": optax.adamw(schedule, weight_decay=cfg.weight_decay),
+                                "frozen": optax.set_to_zero()}, trained)
   elif name == "galore":
     dims = None  # optax's default: every 2-D leaf
     if cfg.projection == "layers":  # the same leaves as AdaRankGrad's default

@@ -109,10 +109,12 @@ def test_llama_pretrain_then_fine_tune(tmp_path, capsys):
   fine-tuning of that model with the embedding and head frozen."""
   args = LLAMA + ["--gen-tokens", "0", "--stop-at", "2"]
   [scratch] = finetune_llama.main(args + ["--out", str(tmp_path / "scratch")])
-  [tuned] = finetune_llama.main(args + ["--out", str(tmp_path / "tuned"), "--pretrain-steps", "4"])
+  [tuned] = finetune_llama.main(args + ["--out", str(tmp_path / "tuned"), "--pretrain-steps", "4",
+                                        "--pretrain-cache", str(tmp_path / "cache")])
   out = capsys.readouterr().out
   assert "pretraining on" in out
-  assert sorted(_losses(tmp_path / "tuned" / "pretrain")) == [1, 2, 3, 4]
+  (pretrain,) = (tmp_path / "cache").glob("llama-lm-*/run")  # the pretraining, cached
+  assert sorted(_losses(pretrain)) == [1, 2, 3, 4]
   assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding or head block
   # Two steps logged at once (--log-every 2): the one interval holds the compiling first step.
   # summary.json stays strict JSON, and the median step leaves the first step out.
@@ -132,18 +134,20 @@ def test_roberta_pretrain_then_fine_tune(tmp_path, capsys):
 
   args = ROBERTA + ["--stop-at", "2"]
   [scratch] = finetune_roberta.main(args + ["--out", str(tmp_path / "scratch")])
+  cache = ["--pretrain-cache", str(tmp_path / "cache")]
   [tuned] = finetune_roberta.main(args + ["--out", str(tmp_path / "tuned"),
-                                          "--pretrain-steps", "4"])
+                                          "--pretrain-steps", "4", *cache])
   out = capsys.readouterr().out
   assert "pretraining with masked language modelling on" in out
-  pre = [json.loads(line) for line in (tmp_path / "tuned" / "pretrain" / "metrics.jsonl").open()]
+  (pretrain,) = (tmp_path / "cache").glob("roberta-mlm-*/run")  # the pretraining, cached
+  pre = [json.loads(line) for line in (pretrain / "metrics.jsonl").open()]
   assert sorted(r["step"] for r in pre if "loss" in r) == [1, 2, 3, 4]
   assert 0 <= [r for r in pre if "eval_loss" in r][-1]["eval_accuracy"] <= 1  # masked tokens
   assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding block
 
   # The model handed to every optimizer: the pretrained encoder and a fresh 3-class head.
   cfg = config.parse_config(finetune_roberta.Config, ROBERTA + [
-      "--out", str(tmp_path / "again"), "--pretrain-steps", "4"], "")
+      "--out", str(tmp_path / "again"), "--pretrain-steps", "4", *cache], "")
   task = finetune_roberta.build_task(cfg)
   model, random_init = task.make_model(), task.make_model()
   assert model.classifier.out_proj.kernel.shape[-1] == 3 and not task.from_scratch
@@ -343,7 +347,7 @@ def test_help_lists_every_option(script, capsys):
   flat = " ".join(text.split())  # argparse wraps lines
   assert "(default: None)" not in flat and "DEFAULT_LEARNING_RATES" not in flat
   assert "the library's" not in flat
-  assert "default: 0.001 for adamw; 0.003 for galore" in flat  # the learning rates themselves
+  assert "default: 0.001 for adamw, adamw_layers; 0.003 for galore" in flat  # the rates themselves
 
 
 @pytest.mark.parametrize("content", ["{not json", '[{"instruction": "x"}]', "[]"])

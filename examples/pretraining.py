@@ -1,0 +1,125 @@
+"""The ``--pretrain-steps`` stage, run once per pretraining configuration and cached.
+
+The pretrained weights depend on the model's shape, the tokenizer, the pretraining texts and the
+pretraining's training options (steps, seed, batch, learning rate, warmup, clipping, dtypes...),
+and on nothing else. :func:`cache_key` hashes exactly those (every training option except the
+ones listed in :data:`NOT_PRETRAINING`, which only steer the fine-tuning or the run folder), and
+:func:`pretrained_state` keeps the pretrained weights in ``<--pretrain-cache>/<kind>-<hash>/``:
+a second run with the same pretraining options (``--resume``, another optimizer, the convergence
+benchmark's other runs) loads them instead of pretraining again. An interrupted pretraining
+resumes from its own checkpoint in that folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from examples import config
+
+# TrainConfig fields that do not change the pretrained weights (fine-tuning and run-folder options).
+NOT_PRETRAINING = frozenset({
+    "name", "out", "resume", "overwrite", "compare", "export", "stop_at", "log_every",
+    "eval_every", "checkpoint_every", "gen_tokens", "switch_every", "switch_mode", "update_ratio",
+    "rank", "info_threshold", "min_rank", "refresh_threshold", "moment_transform",
+    "galore_update_gap", "projection", "lora_rank", "pretrain_cache", "optimizer"})
+WEIGHTS = "weights.npz"
+# Part of every key: raise it when the pretraining code changes what it trains.
+VERSION = 1
+
+
+def _digest(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+  """A hash of the tokenizer's vocabulary and rules (the ids the model is trained on)."""
+  raw = getattr(tok, "_tok", tok)
+  text = raw.to_str() if hasattr(raw, "to_str") else json.dumps(sorted(raw.get_vocab().items()))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(kind: str, pre_cfg: config.TrainConfig, model_cfg: Any, tok: Any,
+              texts: Sequence[str]) -> tuple[str, dict]:
+  """``(folder name, what it hashes)`` of a pretraining: ``kind`` (e.g. ``roberta-mlm``), the
+  pretraining run's options, the model config, the tokenizer and the texts."""
+  options = {k: v for k, v in dataclasses.asdict(pre_cfg).items() if k not in NOT_PRETRAINING}
+  what = {"version": VERSION, "kind": kind, "options": options, "model": dataclasses.asdict(model_cfg),
+          "tokenizer": tokenizer_fingerprint(tok), "texts": _digest(list(texts)),
+          "num_texts": len(texts)}
+  return f"{kind}-{_digest(what)[:16]}", what
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("OPTAX_MEMOPT_PRETRAIN_CACHE", "runs/pretrained"))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(int(p) if p.isdigit() else p, {})
+    node[int(leaf) if leaf.isdigit() else leaf] = v
+  return tree
+
+
+def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainConfig,
+                     model_cfg: Any, tok: Any, texts: Sequence[str],
+                     make_model: Callable[[], Any], pretrain: Callable[[pathlib.Path, Callable], None],
+                     cache_dir: str | pathlib.Path | None = None):
+  """``(graphdef, state)`` of the pretrained model: from the cache, or pretrained and cached.
+
+  ``make_model()`` builds the model before pretraining; ``pretrain(run_dir, keep)`` runs the
+  pretraining in ``run_dir`` (resuming its checkpoint if there is one) and calls ``keep(model)``
+  with the trained model.
+  """
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  name, what = cache_key(kind, pre_cfg, model_cfg, tok, texts)
+  folder = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+  folder = folder / name
+  graphdef, state = nnx.split(nnx.eval_shape(make_model))
+  weights = folder / WEIGHTS
+  if weights.is_file():
+    with np.load(weights) as f:
+      flat = {k: f[k] for k in f.files}
+    pure = nnx.to_pure_dict(state)
+    loaded = _unflatten(flat)
+    if jax.tree.structure(pure) != jax.tree.structure(loaded):
+      raise config.UsageError(f"{weights} does not hold this model's weights; delete {folder}")
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, loaded))
+    print(f"pretrained weights reused from {folder} ({pre_cfg.steps} steps)")
+    return graphdef, state
+  kept: dict = {}
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "pretraining.json").write_text(json.dumps(what, indent=1, default=str))
+  pretrain(folder / "run", lambda model: kept.update(model=model))
+  graphdef, state = nnx.split(kept["model"])
+  flat = {k: np.asarray(v) for k, v in _flatten(nnx.to_pure_dict(state)).items()}
+  tmp = folder / (WEIGHTS + ".tmp.npz")
+  np.savez(tmp, **flat)
+  tmp.replace(weights)  # atomic: a weights file is always complete
+  shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)  # the weights are enough now
+  print(f"pretrained weights cached in {folder}")
+  return graphdef, state
