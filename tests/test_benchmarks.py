@@ -7,23 +7,8 @@ import pytest
 
 from benchmarks import adarankgrad_ablation, convergence, memory, report, speed
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache(tmp_path_factory):
-  """Seeds and benchmarks compile the same steps: reuse them across runs."""
-  import jax
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
+# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 
 def _read(path):

@@ -8,24 +8,10 @@ import pytest
 
 from examples import finetune_llama, finetune_roberta
 
-pytestmark = pytest.mark.slow
+# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache(tmp_path_factory):
-  """The runs of a test compile the same steps: reuse them across runs (saves most of the time)."""
-  import jax
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
 
 LLAMA = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--hidden-size", "32",
          "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",

@@ -14,29 +14,14 @@ import pytest
 
 from examples import checkpoints, data, finetune_llama, finetune_roberta
 
-pytestmark = pytest.mark.slow
+# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LLAMA = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--hidden-size", "32",
          "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
          "--intermediate-size", "64", "--vocab-size", "300", "--max-examples", "40",
          "--eval-every", "6", "--checkpoint-every", "3", "--log-every", "2", "--switch-every", "3",
          "--gen-tokens", "0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache(tmp_path_factory):
-  """The runs of a test compile the same steps: reuse them across runs."""
-  import jax
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
 
 
 def _one_line_error(script, argv) -> str:
