@@ -146,7 +146,7 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
                                                                 cfg.pretrain_steps // 10))
       make_lm = lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
 
-      def pretrain(run_dir, keep):
+      def pretrain_task(keep):
         order = np.random.default_rng(cfg.seed).permutation(len(texts))
         rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
                       prompt_fn=lambda ex: "")
@@ -158,12 +158,10 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
             after_training=lambda model, _: keep(model))
         print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference "
               f"manual ({cfg.pretrain_steps} AdamW steps)")
-        resume = (run_dir / "checkpoints").is_dir()
-        training.train(dataclasses.replace(pre_cfg, resume=resume, overwrite=not resume),
-                       pre_task, "adamw", run_dir)
+        return pre_task
 
       cache["graphdef"], cache["state"] = pretraining.pretrained_state(
-          "llama-lm", cfg, pre_cfg, model_cfg, tok, texts, make_lm, pretrain, cfg.pretrain_cache)
+          "llama-lm", cfg, pre_cfg, model_cfg, tok, texts, make_lm, pretrain_task, cfg.pretrain_cache)
     return nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
 
   return make_model

@@ -289,7 +289,7 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
           checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
                                                                 cfg.pretrain_steps // 10))
 
-      def pretrain(run_dir, keep):
+      def pretrain_task(keep):
         held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
         rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
         pre_task = training.Task(
@@ -297,12 +297,10 @@ def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: p
             train_data=rows, eval_data=held_rows, after_training=lambda model, _: keep(model))
         print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
               f"({cfg.pretrain_steps} AdamW steps)")
-        resume = (run_dir / "checkpoints").is_dir()
-        training.train(dataclasses.replace(pre_cfg, resume=resume, overwrite=not resume),
-                       pre_task, "adamw", run_dir)
+        return pre_task
 
       cache["graphdef"], cache["state"] = pretraining.pretrained_state(
-          "roberta-mlm", cfg, pre_cfg, model_cfg, tok, texts, make_mlm_model, pretrain,
+          "roberta-mlm", cfg, pre_cfg, model_cfg, tok, texts, make_mlm_model, pretrain_task,
           cfg.pretrain_cache)
     model = nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
     model.classifier = roberta.ClassificationHead(model_cfg, rngs=nnx.Rngs(cfg.seed))

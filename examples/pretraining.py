@@ -84,17 +84,20 @@ def _unflatten(flat: dict) -> dict:
 
 def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainConfig,
                      model_cfg: Any, tok: Any, texts: Sequence[str],
-                     make_model: Callable[[], Any], pretrain: Callable[[pathlib.Path, Callable], None],
+                     make_model: Callable[[], Any], pretrain_task: Callable[[Callable], Any],
                      cache_dir: str | pathlib.Path | None = None):
   """``(graphdef, state)`` of the pretrained model: from the cache, or pretrained and cached.
 
-  ``make_model()`` builds the model before pretraining; ``pretrain(run_dir, keep)`` runs the
-  pretraining in ``run_dir`` (resuming its checkpoint if there is one) and calls ``keep(model)``
-  with the trained model.
+  ``make_model()`` builds the model before pretraining; ``pretrain_task(keep)`` returns the
+  pretraining's :class:`examples.training.Task`, whose ``after_training`` calls ``keep(model)`` with
+  the trained model. It is trained with AdamW in the cache folder's ``run``, resuming its checkpoint
+  if an interrupted pretraining left one.
   """
   import jax
   import numpy as np
   from flax import nnx
+
+  from examples import training
 
   name, what = cache_key(kind, pre_cfg, model_cfg, tok, texts)
   folder = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
@@ -114,7 +117,10 @@ def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainCo
   kept: dict = {}
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "pretraining.json").write_text(json.dumps(what, indent=1, default=str))
-  pretrain(folder / "run", lambda model: kept.update(model=model))
+  run_dir = folder / "run"
+  resume = (run_dir / "checkpoints").is_dir()
+  training.train(dataclasses.replace(pre_cfg, resume=resume, overwrite=not resume),
+                 pretrain_task(lambda model: kept.update(model=model)), "adamw", run_dir)
   graphdef, state = nnx.split(kept["model"])
   flat = {k: np.asarray(v) for k, v in _flatten(nnx.to_pure_dict(state)).items()}
   tmp = folder / (WEIGHTS + ".tmp.npz")
