@@ -550,6 +550,8 @@ def make_layerwise_step(
     has_aux: bool = False,
     donate: bool = True,
     stacks: str | tuple[str, ...] | None = None,
+    accumulate: int | None = None,
+    batch_argnums: int | tuple[int, ...] | None = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """A training step that applies ``tx`` inside the backward pass, one layer at a time.
 
@@ -628,8 +630,10 @@ def make_layerwise_step(
   if isinstance(tx, optax.MultiSteps):
     raise TypeError(
         "make_layerwise_step: tx cannot be applied layer by layer: optax.MultiSteps keeps a "
-        "full-size gradient accumulator (the buffer layer-wise updates exist to avoid)"
+        "full-size gradient accumulator (the buffer layer-wise updates exist to avoid); pass the "
+        "inner optimizer and accumulate=N instead"
     )
+  micro = _check_accumulate(accumulate, batch_argnums)
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(
         f"make_layerwise_step: tx must be an optax transformation, got {type(tx).__name__}")
@@ -702,13 +706,13 @@ def make_layerwise_step(
       misuse: list[str] = []
       for a in range(n_stacks):
         obj = _scan._Stack(plan.stack_names[a], len(members_of[a]), list(carriers[a]),
-                           layer_update(a))
+                           layer_update(a), micro_batches=accumulate)
         stack_objs.append(obj)
         for k, (i, w) in enumerate(zip(members_of[a], stacked[a])):
           full[i] = _watch(w, paths[i], misuse)
           members[id(full[i])] = _scan._Member(obj, k, w)
       with _scan.layerwise_stacks(members):
-        out = loss_fn(jax.tree_util.tree_unflatten(params_def, full), *args, **kwargs)
+        out = call_loss(jax.tree_util.tree_unflatten(params_def, full))
       for obj in stack_objs:
         if obj.used == 0:
           raise ValueError(
@@ -728,6 +732,27 @@ def make_layerwise_step(
         shape = getattr(loss, "shape", type(loss).__name__)
         raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
       return out, misuse
+
+    def call_loss(tree):
+      if accumulate is None:
+        return loss_fn(tree, *args, **kwargs)
+      # loss_fn on each micro-batch (a vmap over the micro-batch axis); the loss is their mean,
+      # so each layer's gradient, summed over the micro-batches in scan_layers' backward pass,
+      # is the window's mean gradient, as optax.MultiSteps averages it.
+      split, merge = micro
+      batched, fixed = split(args, kwargs, accumulate)
+
+      def one(batched):
+        a, kw = merge(batched, fixed)
+        out = loss_fn(tree, *a, **kw)
+        loss = out[0] if has_aux else out
+        if not (hasattr(loss, "shape") and loss.shape == ()):
+          shape = getattr(loss, "shape", type(loss).__name__)
+          raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
+        return out
+
+      outs = jax.vmap(one)(batched)
+      return (jnp.mean(outs[0]), outs[1]) if has_aux else jnp.mean(outs)
 
     stacked = [[leaves[i] for i in members_of[a]] for a in range(n_stacks)]
     carriers = [[_to_carrier(state_leaves[j]) for j in owned_of[a]] for a in range(n_stacks)]
@@ -792,6 +817,66 @@ def make_layerwise_step(
   step.trace_count = 0
   step.lower = lower
   return step
+
+
+def _check_accumulate(accumulate, batch_argnums):
+  """``(split, merge)`` for the micro-batched arguments of an accumulated step (``None``
+  without ``accumulate``), after one-line errors for bad options."""
+  if accumulate is None:
+    if batch_argnums is not None:
+      raise ValueError("make_layerwise_step: batch_argnums is for accumulate=N; pass both or neither")
+    return None
+  if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+    raise ValueError(
+        f"make_layerwise_step: accumulate must be a whole number of micro-batches >= 1, got "
+        f"{accumulate!r}")
+  if batch_argnums is not None:
+    nums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+    if not nums or any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in nums):
+      raise ValueError(
+          f"make_layerwise_step: batch_argnums are positions of loss_fn's arguments after params "
+          f"(1, 2, ...), got {batch_argnums!r}")
+  else:
+    nums = None
+
+  def split(args, kwargs, n):
+    """The micro-batched arguments (checked) and the others."""
+    if nums is None:
+      chosen, names = (tuple(args), dict(kwargs)), None
+    else:
+      if max(nums) > len(args):
+        raise ValueError(
+            f"make_layerwise_step: batch_argnums={batch_argnums!r}, but loss_fn is given "
+            f"{len(args)} argument(s) after params")
+      chosen, names = (tuple(args[i - 1] for i in nums), {}), nums
+    for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
+      shape = tuple(jnp.shape(x))
+      if not shape or shape[0] != n:
+        where = _argument_name(path, names)
+        raise ValueError(
+            f"make_layerwise_step(accumulate={n}): the micro-batched argument {where} has shape "
+            f"{shape}; it needs a leading micro-batch axis of size {n} (stack the {n} "
+            f"micro-batches, [{n}, ...]), or leave it out of batch_argnums")
+    rest = args if nums is None else tuple(None if i + 1 in nums else a for i, a in enumerate(args))
+    return chosen, (rest, kwargs)
+
+  def merge(chosen, fixed):
+    (c_args, c_kwargs), (rest, kwargs) = chosen, fixed
+    if nums is None:
+      return c_args, c_kwargs
+    it = iter(c_args)
+    return tuple(next(it) if i + 1 in nums else a for i, a in enumerate(rest)), kwargs
+
+  return split, merge
+
+
+def _argument_name(path, nums) -> str:
+  """A leaf of the micro-batched ``(args, kwargs)``, named as loss_fn sees it: ``argument 2['x']``
+  (params is argument 0) or ``keyword mask``."""
+  if path[0].idx == 1:
+    return f"keyword {path[1].key}{jax.tree_util.keystr(path[2:])}"
+  k = path[1].idx
+  return f"argument {k + 1 if nums is None else nums[k]}{jax.tree_util.keystr(path[2:])}"
 
 
 def _watch(w: jax.Array, path: str, misuse: list[str]) -> jax.Array:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import os
 import sys
 import warnings
@@ -251,13 +250,76 @@ class _Engine:
     def body(carry, xs):
       dc, ds, extra = carry
       l, saved_l = xs
-      pull = functools.partial(self.pullback, saved_l, s_leaves=s_leaves)
+      pull = _Pull(self, saved_l, s_leaves)
       dc, ds_l, extra, out = step(l, pull, dc, extra)
       return (dc, [a + b for a, b in zip(ds, ds_l)], extra), out
 
     (dc, ds, extra), outs = jax.lax.scan(
         body, (ct_d, zeros_s, init), (jnp.arange(self.num_layers), saved), reverse=True)
     return _spread(dc, self.c_diff), _spread(ds, self.s_wrt), extra, outs
+
+
+class _Pull:
+  """Layer ``l``'s pullback in :meth:`_Engine.backward`: ``pull(p_l)`` is the pullback
+  ``dc -> (d weights, dc, d shared)``; ``pull.summed(p_l, dc)`` the same under the micro-batch
+  ``jax.vmap`` of an accumulated layer-wise step (see :func:`_summed_pullback`)."""
+
+  def __init__(self, engine: _Engine, saved_l, s_leaves):
+    self.engine, self.saved_l, self.s_leaves = engine, saved_l, s_leaves
+
+  def __call__(self, p_l):
+    return self.engine.pullback(self.saved_l, p_l, self.s_leaves)
+
+  def summed(self, p_l, dc):
+    return _summed_pullback(self.engine, self.saved_l, p_l, self.s_leaves, dc)
+
+
+def _sum_dtype(x) -> Any:
+  """The dtype gradients of ``x`` are summed in: float32 for lower-precision floats."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _summed_pullback(engine: _Engine, saved_l, p_l, s_leaves, dc):
+  """``(d weights, dc, d shared)`` of one layer, where the weight gradient is summed over the
+  micro-batches of the enclosing ``jax.vmap`` (the accumulated layer-wise step runs ``loss_fn``
+  under a ``vmap`` over its micro-batch axis).
+
+  Under that ``vmap`` the layer's saves, the activation gradient and the per-example shared
+  arguments carry the micro-batch axis; the weights do not. A ``custom_vmap`` rule sees the axis
+  explicitly: it runs the layer's pullback one micro-batch at a time (``lax.scan``), so only one
+  micro-batch's residuals are recomputed at once, and sums the weight gradients (in float32 for
+  low-precision weights) into one layer's gradient, returned without the micro-batch axis: the
+  update that follows it runs once, on the window's summed gradient. Outside a ``vmap`` (one
+  micro-batch) it is the plain pullback.
+  """
+  @jax.custom_batching.custom_vmap
+  def pull(saved_l, p_l, s_leaves, dc):
+    return engine.pullback(saved_l, p_l, s_leaves)(dc)
+
+  @pull.def_vmap
+  def rule(axis_size, in_batched, saved_l, p_l, s_leaves, dc):
+    b_saved, b_p, b_s, b_dc = in_batched
+    if any(b_p):
+      raise ValueError("scan_layers: a layer's weights vary over the micro-batches")
+    xs = ([x for x, b in zip(saved_l, b_saved) if b], [x for x, b in zip(s_leaves, b_s) if b],
+          [x for x, b in zip(dc, b_dc) if b])
+    dp0 = [jnp.zeros(x.shape, _sum_dtype(x)) for x in _pick(p_l, engine.p_wrt)]
+
+    def one(acc, xs):
+      it_saved, it_s, it_dc = (iter(x) for x in xs)
+      saved_k = [next(it_saved) if b else x for x, b in zip(saved_l, b_saved)]
+      s_k = [next(it_s) if b else x for x, b in zip(s_leaves, b_s)]
+      dc_k = [next(it_dc) if b else x for x, b in zip(dc, b_dc)]
+      dp, dc_k, ds_k = engine.pullback(saved_k, p_l, s_k)(dc_k)
+      return [a + g.astype(a.dtype) for a, g in zip(acc, dp)], (dc_k, ds_k)
+
+    dp, (dc_out, ds) = jax.lax.scan(one, dp0, xs, length=axis_size)
+    dp = [g.astype(x.dtype) for g, x in zip(dp, _pick(p_l, engine.p_wrt))]
+    b_ds = _pick(b_s, engine.s_wrt)
+    ds = [d if b else jnp.sum(d, axis=0) for d, b in zip(ds, b_ds)]
+    return (dp, dc_out, ds), ([False] * len(dp), [True] * len(dc_out), b_ds)
+
+  return pull(list(saved_l), list(p_l), list(s_leaves), list(dc))
 
 
 def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any,
@@ -482,6 +544,9 @@ class _Stack:
   # update(layer, grads, weights, state) -> (new weights, new state): lists of one layer's slices.
   update: Callable[..., tuple[list[jax.Array], list[jax.Array]]]
   used: int = 0  # scan_layers calls that consumed it
+  # Accumulated step: loss_fn runs under a vmap over this many micro-batches, and each layer's
+  # weight gradient is summed over them before its update (None: one batch, no vmap).
+  micro_batches: int | None = None
 
 
 @dataclasses.dataclass
@@ -557,9 +622,11 @@ def _scan_layerwise(layer, leaves, members, carry_leaves, shared_leaves, t_leave
     s_wrt = [x.perturbed and _is_float(x.value) for x in s_leaves]
     weights, carriers, fixed, c_leaves, s_leaves, t_stacked = (
         [x.value for x in xs] for xs in (weights, carriers, fixed, c_leaves, s_leaves, t_stacked))
-    # Every layer is differentiated: its residuals are kept, as lax.scan keeps them.
+    # Every layer is differentiated: its residuals are kept, as lax.scan keeps them. With
+    # micro-batches, only each layer's input is kept (per micro-batch), and the backward pass
+    # recomputes one layer for one micro-batch at a time.
     engine = _Engine(layer, num_layers, is_weight, [_is_float(x) for x in c_leaves], s_wrt,
-                     remat=False)
+                     remat=stack.micro_batches is not None)
     c_out, t_out, saved = engine.forward(layer_leaves(weights, fixed), c_leaves, s_leaves,
                                          t_stacked)
     facts["engine"] = engine
@@ -585,7 +652,10 @@ def _scan_layerwise(layer, leaves, members, carry_leaves, shared_leaves, t_leave
 
       w_l, s_l = jax.lax.cond(l >= 0, read, zeros, (w_all, s_all))
       f_l = [jax.lax.dynamic_index_in_dim(x, l, keepdims=False) for x in fixed]
-      dw, dc, ds_l = pull(layer_leaves(w_l, f_l))(dc)
+      if stack.micro_batches is None:
+        dw, dc, ds_l = pull(layer_leaves(w_l, f_l))(dc)
+      else:
+        dw, dc, ds_l = pull.summed(layer_leaves(w_l, f_l), dc)
       new_w, new_s = stack.update(l, in_stack_order(_put(dw, [None] * len(leaves), is_weight)),
                                   w_l, s_l)
       w_all = [jax.lax.dynamic_update_index_in_dim(x, n.astype(x.dtype), l, 0)
