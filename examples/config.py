@@ -91,8 +91,9 @@ class TrainConfig:
   batch_size: int = field(16, "sequences per step")
   grad_accum: int = field(1, "micro-batches of --batch-size per optimizer step (gradient "
                           "accumulation; --steps counts optimizer steps): BAdam accumulates its "
-                          "active block only (badam(accumulate_every=N)), the other optimizers use "
-                          "optax.MultiSteps; not with --layerwise")
+                          "active block only (badam(accumulate_every=N)), --layerwise takes the N "
+                          "micro-batches in one step (make_layerwise_step(accumulate=N)), the other "
+                          "optimizers use optax.MultiSteps")
   max_examples: int | None = field(None, "use at most this many examples (before the eval split)")
   seed: int = field(0, "seed of the model init, data order and BAdam's block order")
   weight_decay: float = field(0.0, "decoupled weight decay")
@@ -187,9 +188,6 @@ class TrainConfig:
     if self.resume and self.overwrite:
       raise UsageError("--resume continues the run in the run directory and --overwrite replaces "
                        "it: give one of them")
-    if self.layerwise and self.grad_accum > 1:
-      raise UsageError("--layerwise cannot accumulate gradients (optax.MultiSteps keeps a whole "
-                       "gradient); use --grad-accum 1 or the ordinary step")
     if self.layerwise:
       for name in self.compare_list or [self.optimizer]:
         if name not in LAYERWISE_OPTIMIZERS:

@@ -132,7 +132,8 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
     # With BAdam's own accumulation the clip sees each micro-batch's (active block's) gradient;
     # under MultiSteps it sees the window's mean.
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-  if cfg.grad_accum > 1 and name != "badam":
+  if cfg.grad_accum > 1 and name != "badam" and not cfg.layerwise:
+    # (The layer-wise step accumulates itself: make_layerwise_step(accumulate=N).)
     tx = optax.MultiSteps(tx, cfg.grad_accum).gradient_transformation()
   return tx
 

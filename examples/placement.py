@@ -59,6 +59,12 @@ class Placement:
     return tx.init(params) if self.mesh is None else self._sharding.init_state(tx, params,
                                                                                self.mesh)
 
-  def batch(self, batch: dict) -> dict:
-    return batch if self.mesh is None else jax.device_put(
-        batch, self._sharding.batch_sharding(self.mesh))
+  def batch(self, batch: dict, micro_batches: bool = False) -> dict:
+    """``batch`` (``[batch, ...]`` arrays, or ``[micro-batches, batch, ...]`` with
+    ``micro_batches``) split over ``data`` along its batch axis."""
+    if self.mesh is None:
+      return batch
+    sharding = self._sharding.batch_sharding(self.mesh)
+    if micro_batches:
+      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.device_put(batch, sharding)

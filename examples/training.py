@@ -64,16 +64,22 @@ class Trainable:
     return nnx.merge(self.graphdef, state, rest)
 
 
-def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = False):
+def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = False,
+               grad_accum: int = 1):
   """``train_step(params, opt_state, rest, batch) -> (params, opt_state, (loss, stats))`` and
   ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step,
-  with ``layerwise`` the layer-wise step (the optimizer runs inside the backward pass)."""
+  with ``layerwise`` the layer-wise step (the optimizer runs inside the backward pass), which with
+  ``grad_accum > 1`` takes the ``grad_accum`` micro-batches of one optimizer step stacked
+  (``[grad_accum, batch, ...]``)."""
 
   def loss(params, rest, batch):
     return loss_fn(split.merge(params, rest), batch)
 
   if optimizer == "badam":
     train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
+  elif layerwise and grad_accum > 1:
+    train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True, accumulate=grad_accum,
+                                                  batch_argnums=2)
   elif layerwise:
     train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True)
   else:
@@ -122,7 +128,9 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   place = Placement(cfg, task.sharding_rules)
   params, rest = place.params(split.params), place.replicated(split.rest)
   opt_state = _distinct_buffers(place.opt_state(tx, params), params)
-  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer, layerwise=cfg.layerwise)
+  train_step, eval_step = make_steps(split, task.loss_fn, tx, optimizer, layerwise=cfg.layerwise,
+                                     grad_accum=cfg.grad_accum)
+  stacked = cfg.layerwise and cfg.grad_accum > 1  # one call takes the window's micro-batches
   n_train = len(task.train_data["weight"])
   if n_train < cfg.batch_size:
     raise config.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
@@ -156,14 +164,23 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   with config.defer_ctrl_c() as ctrl_c:
     for step in range(start, end):
       # One optimizer step: --grad-accum micro-batches (the optimizer holds back its update
-      # until the last one), each its own draw of the data order.
-      losses, tokens = [], 0
+      # until the last one; the layer-wise step takes them all in one call), each its own draw
+      # of the data order.
+      losses, tokens, window = [], 0, []
       for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
         batch = {k: v[batch_indices(n_train, cfg.batch_size, cfg.seed, micro)]
                  for k, v in task.train_data.items()}
+        tokens += int(batch[task.tokens_key].sum())
+        if stacked:
+          window.append(batch)
+          continue
         params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
         losses.append(loss)
-        tokens += int(batch[task.tokens_key].sum())
+      if stacked:  # the same micro-batches, stacked [grad_accum, batch, ...]
+        batch = {k: np.stack([b[k] for b in window]) for k in window[0]}
+        params, opt_state, (loss, _) = train_step(params, opt_state, rest,
+                                                  place.batch(batch, micro_batches=True))
+        losses.append(loss)
       done = step + 1
       progress.step(done, sum(losses) / len(losses), tokens)
       stop = ctrl_c.requested and done < end

@@ -7,6 +7,8 @@ as soon as the backward pass has computed it: the layer stack's backward scan (r
 layer ``l``'s slice of the weights and of every per-layer part of the optimizer state, writes the
 new slices back and moves on to layer ``l - 1``, so at most one layer's gradient exists at a time.
 The leaves outside the stacks (embedding, final norm, head) are updated after the backward pass.
+With ``accumulate=N`` the step takes ``N`` micro-batches at once and sums each layer's gradient
+over them (one micro-batch's pullback at a time) before that layer's single update.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _refuse_known(opt_state: Any) -> None:
   """Clear errors for the transformations we know cannot run layer by layer."""
   kinds = (
       (optax.MultiStepsState, "optax.MultiSteps keeps a full-size gradient accumulator (the buffer "
-       "layer-wise updates exist to avoid); use a larger batch, or the ordinary step"),
+       "layer-wise updates exist to avoid); pass the inner optimizer with "
+       "make_layerwise_step(..., accumulate=N)"),
       (_badam.BlockCoordinateState, "badam / block_coordinate train one block at a time; use "
        "optax_memopt.make_block_step"),
       (_badam_ratio.BAdamRatioState, "badam_ratio's selection spans whole leaves; use the "
@@ -585,10 +588,29 @@ def make_layerwise_step(
   optimizer state is the ordinary ``tx.init(params)``: every state leaf of a stacked leaf must be
   the stack of its layers' states (leading axis ``L``), which is checked.
 
+  **Gradient accumulation** (``accumulate=N``). ``optax.MultiSteps`` keeps a whole gradient, so
+  it is refused; instead the step takes all ``N`` micro-batches of an optimizer step at once,
+  stacked along a leading axis (``tokens: [N, b, ...]``), and makes one update from their mean
+  gradient, as ``optax.MultiSteps(tx, N)`` fed them one by one does (and as the ordinary step on
+  their concatenation does when the loss is a mean over equal-sized micro-batches). ``loss_fn``
+  runs once per micro-batch (a ``jax.vmap`` over the leading axis; the loss returned is the mean
+  of theirs, an ``aux`` is stacked per micro-batch). In the backward pass each layer's pullback
+  runs one micro-batch at a time (a ``lax.scan``), the layer's weight gradients are summed (in
+  float32 for lower-precision weights) and ``tx`` updates the layer once, from the window's mean
+  gradient: AdaRankGrad refreshes its subspaces from that full mean gradient, exactly as under
+  ``MultiSteps``, and no accumulator beyond one layer's gradient exists. The arguments after
+  ``params`` (and the keyword arguments) all need the micro-batch axis, unless ``batch_argnums``
+  names the ones that have it. Dropout or any randomness drawn from a key passed unbatched is the
+  same draw for every micro-batch: pass per-micro-batch keys (``[N]``) among the batched arguments.
+
   **Memory.** Live at once: the weights, the optimizer state, the activations saved by the forward
   pass (use ``jax.checkpoint`` on the layer function to keep only each layer's input), one layer's
-  gradient, and the gradients of the leaves outside the stack. With ``donate=True`` the weights and
-  the state are updated in place. For pure low-precision training keep the parameters in bfloat16
+  gradient, and the gradients of the leaves outside the stack. With ``accumulate=N`` the forward
+  pass keeps only each layer's input for every micro-batch (``N x L`` carries, as a big batch of
+  ``N`` micro-batches under ``jax.checkpoint`` would) and the backward pass recomputes one layer
+  for one micro-batch at a time; the parts of ``loss_fn`` outside the stacks (embedding, head,
+  loss) run on all ``N`` micro-batches at once, as on a big batch. With ``donate=True`` the
+  weights and the state are updated in place. For pure low-precision training keep the parameters in bfloat16
   (no float32 master copy) and choose the state dtype of ``tx`` (e.g. AdaRankGrad's
   ``state_dtype``); the update arithmetic follows ``tx``.
 
@@ -600,6 +622,12 @@ def make_layerwise_step(
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` (do not use the arrays passed in after the call).
     stacks: the stacks' subtree paths when :func:`block_labels`' guess does not find them.
+    accumulate: ``N``, the number of micro-batches per optimizer step (see above); ``None`` (the
+      default): one batch per step, no micro-batch axis.
+    batch_argnums: with ``accumulate``, the positions of ``loss_fn``'s arguments that carry the
+      micro-batch axis (``params`` is position 0, so ``loss_fn(params, rest, batch)`` takes
+      ``batch_argnums=2``); keyword arguments are then not micro-batched. Default: every
+      argument after ``params`` and every keyword argument.
 
   Returns:
     The step function; ``step.lower(params, opt_state, *args)`` gives its ``jax.stages.Lowered``
@@ -608,7 +636,8 @@ def make_layerwise_step(
   Raises:
     TypeError, ValueError: at the first call, when ``params`` has no layer stack, ``tx`` cannot be
       applied layer by layer, the stack does not run through ``scan_layers`` or a stacked weight is
-      used outside it.
+      used outside it, or a micro-batched argument lacks the leading axis of size ``accumulate``;
+      at construction, for an ``accumulate`` that is not a whole number >= 1.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -624,6 +653,13 @@ def make_layerwise_step(
     ...   params, opt_state, loss = step(params, opt_state, jnp.ones((4, 2)))
     >>> params['layers']['w'].shape
     (3, 2, 2)
+
+    Four micro-batches of 2 examples per update, stacked ``[4, 2, ...]``:
+
+    >>> step = optax_memopt.make_layerwise_step(loss_fn, tx, accumulate=4)
+    >>> params, opt_state, loss = step(params, opt_state, jnp.ones((4, 2, 2)))
+    >>> loss.shape
+    ()
   """
   if not callable(loss_fn):
     raise TypeError("make_layerwise_step: loss_fn must be callable")
