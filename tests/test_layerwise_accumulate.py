@@ -227,3 +227,62 @@ def test_batches_without_the_micro_batch_axis_are_refused():
 def test_multisteps_refusal_points_to_accumulate():
   with pytest.raises(TypeError, match="pass the inner optimizer and accumulate=N instead"):
     optax_memopt.make_layerwise_step(_loss, optax.MultiSteps(ADAMW, 2))
+
+
+def test_on_a_mesh_with_donation():
+  # Weights split over "model" along their last axis, each micro-batch split over "data" (its
+  # batch axis, axis 1 of the stacked batch): same numbers as on one device, the shardings kept,
+  # the donated inputs consumed.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  P = jax.sharding.PartitionSpec
+
+  def spec(x):
+    return P(*([None] * (x.ndim - 1)), "model") if x.ndim >= 2 else P()
+
+  params = _params()
+  tokens, targets = _windows(1)
+  expect, _ = _multisteps(ADAMW, _loss, params, tokens, targets)
+  sharded = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))),
+                         params)
+  state = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))),
+                       ADAMW.init(sharded))
+  batch = jax.sharding.NamedSharding(mesh, P(None, "data"))
+  step = optax_memopt.make_layerwise_step(_loss, ADAMW, accumulate=N)
+  new, new_state, _ = step(sharded, state, jax.device_put(tokens[0], batch),
+                           jax.device_put(targets[0], batch))
+  _close(new, expect, rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves((new, new_state)), jax.tree.leaves((sharded, state))):
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
+  assert sharded["layers"]["w"].is_deleted()
+
+
+def test_xla_memory_keeps_carries_not_residuals():
+  # 8 layers whose residuals (the [tokens, 4d] hidden activations and their tanh) outweigh their
+  # inputs [tokens, d]: the layer-wise step on the 4 micro-batches concatenated keeps every layer's
+  # residuals for the whole batch; the accumulated step keeps each layer's input per micro-batch
+  # and recomputes one layer for one micro-batch at a time.
+  layers, d, micro, seq = 8, 64, 4, 256
+  params = {
+      "embed": jax.ShapeDtypeStruct((16, d), jnp.float32),
+      "layers": {"w": jax.ShapeDtypeStruct((layers, d, 4 * d), jnp.float32),
+                 "v": jax.ShapeDtypeStruct((layers, 4 * d, d), jnp.float32)},
+      "head": jax.ShapeDtypeStruct((d, 16), jnp.float32),
+  }
+
+  def loss(params, tokens):
+    x = params["embed"][tokens]
+    x = optax_memopt.scan_layers(lambda p, x: x + jnp.tanh(x @ p["w"]) @ p["v"], params["layers"], x)
+    return jnp.mean((x @ params["head"]) ** 2)
+
+  tx = optax.sgd(1e-3)
+  state = jax.eval_shape(tx.init, params)
+  carries = layers * micro * seq * d * 4
+  big = optax_memopt.make_layerwise_step(loss, tx).lower(
+      params, state, jax.ShapeDtypeStruct((micro * seq, 1), jnp.int32)).compile().memory_analysis()
+  acc = optax_memopt.make_layerwise_step(loss, tx, accumulate=micro).lower(
+      params, state, jax.ShapeDtypeStruct((micro, seq, 1), jnp.int32)).compile().memory_analysis()
+  assert big.temp_size_in_bytes >= 2 * layers * micro * seq * 4 * d * 4  # every layer's residuals
+  # The carries, and beside them a few whole-batch buffers of the carry's size outside the stack
+  # (the embedding's output, the stack's output and their cotangents) and one micro-batch's
+  # residuals: not every layer's residuals.
+  assert acc.temp_size_in_bytes <= 2.5 * carries < big.temp_size_in_bytes / 4
