@@ -215,8 +215,8 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
   """
   layerwise = variant in LAYERWISE
   name = LAYERWISE[variant] if layerwise else VARIANTS[variant]
-  if layerwise:  # a global-norm clip needs the whole gradient
-    cfg = dataclasses.replace(cfg, clip_norm=0.0)
+  if layerwise:  # a global-norm clip needs the whole gradient; accumulation is the step's own
+    cfg = dataclasses.replace(cfg, clip_norm=0.0, layerwise=True)
 
   def build():
     model = task.make_model()
@@ -239,7 +239,7 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
   # The examples' step for "badam" is the block step; any other name gives jax.grad + tx.update.
   step, _ = training.make_steps(split, task.loss_fn, tx,
                                "badam" if variant == "badam_block" else "adamw",
-                               layerwise=layerwise)
+                               layerwise=layerwise, grad_accum=cfg.grad_accum)
   labels = None
   if name == "badam":
     labels = optax_memopt.block_labels(split.params, include_embedding=task.from_scratch,

@@ -38,7 +38,12 @@ Nothing is allocated: models are built with ``nnx.eval_shape`` and optimizer sta
   the accumulator bytes of ``badam(accumulate_every=N)`` (one block's, float32, in the optimizer
   state) against ``optax.MultiSteps(badam)``'s and ``optax.MultiSteps(adamw)``'s (float32, every
   parameter), exact from the abstract states; the XLA table gains ``badam_block_accum`` (the block
-  step with BAdam's accumulator) and ``adamw_multisteps``, one micro-step each.
+  step with BAdam's accumulator) and ``adamw_multisteps``, one micro-step each. The accumulation
+  table also gains ``adarankgrad_layerwise_accum``: pure bf16 AdaRankGrad with layer-wise updates
+  and ``make_layerwise_step(accumulate=N)``, one optimizer step over ``N`` micro-batches of
+  ``1 x --accum-seq`` compiled by XLA: the model states are XLA's arguments (less the batch), the
+  accumulator is one layer's float32 gradient sum (transient, inside the step), and the
+  micro-batches' layer inputs it keeps (``N x L x 1 x seq x d``, bf16) are stated beside them.
 
     python -m benchmarks.memory            # every shape and optimizer
     python -m benchmarks.memory --quick    # account for tiny and Llama 2-7B, XLA for tiny
@@ -85,6 +90,9 @@ QUICK_ACTIVATION = {"shape": "micro", "batch": 2, "seq": 32}
 # accumulator, optax.MultiSteps for the others), and the shapes of the accumulator account.
 ACCUMULATED = {"badam_block_accum": "badam_block", "adamw_multisteps": "adamw"}
 ACCUM_ACCOUNT_SHAPES = ("llama2-7b", "llama3-8b")
+# AdaRankGrad layer-wise with accumulation: model states + accumulator targets (decimal bytes).
+LAYERWISE_ACCUM = "adarankgrad_layerwise_accum"
+LAYERWISE_ACCUM_TARGET = {"llama2-7b": 16.5e9}
 
 # BAdam paper (arXiv:2404.02827 v3), totals including activations, seq 728 batch 2, decimal GB.
 PAPER_GB = {
@@ -223,10 +231,54 @@ def accumulation_account(shape: str, args) -> list[dict]:
     rows.append({"shape": shape, "optimizer": name, "grad_accum": args.grad_accum,
                  "layers": n_layers, "accumulator_bytes": acc_bytes,
                  "one_layer_f32_bytes": 4 * one_layer, "opt_state_bytes": bc.tree_bytes(state)})
+  if args.layerwise_accum:
+    rows.append(layerwise_accumulation_row(shape, args))
   full = next(r["accumulator_bytes"] for r in rows if r["optimizer"] == "multisteps_badam")
   for r in rows:
     r["accumulator_over_multisteps"] = r["accumulator_bytes"] / full
   return rows
+
+
+def layerwise_accumulation_row(shape: str, args) -> dict:
+  """AdaRankGrad layer-wise with ``accumulate=N`` on the scanned model in pure bf16 (weights,
+  state and activations): one optimizer step over ``N`` micro-batches of ``1 x args.accum_seq``,
+  compiled by XLA.
+
+  Model states: XLA's argument bytes less the batch's (the weights and the optimizer state, which
+  the step updates in place). Accumulator: one layer's gradient, summed over the micro-batches in
+  float32 (the only accumulator; it lives inside the step, one layer at a time). Micro-batch
+  carries: the input of every layer for every micro-batch, which the forward pass keeps for the
+  backward pass (``N x L x 1 x seq x d``, bf16), stated separately: they grow with ``N`` and the
+  sequence, unlike the states. XLA's temporaries (carries, one micro-batch's recomputed layer,
+  the accumulator, the gradients outside the stack, the logits) are reported as measured; XLA on
+  CPU widens bf16 matmul operands to float32, which inflates them.
+  """
+  n, seq = args.grad_accum, args.accum_seq
+  cfg = dataclasses.replace(_train_config(args), grad_accum=n)
+  model_cfg = bc.llama_config(shape, seq_len=seq, param_dtype="bfloat16", dtype="bfloat16",
+                              scan_layers=True)
+  setup = bc.make_setup("adarankgrad_layerwise", bc.llama_task(model_cfg, from_scratch=False), cfg,
+                        abstract=True)
+  micro = bc.llama_batch(1, seq, model_cfg.vocab_size, abstract=True)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, x.dtype), micro)
+  start = time.perf_counter()
+  m = setup.lower(batch).compile().memory_analysis()
+  compile_s = time.perf_counter() - start
+  layers, d = model_cfg.num_hidden_layers, model_cfg.hidden_size
+  one_layer = bc.tree_size(setup.params["layers"]) // layers
+  states = int(m.argument_size_in_bytes) - bc.tree_bytes(batch)
+  accumulator = 4 * one_layer
+  target = LAYERWISE_ACCUM_TARGET.get(shape)
+  return {
+      "shape": shape, "optimizer": LAYERWISE_ACCUM, "grad_accum": n, "layers": layers,
+      "micro_batch": f"1 x {seq}", "accumulator_bytes": accumulator,
+      "one_layer_f32_bytes": 4 * one_layer, "opt_state_bytes": bc.tree_bytes(setup.opt_state),
+      "model_states_bytes": states, "states_plus_accumulator_bytes": states + accumulator,
+      "tree_states_bytes": bc.tree_bytes((setup.params, setup.rest, setup.opt_state)),
+      "target_bytes": target, "xla_temp_bytes": int(m.temp_size_in_bytes),
+      "xla_alias_bytes": int(m.alias_size_in_bytes),
+      "carries_bytes": n * layers * 1 * seq * d * 2, "compile_s": compile_s,
+  }
 
 
 def _states_of(state, kind) -> list:
@@ -235,16 +287,37 @@ def _states_of(state, kind) -> list:
           if isinstance(s, kind)]
 
 
+def _accumulation_target(r) -> str:
+  if r["optimizer"] == "badam_block_accum":
+    return "<= 1/L: " + ("met" if r["accumulator_over_multisteps"] <= 1 / r["layers"] else "missed")
+  if r["optimizer"] == LAYERWISE_ACCUM and r.get("target_bytes"):
+    met = r["states_plus_accumulator_bytes"] <= r["target_bytes"]
+    return f"states + accumulator <= {bc.gb(r['target_bytes'])}: {'met' if met else 'missed'}"
+  return ""
+
+
 def accumulation_table(rows) -> str:
   return bc.markdown_table(
       ["model", "optimizer", "micro-batches", "accumulator", "one layer (fp32)",
-       "accumulator / MultiSteps'", "target (<= 1/L)", "optimizer state incl. accumulator"],
+       "accumulator / MultiSteps'", "target", "optimizer state incl. accumulator"],
       [[r["shape"] + " (scanned, bf16)", r["optimizer"], r["grad_accum"],
         bc.gb(r["accumulator_bytes"]), bc.gb(r["one_layer_f32_bytes"]),
-        f"{r['accumulator_over_multisteps']:.4f}",
-        ("met" if r["accumulator_over_multisteps"] <= 1 / r["layers"] else "missed")
-        if r["optimizer"] == "badam_block_accum" else "", bc.gb(r["opt_state_bytes"])]
+        f"{r['accumulator_over_multisteps']:.4f}", _accumulation_target(r),
+        # The layer-wise step's accumulator is not in its state: counted beside it.
+        bc.gb(r["opt_state_bytes"] + (r["accumulator_bytes"] if r["optimizer"] == LAYERWISE_ACCUM
+                                      else 0))]
        for r in rows])
+
+
+def layerwise_accumulation_table(rows) -> str:
+  return bc.markdown_table(
+      ["model", "micro-batches", "model states (XLA arguments less the batch)",
+       "+ accumulator (one layer, fp32)", "micro-batch carries (N x L x b x S x d, bf16)",
+       "XLA temporaries (CPU, bf16 widened)", "compile"],
+      [[r["shape"] + " (scanned, bf16)", f"{r['grad_accum']} x {r['micro_batch']}",
+        bc.gb(r["model_states_bytes"]), bc.gb(r["states_plus_accumulator_bytes"]),
+        bc.gb(r["carries_bytes"]), bc.gb(r["xla_temp_bytes"]), f"{r['compile_s']:.1f} s"]
+       for r in rows if r["optimizer"] == LAYERWISE_ACCUM])
 
 
 def stack_table(rows) -> str:
@@ -401,6 +474,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--accum-shapes", nargs="*", default=None, choices=tuple(bc.LLAMA_SHAPES),
                       help="shapes of the accumulator account (default: Llama 2-7B and 3-8B; "
                            "--quick: tiny)")
+  parser.add_argument("--layerwise-accum", action=argparse.BooleanOptionalAction, default=True,
+                      help="add AdaRankGrad layer-wise with accumulate=N to the accumulation rows "
+                           "(one XLA compile per --accum-shapes shape)")
+  parser.add_argument("--accum-seq", type=int, default=512,
+                      help="sequence length of its micro-batches (batch 1 each)")
+  parser.add_argument("--only-accumulation", action="store_true",
+                      help="compute only the gradient-accumulation rows (with --merge: replace "
+                           "them in the existing --out file)")
   parser.add_argument("--merge", action="store_true",
                       help="update these cells in the existing --out file (an earlier complete "
                            "run) instead of replacing it")
@@ -414,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   act = QUICK_ACTIVATION if args.quick else ACTIVATION
   act = {"shape": args.activation_shape or act["shape"],
          "batch": args.activation_batch or act["batch"], "seq": args.activation_seq or act["seq"]}
-  if args.only_activations:
+  if args.only_activations or args.only_accumulation:
     xla_shapes, account_shapes = [], []
   env = bc.environment()
   start = time.perf_counter()
@@ -431,12 +512,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["stacked_vs_list"] += stacked_vs_list(shape, args)
   accum_shapes = args.accum_shapes if args.accum_shapes is not None else (
       ("tiny",) if args.quick else ACCUM_ACCOUNT_SHAPES)
+  if args.only_activations:
+    accum_shapes = []
   for shape in accum_shapes:
     result["accumulation"] += accumulation_account(shape, args)
+    print(f"accumulation {shape}: done", flush=True)
   for what, chosen in (("XLA compile", xla_shapes), ("mixed-precision account", account_shapes)):
     left_out = [s for s in bc.LLAMA_SHAPES if s not in chosen]
     if left_out:
-      why = ("--only-activations" if args.only_activations else "--quick" if args.quick
+      why = ("--only-activations" if args.only_activations else "--only-accumulation"
+             if args.only_accumulation else "--quick" if args.quick
              else "not selected on the command line")
       result["skipped"].append(f"{what} of {', '.join(left_out)}: {why}")
   for shape in xla_shapes:
@@ -457,8 +542,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
       result["xla"].append(row)
       if not args.merge:
         bc.write_json(args.out, result | {"complete": False})
-  result["activations"] = activation_rows(act["shape"], act["batch"], act["seq"], args)
-  print(f"activations {act['shape']}: done", flush=True)
+  result["activations"] = []
+  if not args.only_accumulation:
+    result["activations"] = activation_rows(act["shape"], act["batch"], act["seq"], args)
+    print(f"activations {act['shape']}: done", flush=True)
   result["wall_s"] = time.perf_counter() - start
   result["complete"] = True
   if args.merge:
@@ -473,7 +560,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   ] + ([
       "Gradient accumulation: accumulator bytes (exact, from the abstract states; GB = 1e9 bytes):",
       accumulation_table(result["accumulation"]),
-  ] if result.get("accumulation") else []) + [
+  ] if result.get("accumulation") else []) + ([
+      "AdaRankGrad with layer-wise updates and accumulation (make_layerwise_step(accumulate=N), "
+      "pure bf16; one optimizer step over N micro-batches compiled by XLA; the accumulator is "
+      "one layer's gradient, transient; the carries, every layer's input for every micro-batch, "
+      "are part of the temporaries and grow with N and the sequence):",
+      layerwise_accumulation_table(result["accumulation"]),
+  ] if any(r["optimizer"] == LAYERWISE_ACCUM for r in result.get("accumulation", [])) else []) + [
       f"XLA compiled training step, float32 configs, batch 1, sequence {args.seq_len}, "
       f"{env['backend']} backend (bf16 configs are not compiled: XLA on CPU widens bf16 matmul "
       "operands to f32 and would inflate the temporaries):",

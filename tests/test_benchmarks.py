@@ -23,7 +23,8 @@ def _read(path):
 def test_memory(tmp_path):
   out = tmp_path / "memory.json"
   memory.main(["--quick", "--out", str(out), "--account-shapes", "micro",
-               "--xla-shapes", "micro", "--accum-shapes", "micro", "--grad-accum", "4"])
+               "--xla-shapes", "micro", "--accum-shapes", "micro", "--grad-accum", "4",
+               "--accum-seq", "32"])
   result = _read(out)
   account = {(r["shape"], r["optimizer"]): r for r in result["account"]}
   assert {o for _, o in account} == set(memory.VARIANTS) | set(memory.LAYERWISE_ACCOUNT)
@@ -78,6 +79,13 @@ def test_memory(tmp_path):
   assert accum["multisteps_adamw"]["accumulator_over_multisteps"] == 1
   assert xla["badam_block_accum"]["opt_state_bytes"] > xla["badam_block"]["opt_state_bytes"]
   assert xla["badam_block_accum"]["peak_bytes"] < xla["adamw_multisteps"]["peak_bytes"]
+  # AdaRankGrad layer-wise with accumulate=4: XLA's arguments are the model states (updated in
+  # place), the accumulator one layer's float32 gradient, the carries 4 micro-batches' layer inputs.
+  lw = accum["adarankgrad_layerwise_accum"]
+  assert lw["model_states_bytes"] == lw["tree_states_bytes"] == lw["xla_alias_bytes"]
+  assert lw["accumulator_bytes"] == lw["one_layer_f32_bytes"]
+  assert lw["carries_bytes"] == 4 * 2 * 32 * 64 * 2  # N x L x 1 x S x d, bf16
+  assert "adarankgrad_layerwise_accum" in result["table"]
   assert "Gradient accumulation" in result["table"]
 
 
