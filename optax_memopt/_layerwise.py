@@ -608,11 +608,12 @@ def make_layerwise_step(
   gradient, and the gradients of the leaves outside the stack. With ``accumulate=N`` the forward
   pass keeps only each layer's input for every micro-batch (``N x L`` carries, as a big batch of
   ``N`` micro-batches under ``jax.checkpoint`` would) and the backward pass recomputes one layer
-  for one micro-batch at a time; the parts of ``loss_fn`` outside the stacks (embedding, head,
-  loss) run on all ``N`` micro-batches at once, as on a big batch. With ``donate=True`` the
-  weights and the state are updated in place. For pure low-precision training keep the parameters in bfloat16
-  (no float32 master copy) and choose the state dtype of ``tx`` (e.g. AdaRankGrad's
-  ``state_dtype``); the update arithmetic follows ``tx``.
+  for one micro-batch at a time. The forward pass runs each layer, and the parts of ``loss_fn``
+  outside the stacks (embedding, head, loss) run, on all ``N`` micro-batches at once, as on a big
+  batch (one layer's activations at a time for the stack; the logits of the whole window). With
+  ``donate=True`` the weights and the state are updated in place. For pure low-precision training
+  keep the parameters in bfloat16 (no float32 master copy) and choose the state dtype of ``tx``
+  (e.g. AdaRankGrad's ``state_dtype``); the update arithmetic follows ``tx``.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``)
@@ -885,6 +886,10 @@ def _check_accumulate(accumulate, batch_argnums):
             f"make_layerwise_step: batch_argnums={batch_argnums!r}, but loss_fn is given "
             f"{len(args)} argument(s) after params")
       chosen, names = (tuple(args[i - 1] for i in nums), {}), nums
+    if not jax.tree_util.tree_leaves(chosen):
+      raise ValueError(
+          f"make_layerwise_step(accumulate={n}): no micro-batched argument: pass the {n} "
+          f"micro-batches to the step stacked along a leading axis ([{n}, ...])")
     for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
       shape = tuple(jnp.shape(x))
       if not shape or shape[0] != n:

@@ -222,6 +222,10 @@ def test_batches_without_the_micro_batch_axis_are_refused():
     step(params, state, tokens[0], targets[0, :2])
   with pytest.raises(ValueError, match=r"keyword targets has shape \(\)"):
     step(params, state, tokens[0], targets=jnp.int32(0))
+  alone = optax_memopt.make_layerwise_step(lambda p: _loss(p, tokens[0, 0], targets[0, 0]), ADAMW,
+                                           donate=False, accumulate=N)
+  with pytest.raises(ValueError, match="no micro-batched argument"):
+    alone(params, state)
 
 
 def test_multisteps_refusal_points_to_accumulate():
