@@ -159,7 +159,7 @@ def headline_table(results: pathlib.Path = bc.RESULTS) -> str | None:
       for column in HEADLINE_COLUMNS:
         name = HEADLINE_MEMORY.get(column, column)
         cells.append(bc.gb(account[name]["total_bytes"]) + _variant(name) if name in account else "")
-      rows.append([f"{HEADLINE_MEMORY_SHAPE}: weights, gradients, optimizer state", *cells])
+      rows.append([f"memory, {HEADLINE_MEMORY_SHAPE}: weights + gradients + optimizer state", *cells])
       sources.append(("memory", memory))
   speed = _load("speed", results)
   if speed and speed.get("rows"):

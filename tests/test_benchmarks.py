@@ -317,7 +317,7 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
   # The headline: the block step's ratio and 7B memory, layer-wise AdaRankGrad's; no full table.
   (speed_row,) = [line for line in block.splitlines() if line.startswith("| step time")]
   assert "| 1.00x | 0.51x (block step) |" in speed_row and "1.01x" not in block
-  (memory_row,) = [line for line in block.splitlines() if line.startswith("| llama2-7b")]
+  (memory_row,) = [line for line in block.splitlines() if line.startswith("| memory, llama2-7b")]
   assert "| 121.30 GB | 16.30 GB (block step) | 15.30 GB (layer-wise" in memory_row
   assert "69.20 GB" not in block and "1.0 MB" not in block
   assert "full memory table" not in block and "Machine: header" not in block
