@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 from collections.abc import Sequence
 
 from benchmarks import _common as bc
@@ -151,16 +150,14 @@ def headline_table(results: pathlib.Path = bc.RESULTS) -> str | None:
   lacks an optimizer leaves its cell blank. ``None`` when no result has a headline row.
   """
   rows, sources = [], []
-  memory = _load("memory", results)
-  if memory:
-    account = {r["optimizer"]: r for r in memory["account"] if r["shape"] == HEADLINE_MEMORY_SHAPE}
-    if account:
-      cells = []
-      for column in HEADLINE_COLUMNS:
-        name = HEADLINE_MEMORY.get(column, column)
-        cells.append(bc.gb(account[name]["total_bytes"]) + _variant(name) if name in account else "")
-      rows.append([f"memory, {HEADLINE_MEMORY_SHAPE}: weights + gradients + optimizer state", *cells])
-      sources.append(("memory", memory))
+  memory = _load("memory", results) or {"account": []}
+  account = {r["optimizer"]: r for r in memory["account"] if r["shape"] == HEADLINE_MEMORY_SHAPE}
+  if account:
+    cells = []
+    for column in HEADLINE_COLUMNS:
+      name = HEADLINE_MEMORY.get(column, column)
+      cells.append(bc.gb(account[name]["total_bytes"]) + _variant(name) if name in account else "")
+    rows.append([f"memory, {HEADLINE_MEMORY_SHAPE}: weights + gradients + optimizer state", *cells])
   speed = _load("speed", results)
   if speed and speed.get("rows"):
     by_name = {r["optimizer"]: r for r in speed["rows"]}
@@ -188,15 +185,14 @@ def headline_table(results: pathlib.Path = bc.RESULTS) -> str | None:
     return None
   table = bc.markdown_table(["", *HEADLINE_COLUMNS], rows)
   notes = []
-  if memory and account:
+  if account:
     notes.append(f"Memory: the exact account of {HEADLINE_MEMORY_SHAPE}'s model states (bf16 weights, "
                  "fp32 master copy, gradients and optimizer state; activations not counted).")
-  measured = [(name, result) for name, result in sources if name != "memory"]
-  if measured:
-    envs = [result["environment"] for _, result in measured]
+  if sources:
+    envs = [result["environment"] for _, result in sources]
     cpus = "/".join(sorted({str(e["cpu_count"]) for e in envs}))
     backends = "/".join(sorted({e["backend"] for e in envs}))
-    dates = ", ".join(f"{name} {result['environment']['date'][:10]}" for name, result in measured)
+    dates = ", ".join(f"{name} {result['environment']['date'][:10]}" for name, result in sources)
     notes.append(f"Times and held-out figures: measured on {cpus} CPU cores, backend {backends} "
                  f"({dates}).")
   notes.append("Options, machines and commands: benchmarks/RESULTS.md.")
@@ -212,11 +208,6 @@ def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
   parts += ["Every table, the curves and the notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",
             "", END]
   return "\n".join(parts)
-
-
-def _strip_header(table: str) -> str:
-  """A result's table without its leading ``Machine: ...`` paragraph."""
-  return re.sub(r"\AMachine: [^\n]*\n\n", "", table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
