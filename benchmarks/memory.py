@@ -71,8 +71,8 @@ QUICK_ACCOUNT_SHAPES = ("tiny", "llama2-7b")
 ACCOUNT_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
 # Shapes whose XLA step is compiled from the scanned (stacked) model. With a python list of layers
 # AdaRankGrad's step (a randomized SVD, rank selection and moment transformation per matrix inside
-# lax.cond) compiled for 213 s at 1B and 362 s at Llama 2-7B on this machine, 25 s for Llama 2-7B
-# stacked: each kind of matrix is one batched computation whatever the number of layers.
+# lax.cond) compiles for minutes at these sizes (its compile column in RESULTS.md); stacked, each
+# kind of matrix is one batched computation whatever the number of layers.
 SCANNED_XLA_SHAPES = ("llama2-7b", "llama3-8b")
 # LoRA's adapters are added layer by layer to a python list; optax.contrib.galore projects only 2-D
 # leaves (its dimension numbers have no batch axis), so on a stack it would run full Adam.

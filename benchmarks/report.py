@@ -1,4 +1,4 @@
-"""Writes ``benchmarks/RESULTS.md`` and the README's benchmark section from the JSON results.
+"""Writes ``benchmarks/RESULTS.md`` (every table) and the README's headline table from the JSON results.
 
 Every figure comes from ``benchmarks/results/*.json`` as the scripts wrote them; nothing is typed
 in by hand. Run it after any benchmark script:
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 from collections.abc import Sequence
 
 from benchmarks import _common as bc
@@ -33,8 +32,24 @@ SECTIONS = (
     ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
      "python -m benchmarks.adarankgrad_ablation"),
 )
-# Shapes of the memory account that the README shows (the papers' models).
-README_MEMORY_SHAPES = ("llama2-7b", "llama3-8b")
+# The README's headline table: one column per optimizer; for each row, the variant of an optimizer
+# it shows when that is not the plain one (the entry point that saves the most for that row).
+HEADLINE_COLUMNS = ("adamw", "badam", "adarankgrad", "galore", "lora")
+HEADLINE_MEMORY_SHAPE = "llama2-7b"  # the BAdam paper's model
+HEADLINE_MEMORY = {"badam": "badam_block", "adarankgrad": "adarankgrad_layerwise_bf16"}
+HEADLINE_SPEED = {"badam": "badam_block"}
+HEADLINE_VARIANTS = {"badam_block": "block step",
+                     "adarankgrad_layerwise_bf16": "layer-wise step, pure bf16"}
+
+INTRO = """\
+The optimizers side by side with `optax.adamw`, `optax.contrib.galore` and LoRA (rank 8), produced by
+the scripts in `benchmarks/` on this project's 2-core CPU machine (no accelerator) and assembled by
+`python -m benchmarks.report`, which also writes the README's headline table; the JSON and PNGs are in
+`benchmarks/results/`. Each script has a `--quick` mode (under 2 minutes, run by the tests). The
+convergence benchmark's learning rates come from its own sweep on a validation split (`python -m
+benchmarks.convergence --sweep`, below); `adamw_layers` is AdamW on BAdam's trainable set (embedding
+frozen, as the papers' Adam). Targets that are missed are reported as measured.
+"""
 
 NOTES = """\
 ## Notes
@@ -93,10 +108,7 @@ def _wall(result: dict) -> str:
 
 
 def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
-  parts = ["# Benchmark results", "",
-           "Produced by the scripts in `benchmarks/` on this project's 2-core CPU machine and "
-           "assembled by `python -m benchmarks.report`; the JSON and PNGs are in "
-           "`benchmarks/results/`. Targets that are missed are reported as measured.", ""]
+  parts = ["# Benchmark results", "", INTRO]
   for name, title, command in SECTIONS:
     result = _load(name, results)
     if result is None:
@@ -122,59 +134,80 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
   return "\n".join(parts)
 
 
-def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
-  """The README's benchmark tables: headline rows of each result, with machine and date."""
-  from benchmarks import convergence as convergence_lib
-  from benchmarks import memory as memory_lib
+def _mean_std(s: dict, spec: str) -> str:
+  return "n/a" if s.get("mean") is None else f"{s['mean']:{spec}} ± {s['std']:{spec}}"
 
-  parts = [START, ""]
 
-  def block(title: str, result: dict, tables: list[str]) -> None:
-    parts.extend([title, ""])
-    for table in tables:
-      parts.extend([table, ""])
-    parts.extend([f"<sub>{bc.environment_header(result['environment'])}</sub>", ""])
+def _variant(name: str) -> str:
+  note = HEADLINE_VARIANTS.get(name)
+  return f" ({note})" if note else ""
 
-  memory = _load("memory", results)
-  if memory:
-    rows = [r for r in memory["account"] if r["shape"] in README_MEMORY_SHAPES]
-    block("**Memory** of the model states (exact mixed-precision account: bf16 weights, fp32 "
-          "master copy and optimizer states; activations not counted), `python -m "
-          "benchmarks.memory`:", memory, [memory_lib.account_table(rows)])
+
+def headline_table(results: pathlib.Path = bc.RESULTS) -> str | None:
+  """The README's headline: a few rows (memory, step time, held-out loss) per optimizer.
+
+  Every cell is read from the JSON results; a result that is missing leaves its row out, one that
+  lacks an optimizer leaves its cell blank. ``None`` when no result has a headline row.
+  """
+  rows, sources = [], []
+  memory = _load("memory", results) or {"account": []}
+  account = {r["optimizer"]: r for r in memory["account"] if r["shape"] == HEADLINE_MEMORY_SHAPE}
+  if account:
+    cells = []
+    for column in HEADLINE_COLUMNS:
+      name = HEADLINE_MEMORY.get(column, column)
+      cells.append(bc.gb(account[name]["total_bytes"]) + _variant(name) if name in account else "")
+    rows.append([f"memory, {HEADLINE_MEMORY_SHAPE}: weights + gradients + optimizer state", *cells])
   speed = _load("speed", results)
-  if speed:
-    block("**Step time** relative to AdamW, one training step of a Llama, `python -m "
-          "benchmarks.speed`:", speed, [_strip_header(speed["table"])])
-  refresh = _load("adarankgrad_refresh", results)
-  if refresh:
-    block("**Subspace refresh**: AdaRankGrad's randomized SVD against `optax.contrib.galore`'s "
-          "full SVD, one refreshing update per matrix, and the optimizer-only step time over 200 "
-          "steps, `python -m benchmarks.adarankgrad_refresh`:", refresh,
-          [_strip_header(refresh["table"])])
+  if speed and speed.get("rows"):
+    by_name = {r["optimizer"]: r for r in speed["rows"]}
+    cells = []
+    for column in HEADLINE_COLUMNS:
+      name = HEADLINE_SPEED.get(column, column)
+      cells.append(f"{by_name[name]['ratio_vs_adamw']:.2f}x{_variant(name)}" if name in by_name else "")
+    rows.append([f"step time / AdamW's ({speed.get('shape', '')} Llama, one step)", *cells])
+    sources.append(("speed", speed))
   convergence = _load("convergence", results)
   if convergence:
-    command = convergence.get("command", "python -m benchmarks.convergence")
-    block("**Convergence** on the examples' tasks, mean ± std over fine-tuning seeds of one "
-          "pretrained model per task, at learning rates chosen on a validation split, held-out "
-          f"loss against steps and measured time, `{command}` (each task's options are in "
-          "benchmarks/RESULTS.md):",
-          convergence,
-          [convergence_lib.task_header(t) + "\n\n" + convergence_lib.task_table(t)
-           for t in convergence["tasks"]])
-  ablation = _load("adarankgrad_ablation", results)
-  if ablation:
-    block("**AdaRankGrad ablation** of its defaults (which matrices are projected, rank floor, "
-          "information threshold eta, refresh threshold, moment transformation), mean ± std over "
-          "seeds, `python -m benchmarks.adarankgrad_ablation`:", ablation,
-          [_strip_header(ablation["table"])])
-  parts += ["The XLA memory analysis of the compiled steps, the curves and the notes: "
-            "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).", "", END]
+    for task in convergence.get("tasks", []):
+      agg = task["aggregate"]
+      seeds = len(task.get("seeds", []))
+      for key, label, spec in (("eval_loss", "held-out loss", ".4f"),
+                               ("eval_accuracy", "held-out accuracy", ".3f")):
+        if not any(a.get(key, {}).get("n") for a in agg.values()):
+          continue
+        rows.append([f"{task['task']}: {label} (mean ± std, {seeds} seeds)",
+                     *[_mean_std(agg[c][key], spec) if c in agg else ""
+                       for c in HEADLINE_COLUMNS]])
+    if convergence.get("tasks"):
+      sources.append(("convergence", convergence))
+  if not rows:
+    return None
+  table = bc.markdown_table(["", *HEADLINE_COLUMNS], rows)
+  notes = []
+  if account:
+    notes.append(f"Memory: the exact account of {HEADLINE_MEMORY_SHAPE}'s model states (bf16 weights, "
+                 "fp32 master copy, gradients and optimizer state; activations not counted).")
+  if sources:
+    envs = [result["environment"] for _, result in sources]
+    cpus = "/".join(sorted({str(e["cpu_count"]) for e in envs}))
+    backends = "/".join(sorted({e["backend"] for e in envs}))
+    dates = ", ".join(f"{name} {result['environment']['date'][:10]}" for name, result in sources)
+    notes.append(f"Times and held-out figures: measured on {cpus} CPU cores, backend {backends} "
+                 f"({dates}).")
+  notes.append("Options, machines and commands: benchmarks/RESULTS.md.")
+  return f"{table}\n\n<sub>{' '.join(notes)}</sub>"
+
+
+def readme_section(results: pathlib.Path = bc.RESULTS) -> str:
+  """The README's generated block: the headline table and a link to the full results."""
+  parts = [START, ""]
+  table = headline_table(results)
+  if table:
+    parts += [table, ""]
+  parts += ["Every table, the curves and the notes: [benchmarks/RESULTS.md](benchmarks/RESULTS.md).",
+            "", END]
   return "\n".join(parts)
-
-
-def _strip_header(table: str) -> str:
-  """A result's table without its leading ``Machine: ...`` paragraph."""
-  return re.sub(r"\AMachine: [^\n]*\n\n", "", table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

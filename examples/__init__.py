@@ -1,4 +1,4 @@
-"""The fine-tuning examples: scripts, and the modules they are made of (see the README's Layout)."""
+"""The fine-tuning examples: scripts, and the modules they are made of (see docs/examples.md)."""
 
 import os
 

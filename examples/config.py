@@ -32,10 +32,10 @@ from typing import Any
 OPTIMIZERS = ("adamw", "adamw_layers", "badam", "badam_ratio", "adarankgrad", "galore", "lora")
 # Optimizers whose update is per leaf (optax_memopt.make_layerwise_step applies them layer by layer).
 LAYERWISE_OPTIMIZERS = ("adamw", "adarankgrad")
-# Chosen on the default tasks (200-step runs, see benchmarks/RESULTS.md): full AdamW learns the RoBERTa
-# task at 1e-3 and stalls at the majority class at 3e-3; the block, projected and adapter methods
-# change fewer directions per step and want 3e-3 (GaLore and AdaRankGrad at 1e-3 reach a clearly
-# higher Llama loss).
+# Defaults for the examples' short runs: full AdamW at a lower rate than the block, projected and
+# adapter methods, which change fewer directions per step. The convergence benchmark chooses its own
+# rate per optimizer on a validation split (`python -m benchmarks.convergence --sweep`, in
+# benchmarks/RESULTS.md).
 DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "adamw_layers": 1e-3, "galore": 3e-3, "adarankgrad": 3e-3,
                           "badam": 3e-3, "badam_ratio": 3e-3, "lora": 3e-3}
 FINAL_LOSS_STEPS = 10  # the "final train loss" is the mean over this many last steps

@@ -4,7 +4,7 @@ Default (fully offline): a small random-init Llama, a byte-level BPE trained in 
 instruction set built from the Python reference manual that ships with Python (``pydoc_data``):
 "Explain the Python topic X" → the opening paragraphs of its text. Then prints a greedy generation.
 
-  python examples/finetune_llama.py                         # BAdam, see the README for its time
+  python examples/finetune_llama.py                         # BAdam on a small random-init Llama
   python examples/finetune_llama.py --optimizer lora --lora-rank 8
   python examples/finetune_llama.py --compare adamw,badam,adarankgrad
   python examples/finetune_llama.py --model DIR --data alpaca.json   # an HF Llama checkpoint

@@ -38,11 +38,10 @@ measured by ``tests/test_sharding.py`` on a data=2 x model=4 mesh:
   it, with no ``out_shardings`` needed. No collective returns a whole weight matrix, projector or
   moment: the randomized SVD of a subspace refresh replicates only the thin sketch panels for its
   QRs (``[M, l]``, ``[N, l]``) and ``Q^T G`` (``[l, N]``, ``l = max_rank + oversample``), and
-  all-reduces partial products. Measured with ``max_rank=8`` on this tiny model: 486,656 B per
-  device for a step whose every matrix refreshes (the collectives of both branches of the
-  refresh's ``lax.cond``: 1.19 x the sketch plus projected panel bytes, 1.23 x the whole model's
-  394,496 parameter bytes -- at real widths the panels are a small fraction of a matrix) and
-  13,376 B for a step without a refresh (the projected gradients' all-reduces). Under an Explicit
+  all-reduces partial products; a step without a refresh only all-reduces the projected
+  gradients. ``tests/test_sharding.py`` bounds these collectives by the sketch and projected panel
+  sizes and prints the bytes it measures (on its tiny model the panels are not small next to a
+  matrix, as they are at real widths). Under an Explicit
   mesh (sharding in types) the update works too: its linear algebra runs inside
   ``jax.sharding.auto_axes`` and every state leaf keeps its type.
 

@@ -463,20 +463,17 @@ def scale_by_adarankgrad(
   outside the layers get plain Adam, as in the papers (GaLore and AdaRankGrad project the
   attention and MLP matrices). Parameters without recognisable layers have every matrix
   projected (``projection_mask=None`` always does that). This default is what keeps AdaRankGrad
-  from stalling: ``benchmarks/adarankgrad_ablation.py`` trains the examples' RoBERTa classifier
-  from scratch, where projecting the embeddings too (the previous default) ended at the
-  majority class (held-out accuracy 0.568, mean rank 1.6) and no rank setting fixed it (a floor
-  of 4 or 8 stayed at the majority class, the full rank 16 reached 0.596), while projecting only
-  the layers learns at the same information threshold (accuracy 0.740 against AdamW's 0.781):
-  a randomly initialised embedding's gradient touches only the batch's tokens and is not
-  low-rank, so a low-rank subspace cannot train it.
+  from stalling: a randomly initialised embedding's gradient touches only the batch's tokens and
+  is not low-rank, so a low-rank subspace cannot train it; in ``benchmarks/adarankgrad_ablation.py``
+  (the examples' RoBERTa classifier) projecting the embeddings too, at any rank, ended at the
+  majority class, while projecting only the layers learns.
 
   **Rank floor** (``min_rank=None``: half of ``max_rank``). The layers' gradients of the same
-  classifier are concentrated too: ``info_threshold=0.9`` alone keeps a mean rank of about 1.6, and
-  on the ablation's small RoBERTa one seed of three still ended at the majority class. The
-  information threshold still adapts the rank between the floor and ``max_rank``; since the state
-  is ``max_rank`` wide whatever the effective rank, the floor costs no memory (only the
-  projections' flops of the extra columns).
+  classifier are concentrated too: ``info_threshold`` alone keeps very small ranks, with which
+  some seeds of the ablation still ended at the majority class. The information threshold still
+  adapts the rank between the floor and ``max_rank``; since the state is ``max_rank`` wide
+  whatever the effective rank, the floor costs no memory (only the projections' flops of the extra
+  columns). The ablation's figures are in ``benchmarks/RESULTS.md``.
 
   Other defaults that the paper does not publish are our choices: ``info_threshold=0.9`` (keep 90%
   of the gradient's energy: gradients of trained layers are dominated by a few directions, so
@@ -796,7 +793,10 @@ def adarankgrad(
     w_{t+1} = w_t - \gamma_t \left(u_t + \lambda w_t\right).
 
   For the optimizer-state memory, a projected ``m x n`` weight costs :math:`r(\max(m,n) + 2
-  \min(m,n))` numbers at rank ``max_rank`` instead of Adam's :math:`2mn`.
+  \min(m,n))` numbers at rank ``max_rank`` instead of Adam's :math:`2mn`. The whole gradient still
+  exists between ``jax.grad`` and ``tx.update``; :func:`optax_memopt.make_layerwise_step` (a layer
+  stack run by :func:`optax_memopt.scan_layers`) applies this optimizer inside the backward pass,
+  one layer at a time, so that no gradient larger than one layer's exists.
 
   Args:
     learning_rate: A fixed learning rate or a schedule.

@@ -779,6 +779,12 @@ def badam(
   outside the active block get :math:`u_t = 0`. Optimizer state: AdamW's two moments for one block
   (plus a float32 master copy of it when params are bf16/fp16), see :func:`block_coordinate`.
 
+  As a drop-in (``jax.grad``, then ``tx.update``) BAdam saves optimizer memory only: the backward
+  pass still computes every weight gradient. :func:`optax_memopt.make_block_step` differentiates
+  only the active block, which also saves the backward pass below it and all but one block's
+  gradient buffers; run a scanned layer stack with :func:`optax_memopt.scan_layers` so that every
+  layer block shares one compiled step.
+
   Leaves named in ``always_active`` (e.g. a new classification head) take the update above at every
   step whatever the active block, with their moments reset at each switch together with the block's
   (the reference's ``active_modules``; ``reset_always_active=False`` keeps them, and their bias

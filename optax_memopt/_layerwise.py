@@ -1,7 +1,7 @@
 """Layer-wise updates: the optimizer runs inside the backward pass, one layer at a time.
 
-``jax.grad`` followed by ``tx.update`` holds the whole model's gradient at once (for a 7B model in
-float32, 27 GB). :func:`make_layerwise_step` instead hands each layer's gradient to the optimizer
+``jax.grad`` followed by ``tx.update`` holds the whole model's gradient at once (4 bytes per
+parameter in float32). :func:`make_layerwise_step` instead hands each layer's gradient to the optimizer
 as soon as the backward pass has computed it: the layer stack's backward scan (run by
 :func:`optax_memopt.scan_layers`) computes layer ``l``'s weight gradient, applies ``tx.update`` to
 layer ``l``'s slice of the weights and of every per-layer part of the optimizer state, writes the

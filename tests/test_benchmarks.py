@@ -292,6 +292,7 @@ def test_adarankgrad_ablation(tmp_path):
 
 
 def test_report_builds_results_md_and_readme_section(tmp_path):
+  """RESULTS.md gets every table; the README's block only the headline rows read from the JSON."""
   results = tmp_path / "results"
   results.mkdir()
   env = {"date": "2026-01-01T00:00:00", "platform": "p", "processor": "x", "cpu_count": 2,
@@ -299,7 +300,16 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
          "backend": "cpu"}
   (results / "speed.json").write_text(json.dumps(
       {"environment": env, "shape": "small", "wall_s": 60.0,
-       "table": "Machine: header\n\n| optimizer | ratio |\n|---|---|\n| adamw | 1.00x |"}))
+       "rows": [{"optimizer": "adamw", "ratio_vs_adamw": 1.0},
+                {"optimizer": "badam_dropin", "ratio_vs_adamw": 1.011},
+                {"optimizer": "badam_block", "ratio_vs_adamw": 0.514}],
+       "table": "Machine: header\n\n| optimizer | ratio |\n|---|---|\n| badam_dropin | 1.01x |"}))
+  (results / "memory.json").write_text(json.dumps(
+      {"environment": env, "table": "Machine: header\n\n| full memory table |",
+       "account": [{"shape": s, "optimizer": o, "total_bytes": b} for s, o, b in (
+           ("tiny", "adamw", 1e6), ("llama2-7b", "adamw", 121.3e9),
+           ("llama2-7b", "badam_block", 16.3e9), ("llama2-7b", "adarankgrad", 69.2e9),
+           ("llama2-7b", "adarankgrad_layerwise_bf16", 15.3e9))]}))
   # A result that records its command line is reproduced by that command (a stopped one says so).
   (results / "convergence_sweep.json").write_text(json.dumps(
       {"environment": env, "complete": False, "table": "Machine: header\n\n| optimizer |",
@@ -311,16 +321,41 @@ def test_report_builds_results_md_and_readme_section(tmp_path):
                "--results", str(results)])
   text = readme.read_text()
   assert text.startswith("intro\n") and text.endswith("after\n") and "old" not in text
-  assert "| adamw | 1.00x |" in text and "Machine: header" not in text and env["date"] in text
+  block = text.split(report.START)[1].split(report.END)[0]
+  # The headline: the block step's ratio and 7B memory, layer-wise AdaRankGrad's; no full table.
+  (speed_row,) = [line for line in block.splitlines() if line.startswith("| step time")]
+  assert "| 1.00x | 0.51x (block step) |" in speed_row and "1.01x" not in block
+  (memory_row,) = [line for line in block.splitlines() if line.startswith("| memory, llama2-7b")]
+  assert "| 121.30 GB | 16.30 GB (block step) | 15.30 GB (layer-wise" in memory_row
+  assert "69.20 GB" not in block and "1.0 MB" not in block
+  assert "full memory table" not in block and "Machine: header" not in block
+  assert "speed 2026-01-01" in block and "benchmarks/RESULTS.md" in block
   md = results_md.read_text()
+  assert "| badam_dropin | 1.01x |" in md and "| full memory table |" in md
   assert "Reproduce: `python -m benchmarks.speed` (wall time 1.0 min)" in md
   assert ("Reproduce: `python -m benchmarks.convergence --sweep --tasks roberta-pretrained` "
           "(incomplete" in md)
-  assert "Machine: header" in md and "memory" not in md.split("## Notes")[0].lower()
+  assert "Machine: header" in md
   readme.write_text("no markers")
   with pytest.raises(SystemExit):
     report.main(["--readme", str(readme), "--results-md", str(results_md),
                  "--results", str(results)])
+
+
+def test_report_headline_reads_the_convergence_aggregate(tmp_path):
+  """Held-out loss per optimizer (mean ± std over the seeds), blank for an optimizer not run."""
+  env = {"date": "2026-02-03T00:00:00", "cpu_count": 2, "backend": "cpu"}
+  stat = lambda m, s: {"mean": m, "std": s, "n": 3}
+  agg = {o: {"eval_loss": stat(loss, 0.01), "eval_accuracy": {"mean": None, "std": None, "n": 0}}
+         for o, loss in (("adamw", 0.61), ("badam", 0.82), ("adarankgrad", 0.49))}
+  (tmp_path / "convergence.json").write_text(json.dumps(
+      {"environment": env, "tasks": [{"task": "t", "seeds": [0, 1, 2], "aggregate": agg}]}))
+  table = report.headline_table(tmp_path)
+  (row,) = [line for line in table.splitlines() if line.startswith("| t:")]
+  assert row == ("| t: held-out loss (mean ± std, 3 seeds) | 0.6100 ± 0.0100 | 0.8200 ± 0.0100 "
+                 "| 0.4900 ± 0.0100 |  |  |")
+  assert "accuracy" not in table and "convergence 2026-02-03" in table
+  assert report.headline_table(tmp_path / "missing") is None
 
 
 def test_sweep_extends_the_grid_beyond_a_best_edge(tmp_path, monkeypatch):
