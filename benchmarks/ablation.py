@@ -104,6 +104,7 @@ class Study:
     metrics: ``run directory -> {key: figure}``, extra per-run figures for ``columns``.
     columns: the study's own columns, after the held-out figures.
     header: ``(task entry, result) -> str``, the line above a task's table.
+    note: a paragraph under the tables (``RESULTS.md`` shows it), e.g. what the rows change.
   """
 
   name: str
@@ -119,6 +120,7 @@ class Study:
   metrics: Callable[[pathlib.Path], dict] | None = None
   columns: tuple[Column, ...] = ()
   header: Callable[[dict, dict], str] | None = None
+  note: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +268,8 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
   result = {"benchmark": study.name, "quick": args.quick, "environment": env,
             "command": " ".join([command, *map(shlex.quote, argv)]),
             "steps": steps, "seeds": seeds, "model_seed": model_seed, "tasks": []}
+  if study.note:
+    result["note"] = study.note
 
   def save(complete: bool) -> None:
     result["complete"] = complete

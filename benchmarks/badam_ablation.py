@@ -82,7 +82,15 @@ STUDY = ablation.Study(
     name="badam_ablation", description=__doc__, variants=VARIANTS,
     tasks=("roberta-pretrained",), seeds=(0, 1, 2), swept_rates=True,
     model_seed=convergence.MODEL_SEED,
-    settings=True, header=header)
+    settings=True, header=header, note=(
+        "Each BAdam row changes one thing about the convergence benchmark's BAdam run (its "
+        "options, pretrained model, seeds and swept learning rates): the task head as a block of "
+        "its own instead of always active, the head's Adam moments kept across switches "
+        "(`--no-reset-always-active`; the reference resets them), the embedding always active "
+        "too, 5 or 1 block-epochs instead of 2, 0.3x or 3x the chosen rate, 2x or 4x the steps at "
+        "2 block-epochs, or 4x the pretraining steps. The last column divides its held-out loss "
+        "by the matching AdamW row's (same seed); the rates were swept at 200 steps and are kept "
+        "for the longer runs."))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
