@@ -45,7 +45,7 @@ VARIANTS = {
     "benchmark setting": V("badam", reference="adamw"),
     "head not always active (a block of its own)": V(
         "badam", ("--no-always-active-head",), reference="adamw", tasks=ROBERTA),
-    "head's moments kept across switches": V(
+    "head moments kept across switches": V(
         "badam", ("--no-reset-always-active",), reference="adamw", tasks=ROBERTA),
     "embedding always active too": V(
         "badam", ("--always-active", "embeddings"), reference="adamw", tasks=ROBERTA),

@@ -469,13 +469,13 @@ def test_roberta_grad_accum_with_an_always_active_head(tmp_path):
 def test_badam_always_active_options():
   """--no-always-active-head makes a task head one more block, --always-active adds leaves that
   train at every step (also to adamw_layers' set), --no-reset-always-active reaches badam; a
-  pattern that matches nothing is one line naming the option. None of them changes a pretraining."""
+  pattern that matches nothing is one line naming the option."""
   import dataclasses
 
   import jax
   import jax.numpy as jnp
 
-  from examples import config, optimizers, pretraining, training
+  from examples import config, optimizers, training
 
   params = {"embeddings": {"embedding": jnp.ones((8, 4))},
             "layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(2)},
@@ -513,4 +513,3 @@ def test_badam_always_active_options():
   assert len(jax.tree.leaves(kept)) > len(jax.tree.leaves(updates("badam")[1]))
   with pytest.raises(config.UsageError, match=r"--always-active 'nosuch': .*matches no parameter"):
     optimizers.make_optimizer(dataclasses.replace(cfg, always_active="nosuch"), "badam", params, task)
-  assert {"always_active_head", "always_active", "reset_always_active"} <= pretraining.NOT_PRETRAINING
