@@ -297,6 +297,8 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
     built_tasks: dict[tuple, training.Task] = {}
     for seed in seeds:
       built = seed if model_seed is None else model_seed
+      if model_seed is None:
+        built_tasks.clear()  # the previous seed's task is not used again
       for i, row in enumerate(rows):
         out = runs_dir / name / str(seed) / str(i)
         cfg = config.parse_config(module.Config, row["config_overrides"] + [

@@ -64,7 +64,7 @@ def mean_rank(out: pathlib.Path) -> float:
 
 
 def header(t: dict, result: dict) -> str:
-  return (f"{t['task']}: {result['steps']} steps, max rank {t['rank']}, seeds "
+  return (f"{t['task']}: {result['steps']} steps, max rank {t.get('rank', '?')}, seeds "
           f"{', '.join(map(str, result['seeds']))} (mean ± std), options "
           f"`{' '.join(t.get('options', []))}`:")
 
