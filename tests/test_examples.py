@@ -513,3 +513,36 @@ def test_badam_always_active_options():
   assert len(jax.tree.leaves(kept)) > len(jax.tree.leaves(updates("badam")[1]))
   with pytest.raises(config.UsageError, match=r"--always-active 'nosuch': .*matches no parameter"):
     optimizers.make_optimizer(dataclasses.replace(cfg, always_active="nosuch"), "badam", params, task)
+
+
+def test_badam_schedule_runs_on_the_global_step_in_the_block_step():
+  """The examples' BAdam (block step, always-active head): the warmup and the cosine decay follow
+  the run's step, neither restarts at a block switch. With a constant gradient every Adam step is
+  the learning rate itself (|m_hat / sqrt(v_hat)| = 1, up to eps), for the active layer and the head."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import optax_memopt
+  from examples import optimizers, training
+
+  params = {"layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(3)},
+            "classifier": {"kernel": jnp.ones((4, 3))}}
+  task = training.Task("t", lambda: None, lambda m, b: None, {}, {}, head=("classifier",),
+                       from_scratch=False)
+  cfg = finetune_roberta.Config(steps=12, warmup_steps=4, switch_every=3, clip_norm=0.0,
+                                learning_rate=1e-2, switch_mode="ascending")
+  tx = optimizers.make_optimizer(cfg, "badam", params, task)
+  step = optax_memopt.make_block_step(lambda p, batch: sum(x.sum() for x in jax.tree.leaves(p)), tx)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 4, 12, end_value=1e-3)
+  state, p = tx.init(params), params
+  for t in range(12):
+    before = jax.tree.map(np.asarray, p)
+    p, state, _ = step(p, state, None)
+    moved = [float(np.abs(np.asarray(p["layers"][i]["mlp"]["kernel"]) - before["layers"][i]["mlp"][
+        "kernel"]).max()) for i in range(3)]
+    head = float(np.abs(np.asarray(p["classifier"]["kernel"]) - before["classifier"]["kernel"]).max())
+    expected = float(schedule(t))
+    np.testing.assert_allclose([moved[(t // 3) % 3], head], [expected] * 2, rtol=1e-4, atol=1e-7)
+    assert sum(m > 0 for m in moved) <= 1
