@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import shlex
 import sys
@@ -224,6 +225,21 @@ def _row(name: str, variant: str, v: Variant, steps: int, batch_size: int, quick
           "reference": v.reference, "seeds": []}
 
 
+def reusable_runs(paths: Sequence[pathlib.Path]) -> dict:
+  """``(task, variant, options, seed, learning rate) -> {"seed": per-seed entry, "row": the row's
+  block figures}`` of earlier results (``--reuse``)."""
+  found = {}
+  for path in paths:
+    for t in json.loads(pathlib.Path(path).read_text())["tasks"]:
+      for r in t["rows"]:
+        row = {k: r[k] for k in ("switch_every", "blocks", "block_epochs") if k in r}
+        for s in r["seeds"]:
+          lr = s.get("config", {}).get("learning_rate")
+          found[(t["task"], r["variant"], tuple(r.get("config_overrides", ())), s["seed"], lr)] = {
+              "seed": {k: v for k, v in s.items() if k != "reused"}, "row": row}
+  return found
+
+
 def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
   """Runs ``study`` with the command line ``argv`` of ``command`` (e.g. ``python -m
   benchmarks.ablation --study badam``, recorded with ``argv`` in the JSON); writes and returns the
@@ -256,7 +272,13 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
                       help="extra example options for every run, e.g. '--num-layers 2'")
   parser.add_argument("--runs-dir", type=pathlib.Path, default=None,
                       help="where the examples' run directories go (default: a temporary one)")
+  parser.add_argument("--reuse", type=pathlib.Path, nargs="*", default=[],
+                      help="earlier result JSONs of this study (complete or stopped): their runs "
+                      "with the same task, variant, options, seed and learning rate are taken from "
+                      "there instead of being run again (to continue a stopped run, or to merge "
+                      "runs of separate processes)")
   args = parser.parse_args(argv)
+  earlier = reusable_runs(args.reuse)
   steps = args.steps or (study.quick_steps if args.quick else study.steps)
   seeds = args.seeds if args.seeds is not None else list(study.seeds[:1] if args.quick
                                                          else study.seeds)
@@ -267,7 +289,8 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
   runs_dir = args.runs_dir or pathlib.Path(tempfile.mkdtemp(prefix="ablation_"))
   result = {"benchmark": study.name, "quick": args.quick, "environment": env,
             "command": " ".join([command, *map(shlex.quote, argv)]),
-            "steps": steps, "seeds": seeds, "model_seed": model_seed, "tasks": []}
+            "steps": steps, "seeds": seeds, "model_seed": model_seed, "tasks": [],
+            "reused": [str(p) for p in args.reuse]}
   if study.note:
     result["note"] = study.note
 
@@ -304,14 +327,19 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
         cfg = config.parse_config(module.Config, row["config_overrides"] + [
             "--seed", str(built), "--out", str(out)], module.__doc__.splitlines()[0])
         entry["rank"] = cfg.rank
+        lr = cfg.learning_rate or row["learning_rate"]  # the variant's --learning-rate wins
+        if cfg.learning_rate:
+          row["learning_rate"], row["lr_source"] = cfg.learning_rate, "option"
+        found = earlier.get((name, row["variant"], tuple(row["config_overrides"]), seed, lr))
+        if found is not None:
+          row.update(found["row"])
+          row["seeds"].append(found["seed"] | {"reused": True})
+          continue
         # One task per seed and pretraining: every row fine-tunes the same data and weights.
         key = (built, getattr(cfg, "pretrain_steps", 0))
         if key not in built_tasks:
           built_tasks[key] = module.build_task(cfg)
         task = built_tasks[key]
-        lr = cfg.learning_rate or row["learning_rate"]  # the variant's --learning-rate wins
-        if cfg.learning_rate:
-          row["learning_rate"], row["lr_source"] = cfg.learning_rate, "option"
         cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
         if row["optimizer"].startswith("badam") and "blocks" not in row:
           row["switch_every"] = cfg.switch_every

@@ -25,6 +25,8 @@ the benchmark's 200 steps and are kept for the longer runs.
     python -m benchmarks.badam_ablation --variants adamw "benchmark setting" "lr x3"
     python -m benchmarks.badam_ablation --tasks llama-pretrained
     python -m benchmarks.badam_ablation --quick          # 2-layer model, 20 steps, seed 0
+    python -m benchmarks.badam_ablation --reuse benchmarks/results/badam_ablation.json
+                                                         # continue a stopped run
 
 (``python -m benchmarks.ablation --study badam`` runs the same study.)
 """

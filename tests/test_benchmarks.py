@@ -321,6 +321,12 @@ def test_badam_ablation(tmp_path, monkeypatch):
   table = result["table"]
   assert "| head not always active (a block of its own) | badam | 2 | 1 (0.7) |" in table
   assert f"| {base['ratios'][0]:.3f} ± 0.000 | adamw |" in table and "pretraining steps" not in table
+  # --reuse: the same runs are taken from the earlier JSON, nothing is trained again.
+  monkeypatch.setattr(ablation.training, "train", lambda *a, **k: pytest.fail("trained again"))
+  again = badam_ablation.main(argv[:2] + [str(tmp_path / "again.json")] + argv[3:]
+                              + ["--reuse", str(out)])
+  assert all(s["reused"] for r in again["tasks"][0]["rows"] for s in r["seeds"])
+  assert again["table"].split("\n\n", 1)[1] == table.split("\n\n", 1)[1]
 
 
 def test_ablation_row_settings():
