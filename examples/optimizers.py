@@ -94,6 +94,9 @@ def badam_labels(cfg: TrainConfig, params: dict, task: Any):
   model's are frozen. A new task head is always active (``--no-always-active-head``: a block of its
   own, with whatever else follows the layers), and so are the leaves ``--always-active`` names.
   """
+  if not task.head and not cfg.always_active_head:
+    raise UsageError("--no-always-active-head: this task has no new task head (an LM head is a "
+                     "block of a random-init model and frozen in a pretrained one); leave it out")
   head_block = task.from_scratch if not task.head else not cfg.always_active_head
   return _checked_labels(cfg, params, always_active_patterns(cfg, task),
                          include_embedding=task.from_scratch, include_lm_head=head_block)

@@ -513,6 +513,9 @@ def test_badam_always_active_options():
   assert len(jax.tree.leaves(kept)) > len(jax.tree.leaves(updates("badam")[1]))
   with pytest.raises(config.UsageError, match=r"--always-active 'nosuch': .*matches no parameter"):
     optimizers.make_optimizer(dataclasses.replace(cfg, always_active="nosuch"), "badam", params, task)
+  with pytest.raises(config.UsageError, match="--no-always-active-head: this task has no new task"):
+    optimizers.make_optimizer(dataclasses.replace(cfg, always_active_head=False), "badam", params,
+                              dataclasses.replace(task, head=()))
 
 
 def test_badam_schedule_runs_on_the_global_step_in_the_block_step():
