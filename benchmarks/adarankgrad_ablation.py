@@ -15,24 +15,22 @@ as in the papers) with a rank floor of half the maximum rank; the rows vary the 
 the rank floor, the information threshold, the refresh threshold and the moment transformation
 around them.
 
+The runner and the tables are ``benchmarks/ablation.py``'s (``--study adarankgrad`` there runs the
+same study).
+
     python -m benchmarks.adarankgrad_ablation            # 200 steps per run, seeds 0 1
     python -m benchmarks.adarankgrad_ablation --quick    # 2-layer models, 20 steps, seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import tempfile
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from benchmarks import _common as bc
-from benchmarks import convergence
-from examples import config, training
+from benchmarks import ablation
 
 # name -> (optimizer, extra example options)
 VARIANTS = {
@@ -65,78 +63,22 @@ def mean_rank(out: pathlib.Path) -> float:
   return float(np.mean(ranks)) if ranks else float("nan")
 
 
-def _pm(values: Sequence[float | None], spec: str) -> str:
-  v = np.array([x for x in values if x is not None and not np.isnan(x)], float)
-  if not len(v):
-    return ""
-  return f"{v.mean():{spec}} ± {(v.std(ddof=1) if len(v) > 1 else 0.0):{spec}}"
+def header(t: dict, result: dict) -> str:
+  return (f"{t['task']}: {result['steps']} steps, max rank {t.get('rank', '?')}, seeds "
+          f"{', '.join(map(str, result['seeds']))} (mean ± std), options "
+          f"`{' '.join(t.get('options', []))}`:")
 
 
-def task_table(t: dict) -> str:
-  has_acc = any("eval_accuracy" in s for r in t["rows"] for s in r["seeds"])
-  rows = []
-  for r in t["rows"]:
-    per_seed = {k: [s.get(k) for s in r["seeds"]]
-                for k in ("final_loss", "eval_loss", "eval_accuracy", "mean_rank")}
-    rows.append([r["variant"], _pm(per_seed["final_loss"], ".4f"),
-                 _pm(per_seed["eval_loss"], ".4f")]
-                + ([_pm(per_seed["eval_accuracy"], ".3f")] if has_acc else [])
-                + [_pm(per_seed["mean_rank"], ".2f")])
-  return bc.markdown_table(["variant", "final train loss", "held-out loss"]
-                           + (["held-out accuracy"] if has_acc else []) + ["mean effective rank"],
-                           rows)
+STUDY = ablation.Study(
+    name="adarankgrad_ablation", description=__doc__,
+    variants={name: ablation.Variant(opt, tuple(options)) for name, (opt, options) in VARIANTS.items()},
+    tasks=("roberta", "llama"), seeds=(0, 1),
+    metrics=lambda out: {"mean_rank": mean_rank(out)},
+    columns=(ablation.Column("mean effective rank", "mean_rank", ".2f"),), header=header)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  bc.add_output_args(parser, "adarankgrad_ablation")
-  parser.add_argument("--tasks", nargs="*", default=["roberta", "llama"],
-                      choices=tuple(convergence.TASKS))
-  parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=tuple(VARIANTS))
-  parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                      help="default 0 1 (--quick: 0)")
-  parser.add_argument("--steps", type=int, default=None, help="default 200 (--quick: 20)")
-  parser.add_argument("--task-args", default="",
-                      help="extra example options for every run, e.g. '--num-layers 2'")
-  args = parser.parse_args(argv)
-  steps = args.steps or (20 if args.quick else 200)
-  seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
-  env = bc.environment()
-  start = time.perf_counter()
-  runs_dir = pathlib.Path(tempfile.mkdtemp(prefix="ablation_"))
-  result = {"benchmark": "adarankgrad_ablation", "quick": args.quick, "environment": env,
-            "steps": steps, "seeds": seeds, "tasks": []}
-  for name in args.tasks:
-    module = convergence.TASKS[name]
-    base = convergence.task_options(name, steps, 8 if args.quick else 16,
-                                    args.quick) + args.task_args.split()
-    rows = [{"variant": v, "optimizer": VARIANTS[v][0], "options": VARIANTS[v][1], "seeds": []}
-            for v in args.variants]
-    for seed in seeds:
-      task = None
-      for i, row in enumerate(rows):
-        out = runs_dir / name / str(seed) / str(i)
-        cfg = config.parse_config(module.Config, base + row["options"] + [
-            "--seed", str(seed), "--out", str(out)], module.__doc__.splitlines()[0])
-        task = task or module.build_task(cfg)  # same data and init for every variant of a seed
-        summary = training.train(cfg, task, row["optimizer"], out)
-        row["seeds"].append({"seed": seed, "mean_rank": mean_rank(out), **summary})
-        print(f"{name}/seed {seed}/{row['variant']}: final loss {summary['final_loss']:.4f}, "
-              f"eval loss {summary['eval_loss']:.4f}", flush=True)
-    result["tasks"].append({"task": name, "rank": cfg.rank, "options": base, "rows": rows})
-    bc.write_json(args.out, result | {"complete": False})
-  result["wall_s"] = time.perf_counter() - start
-  result["complete"] = True
-  parts = [bc.environment_header(env)]
-  for t in result["tasks"]:
-    parts.append(f"{t['task']}: {steps} steps, max rank {t['rank']}, seeds "
-                 f"{', '.join(map(str, seeds))} (mean ± std), options "
-                 f"`{' '.join(t.get('options', []))}`:")
-    parts.append(task_table(t))
-  result["table"] = "\n\n".join(parts)
-  bc.write_json(args.out, result)
-  print(result["table"])
-  return result
+  return ablation.run(STUDY, argv, "python -m benchmarks.adarankgrad_ablation")
 
 
 if __name__ == "__main__":

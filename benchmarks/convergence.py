@@ -105,14 +105,16 @@ LEARNS_MARGIN = 0.15
 
 def expected_blocks(name: str, options: Sequence[str]) -> int:
   """BAdam's block count on task ``name``: one per layer, plus the embedding of a random-init
-  model and a random-init Llama's LM head (a RoBERTa task head is always active, not a block)."""
+  model and a random-init Llama's LM head (a RoBERTa task head is always active, not a block,
+  unless ``--no-always-active-head``)."""
   layers = 4
   for i, o in enumerate(options[:-1]):
     if o == "--num-layers":
       layers = int(options[i + 1])
+  head = 1 if name.startswith("roberta") and "--no-always-active-head" in options else 0
   if name in PRETRAINED:
-    return layers
-  return layers + (2 if name.startswith("llama") else 1)
+    return layers + head
+  return layers + head + (2 if name.startswith("llama") else 1)
 
 
 def switch_every(name: str, steps: int, options: Sequence[str],
@@ -145,12 +147,11 @@ def count_blocks(task: training.Task, cfg) -> int:
   """BAdam's block count on ``task``, as the examples' optimizer labels the parameters."""
   from flax import nnx
 
-  import optax_memopt
+  from examples import optimizers
 
   model = task.make_model()
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                     include_lm_head=task.from_scratch and not task.head)
+  labels = optimizers.badam_labels(cfg, params, task)
   ids = {int(b) for lab in jax.tree.leaves(labels) for b in np.ravel(lab)}
   return len({b for b in ids if b >= 0})
 

@@ -29,6 +29,7 @@ SECTIONS = (
     ("convergence_sweep", "Learning-rate sweep of the convergence benchmark (validation split)",
      "python -m benchmarks.convergence --sweep"),
     ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
+    ("badam_ablation", "BAdam's gap, ablated", "python -m benchmarks.badam_ablation"),
     ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
      "python -m benchmarks.adarankgrad_ablation"),
 )

@@ -104,6 +104,17 @@ class TrainConfig:
                           "global-norm clipping needs the whole gradient, so --clip-norm is off")
   switch_every: int = field(20, "BAdam / BAdam-ratio: steps per block before switching")
   switch_mode: str = field("random", "BAdam block order: random, ascending, descending, fixed")
+  always_active_head: bool = field(True, "BAdam / BAdam-ratio: train a new task head (RoBERTa's "
+                                   "classifier) at every step, as the BAdam reference's "
+                                   "active_modules (--no-always-active-head: the head is one more "
+                                   "block, trained 1/D of the time)")
+  always_active: str = field("", "BAdam / BAdam-ratio: comma-separated regular expressions of "
+                             "further parameters trained at every step whatever the active "
+                             "block (dotted paths matched on whole components, e.g. 'embeddings'; "
+                             "a parameter BAdam would freeze is then trained)")
+  reset_always_active: bool = field(True, "BAdam: reset the always-active parameters' Adam moments "
+                                    "at every block switch, as the reference does "
+                                    "(--no-reset-always-active keeps them for the whole run)")
   update_ratio: float = field(0.1, "BAdam-ratio: fraction of each tensor trained at a time")
   rank: int = field(16, "GaLore rank and AdaRankGrad maximum rank")
   info_threshold: float | None = field(None, "AdaRankGrad: fraction of each gradient's energy "

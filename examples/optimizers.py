@@ -71,14 +71,46 @@ def add_adapters(model: nnx.Module, optimizer: str, cfg: TrainConfig, task: Any)
   return nnx.Any(nnx.LoRAParam, *[nnx.PathContains(h) for h in task.head])
 
 
+def always_active_patterns(cfg: TrainConfig, task: Any) -> list[str]:
+  """The regular expressions of the leaves BAdam trains at every step: a new task head (unless
+  ``--no-always-active-head``) and ``--always-active``'s."""
+  head = [re.escape(h) for h in task.head] if cfg.always_active_head else []
+  return head + [p.strip() for p in cfg.always_active.split(",") if p.strip()]
+
+
+def _checked_labels(cfg: TrainConfig, params: dict, always: list[str], **kwargs):
+  """``optax_memopt.block_labels(params, ...)``, with a pattern that matches nothing (or empties a
+  block) as one line naming the option."""
+  try:
+    return optax_memopt.block_labels(params, always_active=always or None, **kwargs)
+  except (ValueError, re.error) as e:
+    raise UsageError(f"--always-active {cfg.always_active!r}: {e}") from None
+
+
+def badam_labels(cfg: TrainConfig, params: dict, task: Any):
+  """BAdam's block labels of ``params`` (``-1`` frozen, ``-2`` always active).
+
+  One block per layer; a random-init model's embedding (and LM head) are blocks too, a pretrained
+  model's are frozen. A new task head is always active (``--no-always-active-head``: a block of its
+  own, with whatever else follows the layers), and so are the leaves ``--always-active`` names.
+  """
+  if not task.head and not cfg.always_active_head:
+    raise UsageError("--no-always-active-head: this task has no new task head (an LM head is a "
+                     "block of a random-init model and frozen in a pretrained one); leave it out")
+  head_block = task.from_scratch if not task.head else not cfg.always_active_head
+  return _checked_labels(cfg, params, always_active_patterns(cfg, task),
+                         include_embedding=task.from_scratch, include_lm_head=head_block)
+
+
 def make_optimizer(cfg: TrainConfig, name: str, params: dict,
                    task: Any) -> optax.GradientTransformation:
   """The optimizer ``name`` over the trainable ``params`` (a nested dict).
 
-  ``task.from_scratch`` and ``task.head`` decide BAdam's blocks: a random-init model also trains
-  its embedding and LM head as blocks; a new task head is always active (trained at every step, as
-  the BAdam paper and its reference's ``active_modules`` do for a classifier), not a block.
-  ``adamw_layers`` is AdamW on BAdam's trainable set (the leaves BAdam freezes stay unchanged).
+  ``task.from_scratch`` and ``task.head`` decide BAdam's blocks (:func:`badam_labels`): a
+  random-init model also trains its embedding and LM head as blocks; a new task head is always
+  active (trained at every step, as the BAdam paper and its reference's ``active_modules`` do for a
+  classifier), not a block. ``adamw_layers`` is AdamW on BAdam's trainable set (the leaves BAdam
+  freezes stay unchanged).
   """
   lr = cfg.learning_rate or DEFAULT_LEARNING_RATES.get(name, 1e-3)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup_steps, cfg.steps,
@@ -86,13 +118,9 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
   if name in ("adamw", "lora"):
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   elif name == "adamw_layers":  # AdamW on BAdam's trainable set (the papers' Adam)
-    labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                       include_lm_head=task.from_scratch and not task.head)
-    head = re.compile("|".join(re.escape(h) for h in task.head)) if task.head else None
-    trained = jax.tree_util.tree_map_with_path(
-        lambda path, label: "train" if np.all(np.asarray(label) >= 0) or (
-            head is not None and head.match(jax.tree_util.keystr(path, simple=True, separator=".")))
-        else "frozen", labels, is_leaf=lambda x: isinstance(x, tuple))
+    labels = badam_labels(cfg, params, task)
+    trained = jax.tree.map(lambda label: "train" if np.all(np.asarray(label) != -1) else "frozen",
+                           labels, is_leaf=lambda x: isinstance(x, tuple))
     tx = optax.multi_transform({"train": optax.adamw(schedule, weight_decay=cfg.weight_decay),
                                 "frozen": optax.set_to_zero()}, trained)
   elif name == "galore":
@@ -106,17 +134,14 @@ def make_optimizer(cfg: TrainConfig, name: str, params: dict,
     tx = optax.contrib.galore(schedule, rank=cfg.rank, update_proj_gap=cfg.galore_update_gap,
                               weight_decay=cfg.weight_decay, weight_dimension_numbers=dims)
   elif name == "badam":
-    # A task head is the whole head of its model: no head block beside it.
-    labels = optax_memopt.block_labels(params, include_embedding=task.from_scratch,
-                                       include_lm_head=task.from_scratch and not task.head)
-    always = [re.escape(h) for h in task.head] or None
-    tx = optax_memopt.badam(schedule, blocks=labels, always_active=always,
+    tx = optax_memopt.badam(schedule, blocks=badam_labels(cfg, params, task),
+                            reset_always_active=cfg.reset_always_active,
                             switch_every=cfg.switch_every, switch_mode=cfg.switch_mode,
                             seed=cfg.seed, weight_decay=cfg.weight_decay,
                             accumulate_every=cfg.grad_accum)
   elif name == "badam_ratio":
     tx = optax_memopt.badam_ratio(schedule, update_ratio=cfg.update_ratio,
-                                  always_active=[re.escape(h) for h in task.head] or None,
+                                  always_active=always_active_patterns(cfg, task) or None,
                                   switch_every=cfg.switch_every, seed=cfg.seed,
                                   weight_decay=cfg.weight_decay)
   elif name == "adarankgrad":

@@ -28,7 +28,8 @@ NOT_PRETRAINING = frozenset({
     "name", "out", "resume", "overwrite", "compare", "export", "stop_at", "log_every",
     "eval_every", "checkpoint_every", "gen_tokens", "switch_every", "switch_mode", "update_ratio",
     "rank", "info_threshold", "min_rank", "refresh_threshold", "moment_transform",
-    "galore_update_gap", "projection", "lora_rank", "pretrain_cache", "optimizer"})
+    "galore_update_gap", "projection", "lora_rank", "pretrain_cache", "optimizer",
+    "always_active_head", "always_active", "reset_always_active"})
 WEIGHTS = "weights.npz"
 # Part of every key: raise it when the pretraining code changes what it trains.
 VERSION = 1

@@ -2,10 +2,11 @@
 
 import json
 import math
+import shlex
 
 import pytest
 
-from benchmarks import adarankgrad_ablation, convergence, memory, report, speed
+from benchmarks import ablation, adarankgrad_ablation, badam_ablation, convergence, memory, report, speed
 
 # The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
@@ -289,6 +290,90 @@ def test_adarankgrad_ablation(tmp_path):
   assert 1 <= rank[variants[1]] <= task["rank"]
   assert math.isnan(rank[variants[0]])  # GaLore logs no rank
   assert "| layers, eta 1.0 (rank = max rank) |" in result["table"] and " ± " in result["table"]
+
+
+def test_badam_ablation(tmp_path, monkeypatch):
+  """The BAdam study in its smallest setting: rows at the sweep's rates, each row's options in its
+  runs (block count, switch_every, the optimizer state BAdam keeps), the ratio to the AdamW row."""
+  monkeypatch.setenv("OPTAX_MEMOPT_PRETRAIN_CACHE", str(tmp_path / "pretrained"))
+  sweep = tmp_path / "sweep.json"
+  sweep.write_text(json.dumps({"tasks": [{"task": "roberta-pretrained",
+                                          "chosen": {"adamw": 2e-3, "badam": 5e-3}}]}))
+  out = tmp_path / "badam_ablation.json"
+  variants = ["adamw", "benchmark setting", "head not always active (a block of its own)",
+              "embedding always active too"]
+  argv = ["--quick", "--out", str(out), "--steps", "2", "--learning-rates", str(sweep),
+          "--variants", *variants]
+  result = badam_ablation.main(argv)
+  saved = json.loads(out.read_text())
+  assert saved["complete"] and saved["command"] == ("python -m benchmarks.badam_ablation "
+                                                    + shlex.join(argv))
+  (task,) = result["tasks"]
+  rows = {r["variant"]: r for r in task["rows"]}
+  assert list(rows) == variants and task["left_out"] == []
+  base, head, emb = (rows[v] for v in variants[1:])
+  assert rows["adamw"]["learning_rate"] == 2e-3 and base["learning_rate"] == 5e-3
+  assert base["lr_source"] == "sweep" and base["seeds"][0]["config"]["learning_rate"] == 5e-3
+  # 2 layers, 2 block-epochs in 2 steps: switch every step; the head as a block adds one.
+  assert base["blocks"] == 2 and head["blocks"] == 3 and base["switch_every"] == 1
+  assert base["seeds"][0]["config"]["switch_every"] == 1
+  assert not head["seeds"][0]["config"]["always_active_head"]
+  assert emb["seeds"][0]["config"]["always_active"] == "embeddings"
+  # The state holds the active block plus the always-active leaves: the head's (smaller than a
+  # layer's) leaves it as a block; the embedding's joins it.
+  state = {v: rows[v]["seeds"][0]["opt_state_bytes"] for v in variants}
+  assert state[variants[2]] < state[variants[1]] < state[variants[3]] < state["adamw"]
+  loss = {v: rows[v]["seeds"][0]["eval_loss"] for v in variants}
+  assert base["ratios"] == [loss["benchmark setting"] / loss["adamw"]]
+  assert rows["adamw"]["ratios"] == [] and base["reference"] == "adamw"
+  table = result["table"]
+  assert "| head not always active (a block of its own) | badam | 2 | 1 (0.7) |" in table
+  assert f"| {base['ratios'][0]:.3f} ± 0.000 | adamw |" in table and "pretraining steps" not in table
+  # --reuse: the same runs are taken from the earlier JSON, nothing is trained again.
+  monkeypatch.setattr(ablation.training, "train", lambda *a, **k: pytest.fail("trained again"))
+  again = badam_ablation.main(argv[:2] + [str(tmp_path / "again.json")] + argv[3:]
+                              + ["--reuse", str(out)])
+  assert all(s["reused"] for r in again["tasks"][0]["rows"] for s in r["seeds"])
+  assert again["table"].split("\n\n", 1)[1] == table.split("\n\n", 1)[1]
+
+
+def test_ablation_row_settings():
+  """A variant's own steps (switch_every scaled to keep its block-epochs), block-epochs, rate
+  multiple and pretraining multiple reach its options."""
+  lrs = {"badam": {"lr": 1e-3, "source": "sweep"}}
+
+  def row(variant):
+    return ablation._row("roberta-pretrained", "v", variant, 200, 16, False, [], None, lrs)
+
+  def opts(r, flag):  # the value argparse takes: the last one given
+    options = r["config_overrides"]
+    return options[max(i for i, o in enumerate(options) if o == flag) + 1]
+
+  base = row(ablation.Variant("badam"))
+  assert opts(base, "--switch-every") == "25" and opts(base, "--pretrain-steps") == "800"
+  long = row(ablation.Variant("badam", steps_factor=4))
+  assert long["steps"] == 800 and opts(long, "--steps") == "800"
+  assert opts(long, "--switch-every") == "100"
+  assert opts(row(ablation.Variant("badam", block_epochs=5)), "--switch-every") == "10"
+  assert opts(row(ablation.Variant("badam", ("--no-always-active-head",))), "--switch-every") == "20"
+  fast = row(ablation.Variant("badam", lr_factor=3.0))
+  assert fast["learning_rate"] == 3e-3 and fast["lr_source"] == "sweep x 3"
+  pre = row(ablation.Variant("badam", pretrain_factor=4))
+  assert pre["pretrain_steps"] == 3200 and opts(pre, "--pretrain-steps") == "3200"
+
+
+def test_report_renders_the_badam_ablation(tmp_path):
+  env = {"date": "2026-01-01T00:00:00", "platform": "p", "processor": "x", "cpu_count": 2,
+         "load_average": [0.5, 0.5, 0.5], "python": "3", "jax": "j", "optax": "o", "flax": "f",
+         "backend": "cpu"}
+  (tmp_path / "badam_ablation.json").write_text(json.dumps(
+      {"environment": env, "complete": True, "wall_s": 120.0, "note": "What the rows change.",
+       "command": "python -m benchmarks.badam_ablation --seeds 0",
+       "table": "Machine: header\n\n| variant | held-out loss |"}))
+  md = report.results_markdown(tmp_path)
+  assert ("## BAdam's gap, ablated\n\nReproduce: `python -m benchmarks.badam_ablation --seeds 0` "
+          "(wall time 2.0 min)") in md
+  assert "| variant | held-out loss |\n\nWhat the rows change." in md
 
 
 def test_report_builds_results_md_and_readme_section(tmp_path):

@@ -482,3 +482,88 @@ def test_roberta_grad_accum_with_an_always_active_head(tmp_path):
                                                "2", "--out", str(tmp_path)])
   assert summary["optimizer"] == "badam" and summary["steps"] == 2
   assert sorted(_losses(tmp_path)) == [1, 2]
+
+
+def test_badam_always_active_options():
+  """--no-always-active-head makes a task head one more block, --always-active adds leaves that
+  train at every step (also to adamw_layers' set), --no-reset-always-active reaches badam; a
+  pattern that matches nothing is one line naming the option."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from examples import config, optimizers, training
+
+  params = {"embeddings": {"embedding": jnp.ones((8, 4))},
+            "layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(2)},
+            "classifier": {"kernel": jnp.ones((4, 3))}}
+  task = training.Task("t", lambda: None, lambda m, b: None, {}, {}, head=("classifier",),
+                       from_scratch=False)
+  cfg = finetune_roberta.Config(switch_every=5)  # the updates below are block 0's
+
+  def labels(**kw):
+    out = optimizers.badam_labels(dataclasses.replace(cfg, **kw), params, task)
+    return out["embeddings"]["embedding"], out["classifier"]["kernel"]
+
+  assert labels() == (-1, -2)  # embedding frozen, head always active
+  assert labels(always_active_head=False) == (-1, 2)  # the head: the block after the layers
+  assert labels(always_active="embeddings") == (-2, -2)
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def updates(name, **kw):
+    tx = optimizers.make_optimizer(dataclasses.replace(cfg, **kw), name, params, task)
+    state = tx.init(params)
+    for _ in range(2):  # the warmup's first learning rate is 0
+      u, state = tx.update(grads, state, params)
+    return u, state
+
+  u, _ = updates("adamw_layers", always_active="embeddings")
+  assert float(jnp.abs(u["embeddings"]["embedding"]).sum()) > 0
+  u, _ = updates("adamw_layers")
+  assert float(jnp.abs(u["embeddings"]["embedding"]).sum()) == 0
+  u, _ = updates("badam", always_active_head=False)  # block 0 active: the head waits its turn
+  assert float(jnp.abs(u["classifier"]["kernel"]).sum()) == 0
+  u, _ = updates("badam")
+  assert float(jnp.abs(u["classifier"]["kernel"]).sum()) > 0
+  # Kept moments: a second Adam state for the always-active leaves, never reset.
+  kept = updates("badam", reset_always_active=False)[1]
+  assert len(jax.tree.leaves(kept)) > len(jax.tree.leaves(updates("badam")[1]))
+  with pytest.raises(config.UsageError, match=r"--always-active 'nosuch': .*matches no parameter"):
+    optimizers.make_optimizer(dataclasses.replace(cfg, always_active="nosuch"), "badam", params, task)
+  with pytest.raises(config.UsageError, match="--no-always-active-head: this task has no new task"):
+    optimizers.make_optimizer(dataclasses.replace(cfg, always_active_head=False), "badam", params,
+                              dataclasses.replace(task, head=()))
+
+
+def test_badam_schedule_runs_on_the_global_step_in_the_block_step():
+  """The examples' BAdam (block step, always-active head): the warmup and the cosine decay follow
+  the run's step, neither restarts at a block switch. With a constant gradient every Adam step is
+  the learning rate itself (|m_hat / sqrt(v_hat)| = 1, up to eps), for the active layer and the head."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import optax_memopt
+  from examples import optimizers, training
+
+  params = {"layers": {i: {"mlp": {"kernel": jnp.ones((4, 6))}} for i in range(3)},
+            "classifier": {"kernel": jnp.ones((4, 3))}}
+  task = training.Task("t", lambda: None, lambda m, b: None, {}, {}, head=("classifier",),
+                       from_scratch=False)
+  cfg = finetune_roberta.Config(steps=12, warmup_steps=4, switch_every=3, clip_norm=0.0,
+                                learning_rate=1e-2, switch_mode="ascending")
+  tx = optimizers.make_optimizer(cfg, "badam", params, task)
+  step = optax_memopt.make_block_step(lambda p, batch: sum(x.sum() for x in jax.tree.leaves(p)), tx)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 4, 12, end_value=1e-3)
+  state, p = tx.init(params), params
+  for t in range(12):
+    before = jax.tree.map(np.asarray, p)
+    p, state, _ = step(p, state, None)
+    moved = [float(np.abs(np.asarray(p["layers"][i]["mlp"]["kernel"]) - before["layers"][i]["mlp"][
+        "kernel"]).max()) for i in range(3)]
+    head = float(np.abs(np.asarray(p["classifier"]["kernel"]) - before["classifier"]["kernel"]).max())
+    expected = float(schedule(t))
+    np.testing.assert_allclose([moved[(t // 3) % 3], head], [expected] * 2, rtol=1e-4, atol=1e-7)
+    assert sum(m > 0 for m in moved) <= 1

@@ -34,7 +34,9 @@ def test_cache_key_is_every_pretraining_option_and_nothing_else():
   # Fine-tuning and run-folder options do not change the pretrained weights.
   for change in (dict(switch_every=3), dict(eval_every=7), dict(optimizer="adamw"),
                  dict(rank=4), dict(out="elsewhere"), dict(pretrain_cache="x"),
-                 dict(log_every=1), dict(checkpoint_every=5), dict(lora_rank=2)):
+                 dict(log_every=1), dict(checkpoint_every=5), dict(lora_rank=2),
+                 dict(always_active_head=False), dict(always_active="layers"),
+                 dict(reset_always_active=False)):
     assert key(dataclasses.replace(cfg, **change)) == base, change
   # What the pretraining trains with does.
   for change in (dict(seed=1), dict(batch_size=8), dict(weight_decay=0.1), dict(clip_norm=0.5),
