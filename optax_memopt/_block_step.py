@@ -28,7 +28,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _badam, _blocks, _scan
+from optax_memopt import _accumulate, _badam, _blocks, _scan, _tree
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -288,6 +288,9 @@ def make_block_step(
     labels: list[Any] = [None] * len(paths)
     for i, lab in zip(position, stage_labels):
       labels[i] = lab
+    _blocks.refuse_other_axes(
+        "make_block_step", _tree.leaf_paths(params),
+        [_blocks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
     outside = [i for i, lab in enumerate(labels) if lab is None]
     trained = _own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
     return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab

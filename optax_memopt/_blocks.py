@@ -250,6 +250,20 @@ def stack_lengths(params: Any, stacks: Any = None) -> list[int | None]:
   return [None if k is None else k.length for k in stack_keys(params, stacks)]
 
 
+def refuse_other_axes(who: str, paths: list[str], axes: list[int | None]) -> None:
+  """A one-line ``ValueError`` when a leaf's layer axis (``None``: not stacked) is not 0: the step
+  builders run a stack through :func:`optax_memopt.scan_layers`, which scans axis 0."""
+  bad = next((i for i, a in enumerate(axes) if a), None)
+  if bad is None:
+    return
+  raise ValueError(
+      f"{who}: {paths[bad]!r} is in a layer stack on axis {axes[bad]} (Linen nn.scan(variable_axes="
+      "{'params': 1}), MaxText param_scan_axis: 1), but the step runs stacks through "
+      "optax_memopt.scan_layers, which scans axis 0; store the stack with its layers on axis 0 "
+      "(variable_axes={'params': 0}, param_scan_axis: 0), or train with jax.grad and tx.update "
+      "(badam, badam_ratio and adarankgrad handle axis 1 as drop-in optimizers)")
+
+
 class StackLabels(tuple):
   """The labels of a stacked leaf whose layers are on axis ``axis`` (not 0): one block id per slice
   ``x[:, l]`` (``axis=1``). :func:`block_labels` gives these for a stack scanned on axis 1; a plain
@@ -348,8 +362,9 @@ def block_labels(
     one block per layer slice ``[l]``. A stack scanned on axis 1 (Linen's ``nn.scan(...,
     variable_axes={'params': 1})``, MaxText's ``param_scan_axis: 1``: kernels ``[d_in, L, d_out]``,
     norm scales ``[d, L]``) is recognised when its leaves share axis 1 but not axis 0 and one has
-    three dimensions (leaves sharing both are taken for a stack on axis 0); its leaves get a :class:`StackLabels` ``(ids, axis=1)``, one block per slice
-    ``[:, l]``. Name the stack subtrees (and their axis) with ``stacks`` when the guess cannot.
+    three dimensions (leaves sharing both are taken for a stack on axis 0); its leaves get a
+    :class:`StackLabels` ``(ids, axis=1)``, one block per slice ``[:, l]``. Name the stack
+    subtrees (and their axis) with ``stacks`` when the guess cannot.
 
   NNX's trailing ``.value`` is ignored. Blocks are numbered from the input to the output: the
   embedding block (when included), then the layers in index order (several layer containers in
