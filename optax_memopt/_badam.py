@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate
+from optax_memopt import _accumulate, _protocol
 from optax_memopt import _blocks as blocks_lib
 from optax_memopt._tree import (
     check_float_leaves,
@@ -55,10 +55,11 @@ from optax_memopt._tree import (
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
-# Extra keyword argument names this module passes to, or accepts from, other transformations.
+# The extra keyword argument this module passes to its inner transformation (see badam).
 GLOBAL_STEP_ARG = "global_step"
-STATIC_BLOCK_ARG = "block_coordinate_static_block"
-LABELS_PROBE_ARG = "block_coordinate_labels_probe"
+# Those it accepts from the step builders: see optax_memopt._protocol.
+STATIC_BLOCK_ARG = _protocol.STATIC_BLOCK
+LABELS_PROBE_ARG = _protocol.LABELS_PROBE
 
 
 class BlockCoordinateState(NamedTuple):

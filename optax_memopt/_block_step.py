@@ -28,7 +28,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _badam, _blocks, _scan, _tree
+from optax_memopt import _accumulate, _badam, _blocks, _protocol, _scan, _tree
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -315,7 +315,7 @@ def make_block_step(
     grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
 
     def probed_update(grads, opt_state, params):
-      updates, _ = tx.update(grads, opt_state, params, **{_badam.LABELS_PROBE_ARG: probe})
+      updates, _ = tx.update(grads, opt_state, params, **{_protocol.LABELS_PROBE: probe})
       return jax.tree_util.tree_leaves(updates)
 
     closed = jax.make_jaxpr(probed_update)(grads, opt_state, params)
@@ -378,7 +378,7 @@ def make_block_step(
           jax.tree_util.tree_unflatten(treedef, grads),
           opt_state,
           params,
-          **{_badam.STATIC_BLOCK_ARG: block},
+          **{_protocol.STATIC_BLOCK: block},
       )
       update_leaves = jax.tree_util.tree_leaves(updates)
       new_leaves = list(leaves)

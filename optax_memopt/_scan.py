@@ -50,6 +50,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# The context variables below are the step builders' channel to scan_layers, documented with the
+# rest of that channel in optax_memopt._protocol.
+
 # The active layer slices of the block step being traced: id(marked stacked leaf) -> _Active.
 _ACTIVE: contextvars.ContextVar[dict[int, _Active] | None] = contextvars.ContextVar(
     "optax_memopt_scan_active", default=None
