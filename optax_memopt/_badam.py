@@ -279,7 +279,9 @@ def block_coordinate(
       frozen); a callable ``params -> labels``; or a list of regular expressions over dotted key
       paths, one block per expression, matched on whole path components (``r"layers\.1"`` never
       matches ``layers.10``; a leaf matched by several belongs to the first). A label tree may
-      label whole leaves ``-2``: always active.
+      label whole leaves ``-2``: always active, and a stacked leaf per layer slice (a tuple or 1-D
+      int array for the leading axis; ``block_labels``' ``StackLabels`` for a stack on axis 1,
+      e.g. ``blocks=lambda p: block_labels(p, stacks={'decoder/layers': 1})``).
     always_active: leaves trained at every update whatever the active block: ``None`` (none), a
       list of regular expressions over dotted key paths (matched on whole path components as in
       ``blocks``; each must match a leaf), a pytree of bools with the structure of the params, or a

@@ -270,9 +270,12 @@ class StackLabels(tuple):
   tuple (or 1-D integer array) labels the slices of the leading axis.
 
   Examples:
-    >>> from optax_memopt._blocks import StackLabels
-    >>> StackLabels((0, 1), axis=1)
-    StackLabels((0, 1), axis=1)
+    >>> import jax.numpy as jnp
+    >>> import optax_memopt
+    >>> params = {'layers': {'w': jnp.zeros((4, 3, 4))}}  # a stack of 3 layers on axis 1
+    >>> labels = {'layers': {'w': optax_memopt.StackLabels((0, 1, 2), axis=1)}}
+    >>> print(optax_memopt.describe_blocks(params, labels).splitlines()[1])
+        0      16     64  layers.w[:, 0]
   """
 
   axis: int

@@ -541,7 +541,7 @@ def test_axis_one_stack_declared_with_a_wrong_axis_is_refused():
     optax_memopt.adarankgrad(1e-3, stacks={"layers": -1}).init(params)
   stacked = {"layers": {"w": jnp.zeros((3, 4, 5))}}
   with pytest.raises(ValueError, match=r"3 entries but the leaf has shape \(3, 4, 5\).*axis \(1\)"):
-    optax_memopt.badam(1e-3, blocks={"layers": {"w": _blocks.StackLabels((0, 1, 2), axis=1)}}
+    optax_memopt.badam(1e-3, blocks={"layers": {"w": optax_memopt.StackLabels((0, 1, 2), axis=1)}}
                        ).init(stacked)
 
 
