@@ -158,8 +158,8 @@ def _runner(setup: bc.Setup, batch: dict, steps: int):
   def run():
     loss = None
     for _ in range(steps):
-      state["params"], state["opt"], (loss, _) = setup.step(state["params"], state["opt"],
-                                                            setup.rest, batch)
+      state["params"], state["opt"], _, (loss, _) = setup.step(state["params"], state["opt"],
+                                                               setup.rest, batch)
     return loss
 
   return run, state
@@ -186,7 +186,7 @@ def _scanned(shape: str, seq_len: int, batch_size: int, repeats: int) -> dict:
   warm = time.perf_counter()
   for _ in range(2 * n_blocks):
     for k, step in paths.items():
-      eq[k][0], eq[k][1], (loss, _) = step(eq[k][0], eq[k][1], split.rest, batch)
+      eq[k][0], eq[k][1], _, (loss, _) = step(eq[k][0], eq[k][1], split.rest, batch)
   jax.block_until_ready(loss)
   traces = paths["block"].trace_count
   rel = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(np.asarray(b))) or 1))
@@ -199,7 +199,7 @@ def _scanned(shape: str, seq_len: int, batch_size: int, repeats: int) -> dict:
 
   def one(v):
     s, st = setups[v], state[v]
-    st[0], st[1], (loss, _) = s.step(st[0], st[1], s.rest, batch)
+    st[0], st[1], _, (loss, _) = s.step(st[0], st[1], s.rest, batch)
     return loss
 
   for _ in range(n_blocks):  # warm-up: compilation

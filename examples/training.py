@@ -2,8 +2,9 @@
 
 Training is functional: the model is split into the trainable parameters (a plain nested dict, so
 paths read ``layers.3.mlp.gate_proj.kernel`` for BAdam's block partitioner and every optax
-transformation sees plain arrays) and the rest (frozen LoRA bases). One jitted step serves every
-optimizer; BAdam instead uses ``optax_memopt.make_block_step``, which differentiates only the
+transformation sees plain arrays) and the rest: the frozen parameters (LoRA bases) and the state a
+forward pass writes (dropout's RNG counts), which every train step returns updated. One jitted step
+serves every optimizer; BAdam instead uses ``optax_memopt.make_block_step``, which differentiates only the
 active block.
 """
 
@@ -15,7 +16,7 @@ import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,49 +51,93 @@ class Task:
   labels: Sequence[Any] | None = None  # a classifier's class names, exported with the model
 
 
+class Rest(NamedTuple):
+  """What the optimizer does not train."""
+
+  frozen: nnx.State  # parameters left as they are (LoRA bases)
+  written: nnx.State  # state the forward pass writes (dropout's RNG counts, batch statistics)
+
+
 class Trainable:
-  """The model split into trainable params (a nested dict) and the frozen rest."""
+  """The model split into trainable params (a nested dict) and the :class:`Rest`."""
 
   def __init__(self, model: nnx.Module, trainable: Any):
-    self.graphdef, state, self.rest = nnx.split(model, trainable, ...)
+    self._filters = (trainable, nnx.Param, ...)
+    self.graphdef, state, frozen, written = nnx.split(model, *self._filters)
     self.params = nnx.to_pure_dict(state)
+    self.rest = Rest(frozen, written)
     self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
-  def merge(self, params, rest) -> nnx.Module:
+  def merge(self, params, rest: Rest) -> nnx.Module:
     state = jax.tree.map(lambda x: x, self._abstract)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state, rest)
+    # Fresh variables, of the trace this runs in (under jax.grad the rest passed in belongs to
+    # the enclosing trace, and the forward pass could not advance dropout's RNG counts in it).
+    return nnx.merge(self.graphdef, state, *jax.tree.map(lambda x: x, tuple(rest)))
+
+  def written(self, model: nnx.Module) -> nnx.State:
+    """The state ``model`` holds now where :attr:`Rest.written` was split from."""
+    return nnx.split(model, *self._filters)[3]
+
+
+class _HandsBackRest:
+  """A library step (block or layer-wise) returning ``(params, opt_state, rest, (loss, stats))``;
+  the step's own attributes (``lower``, ``trace_count``) are read through."""
+
+  def __init__(self, step):
+    self._step = step
+
+  def __call__(self, params, opt_state, rest, batch):
+    params, opt_state, (value, (stats, written)) = self._step(params, opt_state, rest, batch)
+    return params, opt_state, rest._replace(written=written), (value, stats)
+
+  def __getattr__(self, name):
+    return getattr(self._step, name)
 
 
 def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = False,
                grad_accum: int = 1):
-  """``train_step(params, opt_state, rest, batch) -> (params, opt_state, (loss, stats))`` and
+  """``train_step(params, opt_state, rest, batch) -> (params, opt_state, rest, (loss, stats))`` and
   ``eval_step(params, rest, batch) -> stats``; for ``badam`` the train step is the block step,
   with ``layerwise`` the layer-wise step (the optimizer runs inside the backward pass), which with
   ``grad_accum > 1`` takes the ``grad_accum`` micro-batches of one optimizer step stacked
-  (``[grad_accum, batch, ...]``)."""
+  (``[grad_accum, batch, ...]``). The returned ``rest`` holds the state the step wrote (the next
+  dropout masks' RNG counts)."""
 
   def loss(params, rest, batch):
-    return loss_fn(split.merge(params, rest), batch)
+    model = split.merge(params, rest)
+    value, stats = loss_fn(model, batch)
+    return value, (stats, split.written(model))
 
-  if optimizer == "badam":
-    train_step = optax_memopt.make_block_step(loss, tx, has_aux=True)
-  elif layerwise and grad_accum > 1:
-    train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True, accumulate=grad_accum,
-                                                  batch_argnums=2)
-  elif layerwise:
-    train_step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True)
+  accumulate = layerwise and grad_accum > 1
+  if accumulate and jax.tree.leaves(split.rest.written):
+    # Under accumulate=N the micro-batches run side by side (a vmap) from the same written state:
+    # they would draw the same dropout masks.
+    raise ValueError("--layerwise with --grad-accum > 1: the model writes state in its forward pass "
+                     "(dropout RNG counts), which the micro-batches of one step would share; use "
+                     "--grad-accum 1 or the ordinary step")
+  if optimizer == "badam" or layerwise:
+    if optimizer == "badam":
+      step = optax_memopt.make_block_step(loss, tx, has_aux=True)
+    elif accumulate:
+      step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True, accumulate=grad_accum,
+                                              batch_argnums=2)
+    else:
+      step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True)
+
+    train_step = _HandsBackRest(step)
   else:
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, rest, batch):
-      (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch)
+      (value, (stats, written)), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, (value, aux)
+      return optax.apply_updates(params, updates), opt_state, rest._replace(written=written), (
+          value, stats)
 
   @jax.jit
   def eval_step(params, rest, batch):
-    return loss(params, rest, batch)[1]
+    return loss(params, rest, batch)[1][0]
 
   return train_step, eval_step
 
@@ -150,8 +195,9 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
       ckpts.close()
       print(f"{optimizer} in {out} is at step {start} already (asked for {end}): nothing to do")
       return _stored_summary(out, optimizer, start)
-    state, meta = ckpts.restore(start, {"params": params, "opt": opt_state})
+    state, meta = ckpts.restore(start, _saved(params, opt_state, rest))
     params, opt_state = state["params"], state["opt"]
+    rest = rest._replace(written=state.get("written", rest.written))
     print(f"resumed {optimizer} from step {start} ({ckpts.directory})")
   elif cfg.resume:
     print(f"no checkpoint of {optimizer} in {ckpts.directory}: starting from step 0")
@@ -174,12 +220,12 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
         if stacked:
           window.append(batch)
           continue
-        params, opt_state, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
+        params, opt_state, rest, (loss, _) = train_step(params, opt_state, rest, place.batch(batch))
         losses.append(loss)
       if stacked:  # the same micro-batches, stacked [grad_accum, batch, ...]
         batch = {k: np.stack([b[k] for b in window]) for k in window[0]}
-        params, opt_state, (loss, _) = train_step(params, opt_state, rest,
-                                                  place.batch(batch, micro_batches=True))
+        params, opt_state, rest, (loss, _) = train_step(params, opt_state, rest,
+                                                        place.batch(batch, micro_batches=True))
         losses.append(loss)
       done = step + 1
       progress.step(done, sum(losses) / len(losses), tokens)
@@ -191,7 +237,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
                                                place)})
         progress.restart_clock()
       if done % cfg.checkpoint_every == 0 or done == end or stop:
-        ckpts.save(done, {"params": params, "opt": opt_state},
+        ckpts.save(done, _saved(params, opt_state, rest),
                    {"step": done, "optimizer": optimizer, "seed": cfg.seed})
       if stop:
         break
@@ -249,6 +295,15 @@ def _stored_summary(out: pathlib.Path, optimizer: str, step: int) -> dict:
       out / "metrics.jsonl").is_file() else []
   return {"optimizer": optimizer, "steps": step,
           **reporting.summarize(records, opt_state_bytes=0, wall_s=None)}
+
+
+def _saved(params, opt_state, rest: Rest) -> dict:
+  """What a checkpoint holds: params, optimizer state and, when the model has any, the state its
+  forward pass writes (dropout's RNG counts: a resumed run draws the masks it would have drawn)."""
+  saved = {"params": params, "opt": opt_state}
+  if jax.tree.leaves(rest.written):
+    saved["written"] = rest.written
+  return saved
 
 
 def _distinct_buffers(tree, *others):

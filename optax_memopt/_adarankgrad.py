@@ -52,6 +52,14 @@ _DimNums = AdaRankGradDimensionNumbers | optax_contrib.GaLoreDimensionNumbers
 _STACKED_MATRIX = AdaRankGradDimensionNumbers(reduction_axis=1, output_axis=2)
 
 
+def _stacked_matrix(axis: int) -> AdaRankGradDimensionNumbers:
+  """The dimension numbers of a stack of matrices ``[L, m, n]`` whose layer (batch) axis is ``axis``."""
+  if axis == 0:
+    return _STACKED_MATRIX
+  reduction, output = (a for a in range(3) if a != axis)
+  return AdaRankGradDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+
 def _is_dim_nums(x: Any) -> bool:
   return isinstance(x, (AdaRankGradDimensionNumbers, optax_contrib.GaLoreDimensionNumbers))
 
@@ -257,12 +265,13 @@ def _layouts_of(params, leaves_with_path, treedef, weight_dimension_numbers, pro
                 max_rank, stacks) -> list[_Layout | None]:
   leaves = [leaf for _, leaf in leaves_with_path]
   if weight_dimension_numbers is None:
-    # A layer stack's [L, m, n] leaf is L matrices (batch axis 0); its [L, d] leaves are L vectors.
-    stacked = [n is not None for n in _blocks.stack_lengths(params, stacks)]
+    # A layer stack's [L, m, n] leaf is L matrices (batch axis 0; [m, L, n] on axis 1: batch axis
+    # 1); its [L, d] (or [d, L]) leaves are L vectors.
+    keys = _blocks.stack_keys(params, stacks)
     specs = [
-        _STACKED_MATRIX if s and leaf.ndim == 3
-        else AdaRankGradDimensionNumbers() if not s and leaf.ndim == 2 else None
-        for leaf, s in zip(leaves, stacked)
+        _stacked_matrix(k.axis) if k is not None and leaf.ndim == 3
+        else AdaRankGradDimensionNumbers() if k is None and leaf.ndim == 2 else None
+        for leaf, k in zip(leaves, keys)
     ]
   elif _is_dim_nums(weight_dimension_numbers):
     specs = [weight_dimension_numbers if leaf.ndim >= 2 else None for leaf in leaves]
@@ -394,7 +403,7 @@ def scale_by_adarankgrad(
     weight_dimension_numbers: Any = None,
     projection_mask: Any = "layers",
     state_dtype: Any = None,
-    stacks: str | tuple[str, ...] | None = None,
+    stacks: str | tuple[str, ...] | dict[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale updates with Adam run on adaptively low-rank projections of the gradients.
 
@@ -504,8 +513,9 @@ def scale_by_adarankgrad(
       :func:`optax_memopt.make_layerwise_step`), so runs (and resumed runs) are reproducible.
     moment_transform: Carry moments into the new basis at a refresh (``True``) or reset them.
     weight_dimension_numbers: ``None`` (project every 2-D leaf, and each layer of a layer stack on
-      its own: a stacked ``[L, m, n]`` leaf is ``L`` matrices with batch axis 0, a stacked
-      ``[L, d]`` leaf ``L`` vectors with plain Adam; stacks are recognised as by
+      its own: a stacked ``[L, m, n]`` leaf is ``L`` matrices with batch axis 0 (``[m, L, n]`` in a
+      stack scanned on axis 1: batch axis 1), a stacked ``[L, d]`` (``[d, L]``) leaf ``L`` vectors
+      with plain Adam; stacks are recognised as by
       :func:`optax_memopt.block_labels`), one
       :class:`AdaRankGradDimensionNumbers` for every leaf with at least 2 dimensions, a pytree of
       them (``None`` for a leaf means plain Adam), or a callable from params to such a pytree.
@@ -515,8 +525,9 @@ def scale_by_adarankgrad(
       the params, or a callable returning one; ``False`` leaves get plain Adam.
     state_dtype: Dtype of the moments and projectors; ``None`` uses each parameter's dtype (the
       linear algebra always runs in float32).
-    stacks: The layer stacks' subtree paths, as in :func:`optax_memopt.block_labels` (static):
-      ``None`` recognises them by name and shape, ``()`` takes no leaf for a stack.
+    stacks: The layer stacks' subtree paths, or ``{path: layer axis}``, as in
+      :func:`optax_memopt.block_labels` (static): ``None`` recognises them by name and shape, ``()``
+      takes no leaf for a stack.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is an
@@ -777,7 +788,7 @@ def adarankgrad(
     state_dtype: Any = None,
     weight_decay: float = 0.0,
     mask: Any = None,
-    stacks: str | tuple[str, ...] | None = None,
+    stacks: str | tuple[str, ...] | dict[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaRankGrad: memory-efficient Adam(W) on adaptively low-rank projected gradients.
 
@@ -821,8 +832,9 @@ def adarankgrad(
     weight_decay: Strength of the decoupled weight decay.
     mask: Which leaves get weight decay (a pytree of bools or a callable), as in
       ``optax.adamw``.
-    stacks: The layer stacks' subtree paths when the guess cannot find them (static; see
-      :func:`optax_memopt.block_labels`).
+    stacks: The layer stacks' subtree paths (or ``{path: layer axis}``, e.g. ``{'decoder/layers':
+      1}`` for Linen's ``nn.scan(..., variable_axes={'params': 1})``) when the guess cannot find
+      them (static; see :func:`optax_memopt.block_labels`).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.

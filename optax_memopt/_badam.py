@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate
+from optax_memopt import _accumulate, _protocol
 from optax_memopt import _blocks as blocks_lib
 from optax_memopt._tree import (
     check_float_leaves,
@@ -55,10 +55,11 @@ from optax_memopt._tree import (
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
-# Extra keyword argument names this module passes to, or accepts from, other transformations.
+# The extra keyword argument this module passes to its inner transformation (see badam).
 GLOBAL_STEP_ARG = "global_step"
-STATIC_BLOCK_ARG = "block_coordinate_static_block"
-LABELS_PROBE_ARG = "block_coordinate_labels_probe"
+# Those it accepts from the step builders: see optax_memopt._protocol.
+STATIC_BLOCK_ARG = _protocol.STATIC_BLOCK
+LABELS_PROBE_ARG = _protocol.LABELS_PROBE
 
 
 class BlockCoordinateState(NamedTuple):
@@ -140,7 +141,8 @@ def _make_plan(tree, blocks, always_active, groups, master_weights) -> _Plan:
   else:
     # Groups see the parameters as the slot holds them: a leaf labelled per slice as one slice.
     as_trained = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(x.shape[1:] if isinstance(lab, tuple) else x.shape, x.dtype)
+        jax.ShapeDtypeStruct(blocks_lib.Unit(0, 0 if isinstance(lab, tuple) else None, 0,
+                                             blocks_lib.label_axis(lab)).shape(x.shape), x.dtype)
         for x, lab in zip(leaves, labels)
     ])
     group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(as_trained))]
@@ -277,7 +279,9 @@ def block_coordinate(
       frozen); a callable ``params -> labels``; or a list of regular expressions over dotted key
       paths, one block per expression, matched on whole path components (``r"layers\.1"`` never
       matches ``layers.10``; a leaf matched by several belongs to the first). A label tree may
-      label whole leaves ``-2``: always active.
+      label whole leaves ``-2``: always active, and a stacked leaf per layer slice (a tuple or 1-D
+      int array for the leading axis; ``block_labels``' ``StackLabels`` for a stack on axis 1,
+      e.g. ``blocks=lambda p: block_labels(p, stacks={'decoder/layers': 1})``).
     always_active: leaves trained at every update whatever the active block: ``None`` (none), a
       list of regular expressions over dotted key paths (matched on whole path components as in
       ``blocks``; each must match a leaf), a pytree of bools with the structure of the params, or a
@@ -367,8 +371,7 @@ def block_coordinate(
     ``lax.switch`` on the block, which runs only the selected branch.
     """
     def take(leaves, unit):
-      x = leaves[unit.leaf]
-      return x if unit.index is None else x[unit.index]
+      return unit.take(leaves[unit.leaf])
 
     def cast(x, dt, dtype_of):
       return x.astype(dtype_of(dt) if dtype_of else dt)
@@ -396,7 +399,8 @@ def block_coordinate(
         units = [plan.members[b].get(w) for b in range(d)]
         used = {u.leaf for u in units if u is not None}
         if len(used) == 1 and all(u is None or u.index is not None for u in units):
-          direct[w] = (used.pop(), [-1 if u is None else u.index for u in units])
+          axis = next(u.axis for u in units if u is not None)
+          direct[w] = (used.pop(), [-1 if u is None else u.index for u in units], axis)
       switched = [w for w in positions if w not in direct]
       need = sorted({u.leaf for b in range(d) for w in switched
                      if (u := plan.members[b].get(w)) is not None})
@@ -411,11 +415,11 @@ def block_coordinate(
 
         operands = [[leaves[i] for i in need] for leaves in all_leaves]
         filled = jax.lax.switch(block, [functools.partial(branch, b) for b in range(d)], operands)
-      for w, (leaf, table) in direct.items():
+      for w, (leaf, table, axis) in direct.items():
         shape, dt = plan.slot[w[0]][w[1]]
         index = jnp.asarray(table, jnp.int32)[block]
         for out, leaves, (_, dtype_of) in zip(filled, all_leaves, trees):
-          x = cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0),
+          x = cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0), axis,
                                                 keepdims=False), dt, dtype_of)
           out[w] = x if min(table) >= 0 else jnp.where(index >= 0, x, jnp.zeros_like(x))
     for i, w in plan.always.items():
@@ -451,7 +455,8 @@ def block_coordinate(
         new = zero
         for unit, (g, j) in entries:
           if unit.block == block:
-            new = new.at[unit.index].set(slot_values[g][j].astype(leaf.dtype))
+            new = jax.lax.dynamic_update_index_in_dim(
+                new, slot_values[g][j].astype(leaf.dtype), unit.index, unit.axis)
         out.append(new)
       else:
         # A traced block: per slot position, the slice it fills for each block (-1: none), and a
@@ -460,11 +465,13 @@ def block_coordinate(
         slices: dict[tuple[str, int], list[int]] = {}
         for unit, w in entries:
           slices.setdefault(w, [-1] * d)[unit.block] = unit.index
-        layer = jnp.arange(leaf.shape[0], dtype=jnp.int32).reshape((-1,) + (1,) * (leaf.ndim - 1))
+        axis = entries[0][0].axis
+        layer = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, axis)
         new = zero
         for (g, j), table in slices.items():
           index = jnp.asarray(table, jnp.int32)[block]
-          new = jnp.where(layer == index, slot_values[g][j].astype(leaf.dtype)[None], new)
+          value = jnp.expand_dims(slot_values[g][j].astype(leaf.dtype), axis)
+          new = jnp.where(layer == index, value, new)
         out.append(new)
     return out
 
@@ -523,9 +530,7 @@ def block_coordinate(
     if unit is None:
       detail = "the slot differs"
     else:
-      name = path_str(jax.tree_util.tree_flatten_with_path(params)[0][unit.leaf][0])
-      if unit.index is not None:
-        name += f"[{unit.index}]"
+      name = unit.name(path_str(jax.tree_util.tree_flatten_with_path(params)[0][unit.leaf][0]))
       shape, dtype = plan.slot[group][pos]
       found = have_sig.get(bad[0])
       detail = (f"parameter {name!r} {tuple(shape)} {dtype} needs a slot position that the state "

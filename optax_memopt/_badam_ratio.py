@@ -128,35 +128,40 @@ def _explicit(x) -> bool:
   return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
-def _coords(idx, shape, stacked):
-  """Coordinates of flat indices ``idx`` into ``shape``; for a stacked leaf, ``idx`` is ``[L, n]``
-  (flat indices into each layer's slice ``shape[1:]``)."""
-  if not stacked:
+def _coords(idx, shape, axis):
+  """Coordinates of flat indices ``idx`` into ``shape``; for a stacked leaf (layer axis ``axis``,
+  ``None`` for a leaf outside the stacks), ``idx`` is ``[L, n]`` (flat indices into each layer's
+  slice, ``shape`` without ``axis``)."""
+  if axis is None:
     return jnp.unravel_index(idx, shape) if len(shape) > 1 else idx
-  layer = jnp.arange(shape[0], dtype=idx.dtype)[:, None]
-  inner = shape[1:]
-  if len(inner) == 0:
-    return (layer,)
-  return (layer,) + tuple(jnp.unravel_index(idx, inner) if len(inner) > 1 else (idx,))
+  layer = jnp.arange(shape[axis], dtype=idx.dtype)[:, None]
+  inner = shape[:axis] + shape[axis + 1:]
+  coords = list(jnp.unravel_index(idx, inner) if len(inner) > 1 else (idx,) if inner else ())
+  coords.insert(axis, layer)
+  return tuple(coords)
 
 
-def _take(x, idx, stacked=False):
+def _take(x, idx, axis=None):
   """The entries of ``x`` at flat (row-major) indices ``idx``, or all of them flattened if ``idx`` is
-  ``MaskedNode`` (a leaf trained whole); per layer (``[L, n]``) for a stacked leaf. Indexes by
+  ``MaskedNode`` (a leaf trained whole); per layer (``[L, n]``) for a stacked leaf (its layer axis
+  ``axis``). Indexes by
   coordinates: flattening a sharded array first would all-gather it whole, while a gather by
   coordinates moves only the selected entries. On an explicit mesh the result is typed replicated,
   like the state's ``[n]``-vectors."""
   if isinstance(idx, optax.MaskedNode):
-    return x.reshape(x.shape[0], -1) if stacked else x.reshape(-1)
-  coords = _coords(idx, x.shape, stacked)
+    return x.reshape(-1) if axis is None else jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+  coords = _coords(idx, x.shape, axis)
   return x.at[coords].get(out_sharding=jax.P() if _explicit(x) else None)
 
 
-def _put(like, idx, values, stacked=False):
+def _put(like, idx, values, axis=None):
   """Zeros like ``like`` (and sharded like it) with ``values`` at flat indices ``idx``."""
   if isinstance(idx, optax.MaskedNode):
-    return values.reshape(like.shape)
-  coords = _coords(idx, like.shape, stacked)
+    if axis is None:
+      return values.reshape(like.shape)
+    moved = (like.shape[axis],) + like.shape[:axis] + like.shape[axis + 1:]
+    return jnp.moveaxis(values.reshape(moved), 0, axis)
+  coords = _coords(idx, like.shape, axis)
   out_sharding = jax.typeof(like).sharding if _explicit(like) else None
   return zeros_like_placed(like).at[coords].set(values, out_sharding=out_sharding)
 
@@ -175,7 +180,7 @@ def badam_ratio(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     master_weights: bool = True,
-    stacks: str | tuple[str, ...] | None = None,
+    stacks: str | tuple[str, ...] | dict[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BAdam ratio mode: Adam on a moving fraction ``update_ratio`` of every tensor's entries.
 
@@ -189,8 +194,9 @@ def badam_ratio(
   On :math:`S_p` the update is AdamW with moments that start at zero at the period's first step
   (bias correction counts from there); outside it, zero. Leaves with fewer than ``min_size``
   entries train every entry. The learning rate schedule runs on the global step. Each layer of a
-  layer stack (a leaf ``[L, ...]``) counts as a leaf of its own, so a stacked model trains the same
-  entries as the same model written as a list of layers (in ``adjacent`` mode, the same numbers).
+  layer stack (a leaf ``[L, ...]``, or ``[d, L, ...]`` in a stack scanned on axis 1) counts as a
+  leaf of its own, so a stacked model trains the same entries as the same model written as a list
+  of layers (in ``adjacent`` mode, the same numbers).
   Leaves named in ``always_active`` (e.g. a new task head, whatever its size) train every entry.
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
@@ -212,8 +218,9 @@ def badam_ratio(
     weight_decay: decoupled weight decay on the selected entries of leaves with ``ndim >= 2`` (for a
       stacked leaf, of one layer's slice: a stack of norm scales ``[L, d]`` is not decayed).
     master_weights: keep a float32 copy of the selected entries of bf16/fp16 leaves.
-    stacks: the layer stacks' subtree paths (as in :func:`optax_memopt.block_labels`), ``None`` to
-      recognise them by name and shape, ``()`` to treat every leaf as one tensor.
+    stacks: the layer stacks' subtree paths, or ``{path: layer axis}`` (as in
+      :func:`optax_memopt.block_labels`), ``None`` to recognise them by name and shape, ``()`` to
+      treat every leaf as one tensor.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BAdamRatioState`.
@@ -258,14 +265,18 @@ def badam_ratio(
     )
 
   def layouts(params):
-    """Per leaf: (number of layers or None, shape of one unit, its size, entries selected)."""
+    """Per leaf: (number of layers or None, shape of one unit, its size, entries selected, layer
+    axis or None)."""
     leaves = jax.tree_util.tree_leaves(params)
     whole = resolve_always_active(always_active, params)
     out = []
-    for x, layers, w in zip(leaves, _blocks.stack_lengths(params, stacks), whole):
-      unit = tuple(x.shape[1:]) if layers is not None else tuple(x.shape)
+    for x, key, w in zip(leaves, _blocks.stack_keys(params, stacks), whole):
+      shape = tuple(x.shape)
+      layers, axis = (None, None) if key is None else (key.length, key.axis)
+      unit = shape if key is None else shape[:axis] + shape[axis + 1:]
       size = math.prod(unit)
-      out.append((layers, unit, size, size if w else _selected_count(size, update_ratio, min_size)))
+      n = size if w else _selected_count(size, update_ratio, min_size)
+      out.append((layers, unit, size, n, axis))
     return out
 
   def low_precision(x):
@@ -274,7 +285,7 @@ def badam_ratio(
   def select_all(params, key, period):
     treedef = jax.tree_util.tree_structure(params)
     index = []
-    for i, (layers, _, size, n) in enumerate(layouts(params)):
+    for i, (layers, _, size, n, _) in enumerate(layouts(params)):
       if n == size:
         index.append(optax.MaskedNode())
       else:
@@ -284,10 +295,10 @@ def badam_ratio(
   def fresh(params, index):
     """Zero moments and a master copy for the selection ``index``."""
     def one(x, idx, layout):
-      layers, _, size, n = layout
+      layers, _, size, n, axis = layout
       shape = (n,) if layers is None else (layers, n)
       if low_precision(x):
-        master = _take(x, idx, layers is not None).astype(jnp.float32)
+        master = _take(x, idx, axis).astype(jnp.float32)
       else:
         master = optax.MaskedNode()
       # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
@@ -315,7 +326,7 @@ def badam_ratio(
     check_same_structure("badam_ratio", updates, "grads", params, "params")
     check_same_structure("badam_ratio", params, "params", state.mu, "the state's moments (from init)")
     layout = layouts(params)
-    for path, (layers, _, _, n), m in zip(leaf_paths(params), layout,
+    for path, (layers, _, _, n, _), m in zip(leaf_paths(params), layout,
                                               jax.tree_util.tree_leaves(state.mu)):
       want = (n,) if layers is None else (layers, n)
       if m.shape != want:
@@ -333,9 +344,9 @@ def badam_ratio(
     s = (state.block_step + 1).astype(jnp.float32)
 
     def one(g, p, idx, m, v, w, layout):
-      stacked = layout[0] is not None
-      g_sel = _take(g, idx, stacked).astype(jnp.float32)
-      current = _take(p, idx, stacked).astype(jnp.float32)
+      axis = layout[4]
+      g_sel = _take(g, idx, axis).astype(jnp.float32)
+      current = _take(p, idx, axis).astype(jnp.float32)
       m = b1 * m + (1 - b1) * g_sel
       v = b2 * v + (1 - b2) * g_sel * g_sel
       direction = (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps)
@@ -350,7 +361,7 @@ def badam_ratio(
         w = new_value
         new_value = new_value.astype(p.dtype)
       delta = (new_value.astype(jnp.float32) - current).astype(p.dtype)
-      return _put(p, idx, delta, stacked), m, v, w
+      return _put(p, idx, delta, axis), m, v, w
 
     treedef = jax.tree_util.tree_structure(params)
     out = jax.tree.map(one, updates, params, state.index, mu, nu, master,

@@ -28,7 +28,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _badam, _blocks, _scan
+from optax_memopt import _accumulate, _badam, _blocks, _protocol, _scan, _tree
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -41,12 +41,39 @@ def _block_state(opt_state):
         "make_block_step: badam_ratio trains a fraction of every tensor, so no layer can be left out "
         "of the backward pass; train it with jax.grad and tx.update instead"
     )
+  if not found and _plain_block_state(opt_state):
+    raise TypeError(
+        "make_block_step: opt_state holds the BAdam state as plain dicts (keys "
+        f"{', '.join(_badam.BlockCoordinateState._fields[:3])}, ...) instead of a "
+        "BlockCoordinateState: a checkpoint restored without a target (orbax restores NamedTuples "
+        "as dicts); restore with the state's structure as target, e.g. mngr.restore(step, "
+        "args=ocp.args.StandardRestore(jax.eval_shape(tx.init, params)))"
+    )
   if len(found) != 1:
     raise TypeError(
         "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage "
         f"(alone or inside optax.chain, MultiSteps, inject_hyperparams); its state has {len(found)}"
     )
   return found[0]
+
+
+def _plain_block_state(tree) -> bool:
+  """Whether ``tree`` holds a mapping with a block-coordinate state's fields (a restored checkpoint
+  whose NamedTuples came back as dicts)."""
+  fields = set(_badam.BlockCoordinateState._fields)
+  if isinstance(tree, dict):
+    return fields <= set(tree) or any(_plain_block_state(v) for v in tree.values())
+  if isinstance(tree, (list, tuple)):
+    return any(_plain_block_state(v) for v in tree)
+  return False
+
+
+def _deleted_leaf(tree) -> str | None:
+  """The path of the first array of ``tree`` whose buffer was deleted (donated), else ``None``."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, jax.Array) and x.is_deleted():
+      return _tree.path_str(path)
+  return None
 
 
 def _stack_groups(labels) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -128,6 +155,28 @@ def _distinct_buffers(tree):
     return x
 
   return jax.tree.map(fresh, tree)
+
+
+def _unsliced_reason(stacked: list[Any], unmatched: list[list[tuple[tuple[int, ...], Any]]]) -> str:
+  """The warning when the stacked leaves of the block step did not reach ``scan_layers`` as given:
+  ``unmatched`` lists, per ``scan_layers`` call that ran without them, its leaves' (shape, dtype)."""
+  cost = ("so the whole stack is differentiated for one layer's gradient (correct, not faster)")
+  if not unmatched:
+    return ("make_block_step: the layer stack does not run through optax_memopt.scan_layers, "
+            f"{cost}; run the stack with optax_memopt.scan_layers for the savings")
+  want = {(tuple(x.shape), jnp.dtype(x.dtype)) for x in stacked}
+  got = {(shape, jnp.dtype(dt)) for call in unmatched for shape, dt in call}
+  cast = sorted({f"{w[1].name} -> {g[1].name}" for w in want for g in got
+                 if w[0] == g[0] and w[1] != g[1]})
+  if cast:
+    why = (f"they were cast before the scan ({', '.join(cast)}); cast them inside the layer "
+           "function instead")
+  else:
+    why = ("they were replaced on the way (a jax.jit or jax.checkpoint / nnx.remat around the "
+           "call to scan_layers traces them anew, or a copy); put jax.checkpoint on the layer "
+           "function and call scan_layers on the params as given")
+  return (f"make_block_step: optax_memopt.scan_layers ran, but not on the step's stacked params as "
+          f"given: {why}; {cost}")
 
 
 def _mesh_shardings(tree):
@@ -214,7 +263,9 @@ def make_block_step(
       inside ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``, ``apply_if_finite``.
     has_aux: ``loss_fn`` returns ``(loss, aux)``.
     donate: donate ``params`` and ``opt_state`` to the compiled step (their buffers are reused for the
-      outputs; do not use the arrays passed in after the call).
+      outputs; do not use the arrays passed in after the call). With NNX, ``nnx.split`` shares the
+      module's arrays: the module's parameters are deleted by the first call, so call
+      ``nnx.update(model, params)`` with the returned params before using the module again.
 
   Returns:
     The step function. Its attribute ``compiled_blocks`` is the set of blocks compiled so far,
@@ -264,7 +315,7 @@ def make_block_step(
     grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
 
     def probed_update(grads, opt_state, params):
-      updates, _ = tx.update(grads, opt_state, params, **{_badam.LABELS_PROBE_ARG: probe})
+      updates, _ = tx.update(grads, opt_state, params, **{_protocol.LABELS_PROBE: probe})
       return jax.tree_util.tree_leaves(updates)
 
     closed = jax.make_jaxpr(probed_update)(grads, opt_state, params)
@@ -288,6 +339,9 @@ def make_block_step(
     labels: list[Any] = [None] * len(paths)
     for i, lab in zip(position, stage_labels):
       labels[i] = lab
+    _blocks.refuse_other_axes(
+        "make_block_step", _tree.leaf_paths(params),
+        [_blocks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
     outside = [i for i, lab in enumerate(labels) if lab is None]
     trained = _own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
     return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab
@@ -324,7 +378,7 @@ def make_block_step(
           jax.tree_util.tree_unflatten(treedef, grads),
           opt_state,
           params,
-          **{_badam.STATIC_BLOCK_ARG: block},
+          **{_protocol.STATIC_BLOCK: block},
       )
       update_leaves = jax.tree_util.tree_leaves(updates)
       new_leaves = list(leaves)
@@ -352,6 +406,7 @@ def make_block_step(
       k = table[_block_state(opt_state).active_block]
       slices = [jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False) for i in leaf_index]
       found: list[_scan._Active] = []
+      unmatched: list[list[tuple[tuple[int, ...], Any]]] = []
 
       def block_loss(active, always):
         full = list(leaves)
@@ -361,8 +416,9 @@ def make_block_step(
         for i, a in zip(leaf_index, active):
           full[i] = _scan.mark_active(leaves[i], a, k)
           entries[id(full[i])] = _scan._Active(a, k)
-        with _scan.active_slices(entries, frozenset(id(full[i]) for i in whole)):
+        with _scan.active_slices(entries, frozenset(id(full[i]) for i in whole)) as seen:
           out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
+        unmatched.extend(seen)
         found.extend(entries.values())
         loss = out[0] if has_aux else out
         if not (hasattr(loss, "shape") and loss.shape == ()):
@@ -374,12 +430,8 @@ def make_block_step(
           block_loss, argnums=(0, 1), has_aux=has_aux)(slices, [leaves[i] for i in whole])
       if not all(e.used for e in found) and not step.warned:
         step.warned = True
-        warnings.warn(
-            "make_block_step: the layer stack does not run through optax_memopt.scan_layers, so "
-            "the whole stack is differentiated for one layer's gradient (correct, not faster); "
-            "run the stack with optax_memopt.scan_layers for the savings",
-            stacklevel=4,
-        )
+        warnings.warn(_unsliced_reason([leaves[i] for i in leaf_index], unmatched),
+                      stacklevel=_scan._caller_stacklevel())
       # Zero outside layer k, as an elementwise expression XLA fuses into its consumers (BAdam
       # gathers layer k with a dynamic slice; a global-norm clip reduces over it): the stack-sized
       # gradient is never materialised.
@@ -427,6 +479,17 @@ def make_block_step(
 
   def step(params, opt_state, *args, **kwargs):
     state = _block_state(opt_state)
+    deleted = None
+    if donate:
+      deleted = next((f"{what} {p!r}" for what, tree in (("parameter", params), ("opt_state leaf", opt_state))
+                      if (p := _deleted_leaf(tree)) is not None), None)
+    if deleted is not None:
+      raise RuntimeError(
+          f"make_block_step: {deleted} was deleted: an earlier call donated it (donate=True reuses "
+          "the buffers of params and opt_state, and nnx.split / nnx.state share a module's arrays, "
+          "so the module's are deleted too); pass the params and state the last call returned "
+          "(nnx.update(model, params) before using or splitting the module again), or "
+          "make_block_step(..., donate=False)")
     if state.count is not host["returned"]:
       # Not the state the previous call returned (the first call, a fresh init, a restored
       # checkpoint): the cached block says nothing about it.

@@ -41,7 +41,8 @@ _EMBEDDING = re.compile(
 BlockSpec = Any  # None | label pytree | Callable[[params], labels] | Sequence[str] of regexes
 # None | pytree of bools | Callable[[params], bools] | Sequence[str] of regexes
 AlwaysActiveSpec = Any
-Label = int | tuple[int, ...]  # one block id for a whole leaf, or one per slice of its leading axis
+# One block id for a whole leaf, or one per slice of its layer axis (a tuple: axis 0; StackLabels: any).
+Label = int | tuple[int, ...]
 FROZEN = -1
 # The label of a leaf trained at every step whatever the active block (a whole leaf only).
 ALWAYS_ACTIVE = -2
@@ -96,39 +97,96 @@ def _prefix_of(path: str, prefix: str) -> bool:
   return path == prefix or path.startswith(prefix + ".")
 
 
+class StackKey(NamedTuple):
+  """Where a leaf sits in a layer stack: the stack's path, its number of layers and the leaf's layer
+  axis (the stack's axis, 0 for a per-layer scalar ``[L]`` in a stack scanned on axis 1)."""
+
+  prefix: str
+  length: int
+  axis: int
+
+
+def _leaf_axis(shape: tuple[int, ...], axis: int) -> int:
+  """The layer axis of a leaf of ``shape`` in a stack scanned on ``axis``: a leaf with no such axis
+  (a per-layer scalar ``[L]`` stacked on axis 1) has its layers on its last axis."""
+  return min(axis, len(shape) - 1)
+
+
+def _shared_length(shapes: list[tuple[int, ...]], axis: int) -> int | None:
+  """The number of layers when every leaf has it on its layer axis for a stack on ``axis``."""
+  if not shapes or any(not s for s in shapes):
+    return None
+  lengths = {s[_leaf_axis(s, axis)] for s in shapes}
+  return lengths.pop() if len(lengths) == 1 else None
+
+
+def stacks_spec(stacks: Any) -> dict[str, int | None] | None:
+  """``stacks=`` as ``{path: axis}`` (``None``: the axis is found from the shapes); validated.
+
+  Accepts ``None``, a path, a sequence of paths, or a mapping ``{path: axis}``; paths are dotted or
+  slashed (``"decoder.layers"``, ``"decoder/layers"``).
+  """
+  if stacks is None:
+    return None
+  if isinstance(stacks, str):
+    stacks = (stacks,)
+  if isinstance(stacks, dict):
+    items = list(stacks.items())
+  elif isinstance(stacks, Sequence):
+    items = [(path, None) for path in stacks]
+  else:
+    raise TypeError(
+        f"stacks: expected a path, a sequence of paths or a dict {{path: layer axis}}, got {stacks!r}")
+  out: dict[str, int | None] = {}
+  for path, axis in items:
+    if not isinstance(path, str):
+      raise TypeError(f"stacks: a stack path must be a str, got {path!r}")
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
+      raise ValueError(
+          f"stacks: the layer axis of {path!r} must be an int >= 0 (0 for [L, ...] leaves, 1 for "
+          f"Linen nn.scan(variable_axes={{'params': 1}})), got {axis!r}")
+    out[path.replace("/", ".")] = axis
+  return out
+
+
 def _stack_keys(
     paths: list[str], shapes: list[tuple[int, ...]], listed: list[Any], stacks: Any
-) -> list[tuple[str, int] | None]:
-  """Per leaf, (stack path, stack length L) when it belongs to a layer stack, else ``None``.
+) -> list[StackKey | None]:
+  """Per leaf, its :class:`StackKey` when it belongs to a layer stack, else ``None``.
 
   Guessed (``stacks=None``): the subtree under the first path component named like a layer container
-  (``layers``, ``h``, ``blocks``, ...; Linen's ``nn.scan`` default ``ScanBlock_0``) whose leaves
-  share the leading dimension and have two or more dimensions (one-dimensional per-layer scalars
-  ``[L]`` too, next to a leaf of three or more), and are not in a list of layers. A subtree whose
-  leaves share their second axis instead (a stack scanned on axis 1, Linen's
-  ``variable_axes={'params': 1}``) is refused with ``ValueError``: nothing here slices axis 1.
-  Explicit: ``stacks`` names the subtrees (dotted paths); each must exist and its leaves must share
-  their leading axis, else ``ValueError``.
+  (``layers``, ``h``, ``blocks``, ...; Linen's ``nn.scan`` default ``ScanBlock_0``), not in a list of
+  layers, whose leaves share
+  * their leading dimension ``L`` and have two or more dimensions (one-dimensional per-layer scalars
+    ``[L]`` too, next to a leaf of three or more): a stack on axis 0; or else
+  * their second dimension ``L`` (per-layer scalars ``[L]`` too), with a leaf of three or more
+    dimensions (a kernel ``[d_in, L, d_out]``): a stack on axis 1 (Linen's ``nn.scan(...,
+    variable_axes={'params': 1})``, MaxText's ``param_scan_axis: 1``). Two-dimensional leaves that
+    share only their second axis are ambiguous and refused with ``ValueError``.
+  Explicit: ``stacks`` names the subtrees (see :func:`stacks_spec`); each must exist and its leaves
+  must share the declared axis (axis 0, else axis 1, when none is declared), else ``ValueError``.
   """
-  out: list[tuple[str, int] | None] = [None] * len(paths)
-  if stacks is not None:
-    if isinstance(stacks, str):
-      stacks = (stacks,)
-    for prefix in stacks:
+  out: list[StackKey | None] = [None] * len(paths)
+  spec = stacks_spec(stacks)
+  if spec is not None:
+    for prefix, axis in spec.items():
       members = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
       if not members:
         raise ValueError(
             f"stacks: {prefix!r} names no subtree of the parameters; paths look like {paths[:3]}"
         )
-      lengths = {shapes[i][0] if shapes[i] else None for i in members}
-      if len(lengths) != 1 or None in lengths:
-        _refuse_axis_one(prefix, [paths[i] for i in members], [shapes[i] for i in members])
+      found = [shapes[i] for i in members]
+      shown = ", ".join(f"{paths[i]} {tuple(shapes[i])}" for i in members[:4])
+      if axis is None:  # axis 0 unless only axis 1 is shared
+        axis = 1 if _shared_length(found, 0) is None and _shared_length(found, 1) is not None else 0
+      length = _shared_length(found, axis)
+      if length is None:
         raise ValueError(
-            f"stacks: the leaves under {prefix!r} do not share a leading (layer) axis: "
-            + ", ".join(f"{paths[i]} {tuple(shapes[i])}" for i in members[:4])
-        )
+            f"stacks: the leaves under {prefix!r} do not share a layer axis {axis}: {shown}; declare "
+            f"the axis their layers are on, e.g. stacks={{{prefix!r}: 1}} for Linen "
+            "nn.scan(variable_axes={'params': 1}), or leave the subtree out of stacks")
       for i in members:
-        out[i] = (prefix, shapes[i][0])
+        out[i] = StackKey(prefix, length, _leaf_axis(shapes[i], axis))
     return out
   candidates: dict[str, list[int]] = {}
   for i, path in enumerate(paths):
@@ -141,16 +199,26 @@ def _stack_keys(
         break
   for prefix, members in candidates.items():
     every = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
-    ndims = [len(shapes[i]) for i in members]
+    found = [shapes[i] for i in members]
+    ndims = [len(s) for s in found]
+    if len(every) != len(members) or min(ndims) < 1:
+      continue
     # [L] leaves (a per-layer scalar) only next to a leaf of 3+ dimensions: one unstacked layer's
     # [d, d] kernel and [d] bias would otherwise look like a stack of d layers.
-    if len(every) != len(members) or min(ndims) < (1 if max(ndims) >= 3 else 2):
-      continue
-    if len({shapes[i][0] for i in members}) == 1:
+    axis = None
+    if min(ndims) >= (1 if max(ndims) >= 3 else 2) and _shared_length(found, 0) is not None:
+      axis = 0
+    elif max(ndims) >= 3 and _shared_length(found, 1) is not None:
+      axis = 1
+    elif min(ndims) >= 2 and _shared_length(found, 1) is not None and len(found) >= 2:
+      raise ValueError(
+          f"stacks: the leaves under {prefix!r} share axis 1 ({paths[members[0]]} {found[0]}, ...) "
+          "but not axis 0, and none has 3 dimensions: if they are a layer stack scanned on axis 1 "
+          f"declare it, stacks={{{prefix!r}: 1}}; if not, pass stacks=() (no stack)")
+    if axis is not None:
+      length = _shared_length(found, axis)
       for i in members:
-        out[i] = (prefix, shapes[i][0])
-    elif min(ndims) >= 2:
-      _refuse_axis_one(prefix, [paths[i] for i in members], [shapes[i] for i in members])
+        out[i] = StackKey(prefix, length, _leaf_axis(shapes[i], axis))
   return out
 
 
@@ -168,25 +236,69 @@ def _input_to_output(container: str) -> int:
   return 1
 
 
-def _refuse_axis_one(prefix: str, paths: list[str], shapes: list[tuple[int, ...]]) -> None:
-  """A ``ValueError`` when the leaves under ``prefix`` share their second axis (a layer stack
-  scanned on axis 1) but not their first."""
-  if len(paths) < 2 or any(len(s) < 2 for s in shapes) or len({s[1] for s in shapes}) != 1:
-    return
-  raise ValueError(
-      f"stacks: the leaves under {prefix!r} share axis 1 ({paths[0]} {tuple(shapes[0])}, ...): a "
-      "layer stack scanned on axis 1 (Linen nn.scan(variable_axes={'params': 1}), MaxText "
-      "param_scan_axis: 1), which optax_memopt does not slice; scan the parameters on axis 0 "
-      "(param_scan_axis: 0), or pass stacks=() to train its leaves as whole tensors")
+def stack_keys(params: Any, stacks: Any = None) -> list[StackKey | None]:
+  """Per leaf of ``params`` (in ``jax.tree_util`` order), its :class:`StackKey` (stack, number of
+  layers, layer axis), ``None`` if the leaf is not part of a recognised layer stack (see
+  :func:`block_labels`)."""
+  paths = leaf_paths(params)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
+  return _stack_keys(paths, shapes, _list_keys(paths), stacks)
 
 
 def stack_lengths(params: Any, stacks: Any = None) -> list[int | None]:
-  """Per leaf of ``params`` (in ``jax.tree_util`` order), its layer-stack length, ``None`` if the
-  leaf is not part of a recognised layer stack (see :func:`block_labels`)."""
-  paths = leaf_paths(params)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
-  keys = _stack_keys(paths, shapes, _list_keys(paths), stacks)
-  return [None if k is None else k[1] for k in keys]
+  """Per leaf of ``params``, its layer-stack length, ``None`` outside the layer stacks."""
+  return [None if k is None else k.length for k in stack_keys(params, stacks)]
+
+
+def refuse_other_axes(who: str, paths: list[str], axes: list[int | None]) -> None:
+  """A one-line ``ValueError`` when a leaf's layer axis (``None``: not stacked) is not 0: the step
+  builders run a stack through :func:`optax_memopt.scan_layers`, which scans axis 0."""
+  bad = next((i for i, a in enumerate(axes) if a), None)
+  if bad is None:
+    return
+  raise ValueError(
+      f"{who}: {paths[bad]!r} is in a layer stack on axis {axes[bad]} (Linen nn.scan(variable_axes="
+      "{'params': 1}), MaxText param_scan_axis: 1), but the step runs stacks through "
+      "optax_memopt.scan_layers, which scans axis 0; store the stack with its layers on axis 0 "
+      "(variable_axes={'params': 0}, param_scan_axis: 0), or train with jax.grad and tx.update "
+      "(badam, badam_ratio and adarankgrad handle axis 1 as drop-in optimizers)")
+
+
+class StackLabels(tuple):
+  """The labels of a stacked leaf whose layers are on axis ``axis`` (not 0): one block id per slice
+  ``x[:, l]`` (``axis=1``). :func:`block_labels` gives these for a stack scanned on axis 1; a plain
+  tuple (or 1-D integer array) labels the slices of the leading axis.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_memopt
+    >>> params = {'layers': {'w': jnp.zeros((4, 3, 4))}}  # a stack of 3 layers on axis 1
+    >>> labels = {'layers': {'w': optax_memopt.StackLabels((0, 1, 2), axis=1)}}
+    >>> print(optax_memopt.describe_blocks(params, labels).splitlines()[1])
+        0      16     64  layers.w[:, 0]
+  """
+
+  axis: int
+
+  def __new__(cls, ids, axis: int = 0):
+    out = super().__new__(cls, ids)
+    out.axis = int(axis)
+    return out
+
+  def __repr__(self) -> str:
+    return f"StackLabels({tuple(self)!r}, axis={self.axis})"
+
+  def __reduce__(self):
+    return (StackLabels, (tuple(self), self.axis))
+
+
+def label_axis(label: Any) -> int:
+  """The layer axis of a per-slice label (0 for a plain tuple)."""
+  return getattr(label, "axis", 0)
+
+
+def _per_slice(ids: Sequence[int], axis: int) -> tuple[int, ...]:
+  return tuple(ids) if axis == 0 else StackLabels(ids, axis)
 
 
 def _default_labels(
@@ -221,8 +333,8 @@ def _default_labels(
     if lk is not None:
       labels.append(layer_block[(containers.index(lk[0]), lk[1])])
     elif sk is not None:
-      c = containers.index(sk[0])
-      labels.append(tuple(layer_block[(c, s)] for s in range(sk[1])))
+      c = containers.index(sk.prefix)
+      labels.append(_per_slice([layer_block[(c, s)] for s in range(sk.length)], sk.axis))
     elif emb:
       labels.append(0 if include_embedding else -1)
     else:
@@ -235,7 +347,7 @@ def block_labels(
     *,
     include_embedding: bool = False,
     include_lm_head: bool = False,
-    stacks: str | Sequence[str] | None = None,
+    stacks: str | Sequence[str] | dict[str, int] | None = None,
     always_active: AlwaysActiveSpec = None,
 ) -> Any:
   """Infers one block per transformer layer from the key paths and shapes of ``params``.
@@ -250,9 +362,12 @@ def block_labels(
     init function produce): the subtree under a container name (``layers``, ``layer``, ``h``,
     ``blocks``, ``block``, Linen's ``ScanBlock_0``, ...) whose leaves all have a leading axis of the
     same length ``L`` (per-layer scalars ``[L]`` included). Its leaves get a tuple of ``L`` labels,
-    one block per layer slice ``[l]``. Name the stack subtrees with ``stacks`` when the guess
-    cannot. The layer axis must be axis 0: a stack scanned on axis 1 (Linen's
-    ``variable_axes={'params': 1}``, MaxText's ``param_scan_axis: 1``) is refused, not guessed.
+    one block per layer slice ``[l]``. A stack scanned on axis 1 (Linen's ``nn.scan(...,
+    variable_axes={'params': 1})``, MaxText's ``param_scan_axis: 1``: kernels ``[d_in, L, d_out]``,
+    norm scales ``[d, L]``) is recognised when its leaves share axis 1 but not axis 0 and one has
+    three dimensions (leaves sharing both are taken for a stack on axis 0); its leaves get a
+    :class:`StackLabels` ``(ids, axis=1)``, one block per slice ``[:, l]``. Name the stack
+    subtrees (and their axis) with ``stacks`` when the guess cannot.
 
   NNX's trailing ``.value`` is ignored. Blocks are numbered from the input to the output: the
   embedding block (when included), then the layers in index order (several layer containers in
@@ -266,9 +381,11 @@ def block_labels(
     params: any pytree of arrays (dicts, lists, ``nnx.State``, ``jax.ShapeDtypeStruct`` leaves).
     include_embedding: train the embedding (token and position embeddings) as a block of its own.
     include_lm_head: train the output head and final norm as a block of their own.
-    stacks: ``None`` to recognise layer stacks by name and shape; otherwise the dotted path (or a
-      sequence of paths) of each stacked subtree, e.g. ``"model.decoder"`` (no other subtree is then
-      taken for a stack; ``()`` turns stack recognition off).
+    stacks: ``None`` to recognise layer stacks by name and shape; otherwise the dotted (or slashed)
+      path, or a sequence of paths, of each stacked subtree, e.g. ``"model.decoder"`` (its layer
+      axis found from the shapes: axis 0 unless only axis 1 is shared), or a dict ``{path: axis}``
+      declaring the layer axis, e.g. ``{"decoder/layers": 1}``. No other subtree is then taken for
+      a stack; ``()`` turns stack recognition off.
     always_active: leaves trained at every step whatever the active block (e.g. a new task head),
       as for :func:`badam`: ``None``, a list of regular expressions over dotted key paths, a pytree
       of bools or a callable ``params -> bools``. They get the label ``-2`` (whole leaves, also out
@@ -281,10 +398,10 @@ def block_labels(
     id per layer slice.
 
   Raises:
-    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share a leading axis;
-      the leaves under a layer-container name share their second axis instead (a stack scanned on
-      axis 1: scan on axis 0, or pass ``stacks=()``); an ``always_active`` spec matches nothing or
-      empties a block.
+    ValueError: a path in ``stacks`` names no subtree, or its leaves do not share the declared layer
+      axis; two-dimensional leaves under a layer-container name share their second axis only
+      (ambiguous: declare ``stacks={path: 1}``, or pass ``stacks=()``); an ``always_active`` spec
+      matches nothing or empties a block.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -303,6 +420,15 @@ def block_labels(
     ...            'lm_head': jnp.zeros((4, 10))}
     >>> optax_memopt.block_labels(stacked)
     {'embed': -1, 'layers': {'w': (0, 1)}, 'lm_head': -1}
+
+    Its layers on axis 1 instead (Linen's ``nn.scan(..., variable_axes={'params': 1})``):
+
+    >>> on_axis_1 = {'layers': {'up': jnp.zeros((4, 2, 8)), 'down': jnp.zeros((8, 2, 4))}}
+    >>> optax_memopt.block_labels(on_axis_1)
+    {'layers': {'down': StackLabels((0, 1), axis=1), 'up': StackLabels((0, 1), axis=1)}}
+
+    When the leaves share both axes (``{'w': [4, 2, 4], 'scale': [4, 2]}``) axis 0 is taken; declare
+    the axis then: ``block_labels(params, stacks={'layers': 1})``.
 
     A new task head trained at every step:
 
@@ -396,12 +522,14 @@ def _label(x: Any, path: str, shape: tuple[int, ...]) -> Label:
       raise TypeError(
           f"blocks: the label of {path!r} is {x!r}; a per-slice label must hold integers only"
       )
-    if not shape or len(values) != shape[0]:
+    axis = label_axis(x)
+    if len(shape) <= axis or len(values) != shape[axis]:
       raise ValueError(
           f"blocks: the label of {path!r} has {len(values)} entries but the leaf has shape "
-          f"{tuple(shape)}; a per-slice label needs one block id per slice of the leading axis"
+          f"{tuple(shape)}; a per-slice label needs one block id per slice of the layer axis "
+          f"({axis}{'' if axis else ', the leading one; StackLabels(ids, axis=1) for axis 1'})"
       )
-    return tuple(int(v) for v in values)
+    return _per_slice([int(v) for v in values], axis)
   raise TypeError(
       f"blocks: the label of {path!r} is {x!r}; labels must be integers (block ids, -1 for frozen) "
       "or 1-D integer arrays (one per slice of a stacked leaf)"
@@ -557,8 +685,22 @@ class Unit(NamedTuple):
   """What one slot position holds for one block: a whole leaf, or one slice of a stacked leaf."""
 
   leaf: int
-  index: int | None  # the slice along the leading axis; None for the whole leaf
+  index: int | None  # the slice along the layer axis; None for the whole leaf
   block: int
+  axis: int = 0  # the leaf's layer axis (for a slice)
+
+  def shape(self, leaf_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of this unit of a leaf of ``leaf_shape``: the leaf's, or one slice's."""
+    shape = tuple(leaf_shape)
+    return shape if self.index is None else shape[:self.axis] + shape[self.axis + 1:]
+
+  def name(self, path: str) -> str:
+    """``path`` with the slice this unit is: ``w``, ``w[3]`` (axis 0), ``w[:, 3]`` (axis 1)."""
+    return path if self.index is None else f"{path}[{':, ' * self.axis}{self.index}]"
+
+  def take(self, x: Any) -> Any:
+    """This unit of the leaf ``x`` (a static slice along the layer axis)."""
+    return x if self.index is None else jax.lax.index_in_dim(x, self.index, self.axis, keepdims=False)
 
 
 def units_of(labels: list[Label]) -> list[Unit]:
@@ -566,7 +708,7 @@ def units_of(labels: list[Label]) -> list[Unit]:
   out = []
   for i, lab in enumerate(labels):
     if isinstance(lab, tuple):
-      out.extend(Unit(i, s, b) for s, b in enumerate(lab) if b >= 0)
+      out.extend(Unit(i, s, b, label_axis(lab)) for s, b in enumerate(lab) if b >= 0)
     elif lab >= 0:
       out.append(Unit(i, None, lab))
   return out
@@ -592,7 +734,7 @@ def group_leaves(
   for u, unit in sorted(enumerate(units), key=lambda x: x[1].block):
     i = unit.leaf
     g = groups[i]
-    shape = tuple(shapes[i]) if unit.index is None else tuple(shapes[i][1:])
+    shape = unit.shape(shapes[i])
     positions = slot.setdefault(g, [])
     used = taken.setdefault((unit.block, g), set())
     sig = (shape, dtypes[i])
@@ -653,18 +795,17 @@ def describe_blocks(params: Any, blocks: BlockSpec = None, *, always_active: Alw
   rows: dict[int, list[tuple[str, int, int]]] = {}
   for unit in units_of(labels):
     x = leaves[unit.leaf]
-    shape = tuple(x.shape) if unit.index is None else tuple(x.shape[1:])
-    name = paths[unit.leaf] + ("" if unit.index is None else f"[{unit.index}]")
-    size = _size(shape)
+    name = unit.name(paths[unit.leaf])
+    size = _size(unit.shape(x.shape))
     rows.setdefault(unit.block, []).append((name, size, jax.numpy.dtype(x.dtype).itemsize))
 
   def whole_or_slices(label):
-    return [(paths[i] + ("" if isinstance(lab, int) else f"[{s}]"),
-             _size(leaves[i].shape[0 if isinstance(lab, int) else 1:]),
-             jax.numpy.dtype(leaves[i].dtype).itemsize)
-            for i, lab in enumerate(labels)
-            for s in (range(1) if isinstance(lab, int) else range(len(lab)))
-            if (lab if isinstance(lab, int) else lab[s]) == label]
+    units = [Unit(i, None, lab) if isinstance(lab, int) else Unit(i, s, b, label_axis(lab))
+             for i, lab in enumerate(labels)
+             for s, b in (((None, lab),) if isinstance(lab, int) else enumerate(lab))]
+    return [(u.name(paths[u.leaf]), _size(u.shape(leaves[u.leaf].shape)),
+             jax.numpy.dtype(leaves[u.leaf].dtype).itemsize)
+            for u in units if u.block == label]
 
   table = [("block", "params", "bytes", "members")]
 

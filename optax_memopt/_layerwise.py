@@ -105,6 +105,7 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
   paths = _tree.leaf_paths(params)
   shapes = [tuple(jnp.shape(x)) for x in leaves]
   keys = _blocks._stack_keys(paths, shapes, _blocks._list_keys(paths), stacks)
+  _blocks.refuse_other_axes("make_layerwise_step", paths, [None if k is None else k.axis for k in keys])
   names: list[str] = []
   for k in keys:
     if k is not None and k[0] not in names:

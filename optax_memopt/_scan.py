@@ -49,6 +49,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# The context variables below are the step builders' channel to scan_layers, documented with the
+# rest of that channel in optax_memopt._protocol.
+
 # The active layer slices of the block step being traced: id(marked stacked leaf) -> _Active.
 _ACTIVE: contextvars.ContextVar[dict[int, _Active] | None] = contextvars.ContextVar(
     "optax_memopt_scan_active", default=None
@@ -69,16 +72,26 @@ _WHOLE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
 )
 
 
+# The scan_layers calls of the block step being traced that found none of its marked leaves: per
+# call, the (shape, dtype) of each scanned leaf (the step says why its layers were not sliced).
+_UNMATCHED: contextvars.ContextVar[list[list[tuple[tuple[int, ...], Any]]] | None] = (
+    contextvars.ContextVar("optax_memopt_scan_unmatched", default=None))
+
+
 @contextlib.contextmanager
-def active_slices(entries: dict[int, _Active], whole: frozenset[int] = frozenset()) -> Iterator[None]:
+def active_slices(
+    entries: dict[int, _Active], whole: frozenset[int] = frozenset()
+) -> Iterator[list[list[tuple[tuple[int, ...], Any]]]]:
   """While tracing a block step's loss: the marked stacked leaves and their active slices, and the
-  ids of the leaves it differentiates whole on purpose."""
-  token, whole_token = _ACTIVE.set(entries), _WHOLE.set(frozenset(whole))
+  ids of the leaves it differentiates whole on purpose. Yields the list to which each
+  ``scan_layers`` call that finds none of the marked leaves appends its leaves' (shape, dtype)."""
+  unmatched: list[list[tuple[tuple[int, ...], Any]]] = []
+  tokens = _ACTIVE.set(entries), _WHOLE.set(frozenset(whole)), _UNMATCHED.set(unmatched)
   try:
-    yield
+    yield unmatched
   finally:
-    _ACTIVE.reset(token)
-    _WHOLE.reset(whole_token)
+    for var, token in zip((_ACTIVE, _WHOLE, _UNMATCHED), tokens):
+      var.reset(token)
 
 
 def mark_active(stacked: jax.Array, active: jax.Array, index: jax.Array) -> jax.Array:
@@ -126,12 +139,16 @@ def _spread(picked: list, mask: list[bool]) -> list:
   return [next(it) if m else None for m in mask]
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _caller_stacklevel() -> int:
-  """The ``stacklevel`` of the first frame outside JAX and this module (the user's loss)."""
+  """The ``stacklevel`` of the first frame outside JAX and this package (the user's code)."""
   frame, level = sys._getframe(1), 1
   while frame is not None:
     name = frame.f_code.co_filename
-    if name != __file__ and f"{os.sep}jax{os.sep}" not in name and "jaxlib" not in name:
+    if (not name.startswith(_PACKAGE_DIR) and f"{os.sep}jax{os.sep}" not in name
+        and "jaxlib" not in name):
       return level
     frame, level = frame.f_back, level + 1
   return 1
@@ -410,10 +427,11 @@ def scan_layers(fn: Callable[..., Any], layers: Any, carry: Any, *shared: Any,
   layer = _Layer(fn, layer_def, carry_def, shared_def, t_def,
                  [(jnp.shape(x)[1:], jnp.result_type(x)) for x in t_leaves])
   layerwise = _LAYERWISE.get()
+  names = [jax.tree_util.keystr(path) for path, _ in with_paths]
   if layerwise is not None and any(id(x) in layerwise for x in leaves):
-    c_out, t_out = _scan_layerwise(layer, leaves, layerwise, carry_leaves, shared_leaves, t_leaves)
+    c_out, t_out = _scan_layerwise(layer, leaves, names, layerwise, carry_leaves, shared_leaves,
+                                   t_leaves)
   else:
-    names = [jax.tree_util.keystr(path) for path, _ in with_paths]
     c_out, t_out = _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves)
   out = jax.tree_util.tree_unflatten(carry_def, c_out)
   if state is None:
@@ -438,6 +456,9 @@ def _scan_block(layer, leaves, names, carry_leaves, shared_leaves, t_leaves):
     else:
       active.append(None)
   if index is None:
+    unmatched = _UNMATCHED.get()
+    if entries and unmatched is not None:
+      unmatched.append([(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves])
     index = jnp.int32(-1)
     stacked = leaves
   else:
@@ -566,7 +587,7 @@ def layerwise_stacks(members: dict[int, _Member]) -> Iterator[None]:
     _LAYERWISE.reset(token)
 
 
-def _scan_layerwise(layer, leaves, members, carry_leaves, shared_leaves, t_leaves):
+def _scan_layerwise(layer, leaves, names, members, carry_leaves, shared_leaves, t_leaves):
   """``scan_layers`` for a stack trained layer by layer.
 
   The custom VJP takes the stacked weights and the stack's optimizer-state slices as primal
@@ -586,12 +607,14 @@ def _scan_layerwise(layer, leaves, members, carry_leaves, shared_leaves, t_leave
         f"its {stack.num_leaves} stacked leaves must be among the scanned layers (got "
         f"{sum(m is not None for m in found)})"
     )
-  for m, x in zip(found, leaves):
+  for m, x, name in zip(found, leaves, names):
     if m is None and _is_float(x):
       raise ValueError(
-          "scan_layers: under make_layerwise_step the scanned layers may hold only the stack's "
-          f"trained weights and non-float arrays; got a float leaf of shape {jnp.shape(x)} that is "
-          "not a recognised stacked parameter"
+          f"scan_layers: under make_layerwise_step the scanned layers may hold only the stack's "
+          f"trained weights and non-float arrays; the float leaf layers{name} {jnp.shape(x)} is not "
+          "one of the step's params (a frozen per-layer array such as a LoRA base?): pass it as "
+          "scan_layers(..., state=...) and return it unchanged from fn, or put it in params and "
+          "freeze it in tx (optax.multi_transform with optax.set_to_zero())"
       )
   stack.used += 1
   is_weight = [m is not None for m in found]

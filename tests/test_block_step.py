@@ -271,3 +271,153 @@ def test_block_step_gradient_memory():
   print(f"temp bytes: full {temp_full}, block {temp_block}; model {model_bytes}, layer {layer_bytes}")
   # The full step materialises a gradient for every layer; the block step only the active layer's.
   assert temp_full - temp_block >= (FLOP_LAYERS - 1) * layer_bytes * 0.9
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _stacked_model(n_layers=3, width=8):
+  keys = jax.random.split(jax.random.key(1), 2)
+  params = {"embed": jax.random.normal(keys[0], (VOCAB, width)) / 4,
+            "layers": {"w": jax.random.normal(keys[1], (n_layers, width, width)) / 4}}
+
+  def layer(p, h):
+    return h + jnp.tanh(h @ p["w"].astype(h.dtype))
+
+  def loss(params, tokens):
+    h = params["embed"][tokens]
+    return jnp.mean(optax_memopt.scan_layers(layer, params["layers"], h) ** 2)
+
+  return params, layer, loss
+
+
+def test_a_checkpoint_restored_without_a_target_is_named(tmp_path):
+  # Before: "its state has 0" BAdam stages. Orbax restores NamedTuples as dicts without a target.
+  import orbax.checkpoint as ocp
+
+  params, _, loss = _stacked_model()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_memopt.badam(1e-2, switch_every=1))
+  with ocp.CheckpointManager(tmp_path) as mngr:
+    mngr.save(0, args=ocp.args.StandardSave(tx.init(params)))
+    mngr.wait_until_finished()
+    restored = mngr.restore(0)
+    step = optax_memopt.make_block_step(loss, tx)
+    with pytest.raises(TypeError, match="plain dicts.*restored without a target.*StandardRestore"):
+      step(params, restored, TOKENS % VOCAB)
+    # The way out it names works.
+    target = jax.eval_shape(tx.init, params)
+    state = mngr.restore(0, args=ocp.args.StandardRestore(target))
+  step(params, state, TOKENS % VOCAB)
+
+
+def _warning_of(loss, params, tx):
+  step = optax_memopt.make_block_step(loss, tx, donate=False)
+  with pytest.warns(UserWarning) as record:
+    step(params, tx.init(params), TOKENS)
+  msgs = [w for w in record if "make_block_step" in str(w.message)]
+  assert len(msgs) == 1
+  return msgs[0]
+
+
+def test_stack_cast_before_the_scan_is_named_and_the_warning_points_at_the_caller():
+  # Before: "does not run through scan_layers" (it does), with the warning attributed to pjit.py.
+  params, layer, _ = _stacked_model()
+
+  def loss(params, tokens):
+    h = params["embed"][tokens].astype(jnp.bfloat16)
+    layers = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params["layers"])
+    return jnp.mean(optax_memopt.scan_layers(layer, layers, h).astype(jnp.float32) ** 2)
+
+  w = _warning_of(loss, params, optax_memopt.badam(1e-2, switch_every=1))
+  assert "scan_layers ran" in str(w.message) and "cast before the scan (float32 -> bfloat16)" in str(
+      w.message)
+  assert w.filename == __file__
+
+
+@pytest.mark.parametrize("wrap", [jax.jit, jax.checkpoint])
+def test_nested_jit_or_checkpoint_around_the_scan_is_named(wrap):
+  params, layer, _ = _stacked_model()
+
+  @wrap
+  def decoder(layers, h):
+    return optax_memopt.scan_layers(layer, layers, h)
+
+  def loss(params, tokens):
+    return jnp.mean(decoder(params["layers"], params["embed"][tokens]) ** 2)
+
+  w = _warning_of(loss, params, optax_memopt.badam(1e-2, switch_every=1))
+  assert "scan_layers ran" in str(w.message) and "jax.jit or jax.checkpoint" in str(w.message)
+  assert w.filename == __file__
+
+
+def test_a_stack_without_scan_layers_still_says_so():
+  params, layer, _ = _stacked_model()
+
+  def loss(params, tokens):
+    h, _ = jax.lax.scan(lambda h, p: (layer(p, h), None), params["embed"][tokens], params["layers"])
+    return jnp.mean(h ** 2)
+
+  w = _warning_of(loss, params, optax_memopt.badam(1e-2, switch_every=1))
+  assert "does not run through optax_memopt.scan_layers" in str(w.message)
+  assert w.filename == __file__
+
+
+def test_donated_nnx_arrays_give_a_clear_error():
+  # nnx.split shares the module's arrays; the donating step deletes them. Re-splitting the module
+  # without nnx.update used to fail deep inside JAX ("Array has been deleted").
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = jnp.tanh(layer(x))
+      return x
+
+  model = Model(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optax_memopt.badam(1e-2, switch_every=1)
+  step = optax_memopt.make_block_step(
+      lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2), tx)
+  opt_state = tx.init(params)
+  new_params, opt_state, _ = step(params, opt_state, jnp.ones((2, 4)))
+  _, again = nnx.split(model, nnx.Param)  # the module's arrays were donated
+  with pytest.raises(RuntimeError, match=r"parameter '.*' was deleted.*nnx.update\(model, params\)"):
+    step(again, opt_state, jnp.ones((2, 4)))
+  nnx.update(model, new_params)  # the way out
+  _, again = nnx.split(model, nnx.Param)
+  step(again, opt_state, jnp.ones((2, 4)))
+
+
+def test_a_frozen_per_layer_array_in_the_layerwise_scan_is_named_with_the_way_out():
+  # Before: refused naming only a shape. A frozen LoRA base scanned with the trained stack.
+  params, _, _ = _stacked_model()
+  base = jnp.ones_like(params["layers"]["w"])
+
+  def layer(p, h):
+    return h + jnp.tanh(h @ (p["w"] + p["base"]))
+
+  def loss(params, tokens):
+    layers = dict(params["layers"], base=base)
+    return jnp.mean(optax_memopt.scan_layers(layer, layers, params["embed"][tokens]) ** 2)
+
+  tx = optax.adam(1e-2)
+  step = optax_memopt.make_layerwise_step(loss, tx, donate=False)
+  with pytest.raises(ValueError, match=r"float leaf layers\['base'\] \(3, 8, 8\).*LoRA base.*"
+                     r"state=\.\.\..*optax.set_to_zero"):
+    step(params, tx.init(params), TOKENS)
+
+  # The way out it names: the frozen array as per-layer state, returned unchanged.
+  def layer_with_state(p, h, *, state):
+    return h + jnp.tanh(h @ (p["w"] + state)), state
+
+  def loss_with_state(params, tokens):
+    h, _ = optax_memopt.scan_layers(layer_with_state, params["layers"], params["embed"][tokens],
+                                    state=base)
+    return jnp.mean(h ** 2)
+
+  step = optax_memopt.make_layerwise_step(loss_with_state, tx, donate=False)
+  new, _, _ = step(params, tx.init(params), TOKENS)
+  assert not np.allclose(new["layers"]["w"], params["layers"]["w"])

@@ -184,7 +184,7 @@ def test_explicit_stacks_argument():
   assert off["layers"]["attn"]["q"] == 2  # top-level entries in key order: embed, final_norm, layers
   with pytest.raises(ValueError, match="names no subtree"):
     optax_memopt.block_labels(trunk, stacks="body")
-  with pytest.raises(ValueError, match="do not share a leading"):
+  with pytest.raises(ValueError, match="do not share a layer axis 0"):
     optax_memopt.block_labels(dict(trunk, trunk=dict(trunk["trunk"], extra=jnp.zeros((5, 2)))),
                               stacks=("trunk",))
 
@@ -459,29 +459,171 @@ def test_stack_with_a_per_layer_scalar_is_recognised():
   assert ranks["layers.Dense_0.kernel"].shape == (3,)
 
 
-def test_stack_scanned_on_axis_one_is_refused_not_guessed():
-  # MaxText's param_scan_axis: 1 gives [d, L, ...] leaves; nothing slices axis 1, so every entry
-  # point refuses in one line naming the subtree and the way out (before: top-level blocks).
-  params = _linen_scan(3, 1, scalar=False)
+def _linen_model(n_layers, axis):
+  """A small Linen model whose layers run through nn.scan with params on ``axis``, and its init."""
+  from flax import linen as nn
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+      return x + nn.Dense(5)(nn.relu(nn.Dense(8)(nn.LayerNorm()(x)))), None
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      x = nn.Embed(10, 5)(ids)
+      x, _ = nn.scan(Block, variable_axes={"params": axis}, split_rngs={"params": True},
+                     length=n_layers)(name="layers")(x, None)
+      return nn.Dense(10)(x)
+
+  model = Model()
+  return model, model.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))["params"]
+
+
+def _to_axis_one(params):
+  """Axis-0 Linen params with the stack's layer axis moved to axis 1 (1-D leaves [L] stay)."""
+  moved = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1) if x.ndim >= 2 else x, params["layers"])
+  return dict(params, layers=moved)
+
+
+def _linen_loss(model):
+  def loss(params, ids):
+    logits = model.apply({"params": params}, ids)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, (ids + 1) % 10))
+  return loss
+
+
+def _run(tx, loss, params, steps=4):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params, BATCH[:4] % 10)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_stack_scanned_on_axis_one_is_recognised():
+  # MaxText's param_scan_axis: 1 gives kernels [d, L, f] and norm scales [d, L]. Before: refused
+  # (block_labels, badam, adarankgrad, badam_ratio) or trained as top-level blocks.
+  _, params = _linen_model(3, 1)
   assert params["layers"]["Dense_1"]["kernel"].shape == (5, 3, 8)
-  for build in (lambda: optax_memopt.block_labels(params),
-                lambda: optax_memopt.block_labels(params, stacks="layers"),
-                lambda: optax_memopt.badam(1e-3).init(params),
-                lambda: optax_memopt.adarankgrad(1e-3).init(params),
-                lambda: optax_memopt.badam_ratio(1e-3).init(params)):
-    with pytest.raises(ValueError, match="share axis 1.*param_scan_axis: 0.*stacks=()"):
-      build()
-  # The way out for whole tensors: stacks=() (no stack taken).
-  assert optax_memopt.block_labels(params, stacks=())["layers"]["Dense_0"]["kernel"] == 2
-  # AdaRankGrad's way out: the layer axis named as a batch axis of each kernel [d, L, f].
-  dims = jax.tree.map(
-      lambda x: optax_memopt.AdaRankGradDimensionNumbers(0, 2) if x.ndim == 3 else None, params)
-  tx = optax_memopt.adarankgrad(1e-3, max_rank=2, weight_dimension_numbers=dims)
-  ranks = optax_memopt.effective_ranks(tx.init(params))
+  labels = optax_memopt.block_labels(params)
+  for lab in jax.tree_util.tree_leaves(labels["layers"], is_leaf=lambda x: isinstance(x, tuple)):
+    assert lab == (0, 1, 2) and _blocks.label_axis(lab) == 1
+  assert labels["Embed_0"]["embedding"] == -1 and labels["Dense_0"]["kernel"] == -1
+  # Declared, with the axis or without it (found from the shapes), slashed paths too: the same.
+  for stacks in ({"layers": 1}, "layers", ["layers"]):
+    assert optax_memopt.block_labels(params, stacks=stacks) == labels
+  nested = {"decoder": {"layers": params["layers"]}}
+  assert optax_memopt.block_labels(nested, stacks={"decoder/layers": 1})["decoder"] == {
+      "layers": labels["layers"]}
+  # The same blocks as the axis-0 stack, each member shown as the slice [:, l] of its leaf.
+  _, params0 = _linen_model(3, 0)
+  table = optax_memopt.describe_blocks(params)
+  assert "layers.Dense_0.kernel[:, 2]" in table
+  assert [r.split()[:3] for r in table.splitlines()] == [
+      r.split()[:3] for r in optax_memopt.describe_blocks(params0).splitlines()]
+
+
+def test_axis_one_stack_declared_with_a_wrong_axis_is_refused():
+  _, params = _linen_model(3, 1)
+  with pytest.raises(ValueError, match="do not share a layer axis 0.*stacks=\\{'layers': 1\\}"):
+    optax_memopt.block_labels(params, stacks={"layers": 0})
+  with pytest.raises(ValueError, match="do not share a layer axis 2"):
+    optax_memopt.badam(1e-3, blocks=lambda p: optax_memopt.block_labels(p, stacks={"layers": 2})
+                       ).init(params)
+  with pytest.raises(ValueError, match="layer axis of 'layers' must be an int >= 0"):
+    optax_memopt.adarankgrad(1e-3, stacks={"layers": -1}).init(params)
+  stacked = {"layers": {"w": jnp.zeros((3, 4, 5))}}
+  with pytest.raises(ValueError, match=r"3 entries but the leaf has shape \(3, 4, 5\).*axis \(1\)"):
+    optax_memopt.badam(1e-3, blocks={"layers": {"w": optax_memopt.StackLabels((0, 1, 2), axis=1)}}
+                       ).init(stacked)
+
+
+def test_per_layer_scalar_in_an_axis_one_stack():
+  # [L] scalars next to [d, L, f] kernels: the stack is still recognised, the scalar sliced on axis 0.
+  params = {"embed": jnp.zeros((10, 4)),
+            "layers": {"w": jnp.zeros((4, 3, 6)), "v": jnp.zeros((6, 3, 4)), "alpha": jnp.ones(3)}}
+  labels = optax_memopt.block_labels(params)
+  assert labels["layers"]["alpha"] == (0, 1, 2) and _blocks.label_axis(labels["layers"]["alpha"]) == 0
+  assert _blocks.label_axis(labels["layers"]["w"]) == 1 and labels["embed"] == -1
+
+
+@pytest.mark.parametrize("switch_mode", ["random", "descending"])
+def test_badam_on_an_axis_one_stack_equals_axis_zero(switch_mode):
+  # The same model with its layers on axis 0 and on axis 1: the same block order and, up to the
+  # layout, the same trajectory; the state is one layer's in both. The two losses compute the same
+  # numbers on transposed storage, so they agree to float32 rounding of a few Adam steps.
+  model0, params0 = _linen_model(3, 0)
+  model1, _ = _linen_model(3, 1)
+  params1 = _to_axis_one(params0)
+  tx = lambda: optax_memopt.badam(1e-2, switch_every=1, switch_mode=switch_mode, eps=1e-3)
+  got0, state0 = _run(tx(), _linen_loss(model0), params0)
+  got1, state1 = _run(tx(), _linen_loss(model1), params1)
+  assert int(optax_memopt.active_block(state0)) == int(optax_memopt.active_block(state1))
+  chex.assert_trees_all_close(_to_axis_one(got0), got1, rtol=1e-5, atol=1e-6)
+  # Every layer was trained (4 steps over 3 blocks) and the state holds one layer.
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), got1, params1)
+  assert all(jax.tree_util.tree_leaves(moved["layers"]))
+  assert not any(jax.tree_util.tree_leaves(moved["Embed_0"]))
+  assert state_bytes(state1) == state_bytes(state0)
+  one_layer = sum(x.size * 4 for x in jax.tree_util.tree_leaves(params0["layers"])) // 3
+  moments = _badam_slot_arrays(state1)  # Adam's mu and nu: two layers' worth
+  assert sum(x.size * 4 for x in moments) == 2 * one_layer
+
+
+def _badam_slot_arrays(state):
+  found = [s for s in optax_memopt._badam.find_block_state(state)]
+  return [x for x in jax.tree_util.tree_leaves(found[0].inner_state) if x.ndim >= 1]
+
+
+def test_badam_ratio_on_an_axis_one_stack_equals_axis_zero():
+  # The same entries of each layer's slice in both layouts: identical numbers (no reduction).
+  model0, params0 = _linen_model(3, 0)
+  model1, _ = _linen_model(3, 1)
+  tx = lambda: optax_memopt.badam_ratio(1e-2, update_ratio=0.3, min_size=4, weight_decay=0.1,
+                                        eps=1e-3)
+  got0, _ = _run(tx(), _linen_loss(model0), params0)
+  got1, _ = _run(tx(), _linen_loss(model1), _to_axis_one(params0))
+  chex.assert_trees_all_close(_to_axis_one(got0), got1, rtol=1e-5, atol=1e-6)
+
+
+def test_adarankgrad_on_an_axis_one_stack_projects_each_layer():
+  # Kernels [d, L, f] are L matrices (batch axis 1); norm scales [d, L] get plain Adam.
+  model0, params0 = _linen_model(3, 0)
+  model1, params1 = _linen_model(3, 1)
+  params1 = _to_axis_one(params0)
+  tx = lambda: optax_memopt.adarankgrad(1e-2, max_rank=2, eps=1e-3)
+  ranks = optax_memopt.effective_ranks(tx().init(params1))
   assert set(ranks) == {"layers.Dense_0.kernel", "layers.Dense_1.kernel"}
   assert ranks["layers.Dense_1.kernel"].shape == (3,)  # one subspace per layer
-  with pytest.raises(ValueError, match="weight_dimension_numbers"):
-    optax_memopt.adarankgrad(1e-3).init(params)
+  got0, _ = _run(tx(), _linen_loss(model0), params0, steps=3)
+  got1, _ = _run(tx(), _linen_loss(model1), params1, steps=3)
+  # The randomized SVD sees each layer's matrix in the same orientation in both layouts; the
+  # matmuls on transposed storage differ in float32 rounding only (eps=1e-3 keeps Adam's division
+  # away from tiny second moments).
+  chex.assert_trees_all_close(_to_axis_one(got0), got1, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(got1["layers"]["Dense_0"]["kernel"], params1["layers"]["Dense_0"]["kernel"])
+
+
+def test_step_builders_refuse_an_axis_one_stack_in_one_line():
+  model1, params1 = _linen_model(3, 1)
+  loss = _linen_loss(model1)
+  tx = optax_memopt.badam(1e-2, switch_every=1)
+  step = optax_memopt.make_block_step(loss, tx, donate=False)
+  with pytest.raises(ValueError, match=r"^make_block_step: 'layers\.\S+' is in a layer stack on axis 1"
+                     r".*scans axis 0.*jax\.grad and tx\.update") as e:
+    step(params1, tx.init(params1), BATCH[:4] % 10)
+  assert "\n" not in str(e.value)
+  adam = optax.adam(1e-2)
+  layerwise = optax_memopt.make_layerwise_step(loss, adam, donate=False)
+  with pytest.raises(ValueError, match="^make_layerwise_step: .* layer stack on axis 1"):
+    layerwise(params1, adam.init(params1), BATCH[:4] % 10)
 
 
 def test_encoder_blocks_come_before_decoder_blocks():
