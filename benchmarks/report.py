@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 from collections.abc import Sequence
 
 from benchmarks import _common as bc
@@ -30,6 +31,8 @@ SECTIONS = (
      "python -m benchmarks.convergence --sweep"),
     ("convergence", "Convergence on the examples' tasks", "python -m benchmarks.convergence"),
     ("badam_ablation", "BAdam's gap, ablated", "python -m benchmarks.badam_ablation"),
+    ("badam_ablation_long", "BAdam's gap, ablated: longer runs",
+     "python -m benchmarks.badam_ablation --out benchmarks/results/badam_ablation_long.json"),
     ("adarankgrad_ablation", "AdaRankGrad's defaults, ablated",
      "python -m benchmarks.adarankgrad_ablation"),
 )
@@ -108,6 +111,28 @@ def _wall(result: dict) -> str:
   return f" (wall time {wall / 60:.1f} min)" if wall else ""
 
 
+def _reproduce(command: str, name: str) -> tuple[str, bool]:
+  """The recorded command line without what only says where this machine kept its files:
+  ``--runs-dir``, an ``--out`` that is the section's own file, and ``--reuse`` (earlier results of
+  the same command, e.g. tasks run in separate processes and assembled). Also whether ``--reuse``
+  was there."""
+  tokens, out, reused, i = shlex.split(command), [], False, 0
+  while i < len(tokens):
+    t = tokens[i]
+    if t == "--reuse":
+      reused, i = True, i + 1
+      while i < len(tokens) and not tokens[i].startswith("--"):
+        i += 1
+      continue
+    if t == "--runs-dir" or (t == "--out" and i + 1 < len(tokens)
+                             and pathlib.Path(tokens[i + 1]).name == f"{name}.json"):
+      i += 2
+      continue
+    out.append(t)
+    i += 1
+  return " ".join(map(shlex.quote, out)), reused
+
+
 def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
   parts = ["# Benchmark results", "", INTRO]
   for name, title, command in SECTIONS:
@@ -115,7 +140,7 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
     if result is None:
       continue
     # A result that records its command line (e.g. the convergence benchmark) is reproduced by it.
-    command = result.get("command", command)
+    command, reused = _reproduce(result.get("command", command), name)
     stopped = ("" if result.get("complete", True) else
                " (incomplete: the run was stopped before its end; the rows are those it finished)")
     table = result.get("table")
@@ -125,7 +150,9 @@ def results_markdown(results: pathlib.Path = bc.RESULTS) -> str:
       table = "\n\n".join([bc.environment_header(result["environment"])] + [
           convergence_lib.sweep_header(t) + "\n\n" + convergence_lib.sweep_table(t)
           for t in result["tasks"] + result.get("partial", [])])
-    parts += [f"## {title}", "", f"Reproduce: `{command}`{stopped}{_wall(result)}", "", table]
+    wall = (" (assembled from runs of separate processes with `--reuse`)" if reused
+            else _wall(result))
+    parts += [f"## {title}", "", f"Reproduce: `{command}`{stopped}{wall}", "", table]
     if result.get("note"):
       parts += ["", result["note"]]
     if name == "convergence":

@@ -477,3 +477,19 @@ def test_sweep_extends_the_grid_beyond_a_best_edge(tmp_path, monkeypatch):
                                  convergence.SWEEP_FACTORS, tmp_path,
                                  reuse=convergence.reusable_sweep_rows([path]))
   assert trained == [] and again["chosen"] == t["chosen"]
+
+
+def test_report_reproduce_line_leaves_out_this_machines_paths():
+  """The RESULTS.md command drops --runs-dir, an --out that is the section's own file and --reuse
+  (and says the result was assembled); any other option stays, quoted."""
+  from benchmarks import report
+
+  cmd, reused = report._reproduce(
+      "python -m benchmarks.badam_ablation --variants adamw 'lr x3' --reuse /w/a.json /w/b.json "
+      "--runs-dir /w/runs --out /w/badam_ablation.json --seeds 0 1", "badam_ablation")
+  assert (cmd, reused) == ("python -m benchmarks.badam_ablation --variants adamw 'lr x3' --seeds 0 1",
+                           True)
+  cmd, reused = report._reproduce(
+      "python -m benchmarks.badam_ablation --out benchmarks/results/badam_ablation_long.json",
+      "badam_ablation")
+  assert cmd.endswith("--out benchmarks/results/badam_ablation_long.json") and not reused
