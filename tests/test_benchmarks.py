@@ -489,7 +489,8 @@ def test_report_reproduce_line_leaves_out_this_machines_paths():
       "--runs-dir /w/runs --out /w/badam_ablation.json --seeds 0 1", "badam_ablation")
   assert (cmd, reused) == ("python -m benchmarks.badam_ablation --variants adamw 'lr x3' --seeds 0 1",
                            True)
-  cmd, reused = report._reproduce(
-      "python -m benchmarks.badam_ablation --out benchmarks/results/badam_ablation_long.json",
-      "badam_ablation")
-  assert cmd.endswith("--out benchmarks/results/badam_ablation_long.json") and not reused
+  own = "python -m benchmarks.badam_ablation --out benchmarks/results/badam_ablation_long.json"
+  cmd, reused = report._reproduce("python -m benchmarks.badam_ablation --seeds 0 --out "
+                                  "/w/badam_ablation_long.json", "badam_ablation_long", own)
+  assert cmd == ("python -m benchmarks.badam_ablation --seeds 0 --out "
+                 "benchmarks/results/badam_ablation_long.json") and not reused
