@@ -424,32 +424,10 @@ def test_adarankgrad_stacked_updates_equal_list_form():
   assert not np.allclose(got["layers"]["mlp"]["up"], stack(params)["layers"]["mlp"]["up"])
 
 
-def _linen_scan(n_layers, axis, scalar):
-  from flax import linen as nn
-
-  class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _=None):
-      y = nn.Dense(5)(nn.relu(nn.Dense(8)(nn.LayerNorm()(x))))
-      if scalar:  # a per-layer scalar: [L] once stacked
-        y = y * self.param("alpha", nn.initializers.ones, ())
-      return x + y, None
-
-  class Model(nn.Module):
-    @nn.compact
-    def __call__(self, ids):
-      x = nn.Embed(10, 5)(ids)
-      x, _ = nn.scan(Block, variable_axes={"params": axis}, split_rngs={"params": True},
-                     length=n_layers)(name="layers")(x, None)
-      return nn.Dense(10)(x)
-
-  return Model().init(jax.random.key(0), jnp.zeros((2,), jnp.int32))["params"]
-
-
 def test_stack_with_a_per_layer_scalar_is_recognised():
   # Before: the [L] leaf made the whole stack unrecognised: top-level blocks, embedding and head
   # trained, AdaRankGrad projecting the norm scales and giving the kernels plain Adam.
-  params = _linen_scan(3, 0, scalar=True)
+  _, params = _linen_model(3, 0, scalar=True)
   labels = optax_memopt.block_labels(params)
   assert labels["layers"]["alpha"] == (0, 1, 2)
   assert labels["layers"]["Dense_1"]["kernel"] == (0, 1, 2)
@@ -459,14 +437,18 @@ def test_stack_with_a_per_layer_scalar_is_recognised():
   assert ranks["layers.Dense_0.kernel"].shape == (3,)
 
 
-def _linen_model(n_layers, axis):
-  """A small Linen model whose layers run through nn.scan with params on ``axis``, and its init."""
+def _linen_model(n_layers, axis, scalar=False):
+  """A small Linen model whose layers run through nn.scan with params on ``axis`` (with
+  ``scalar``, each layer also has a scalar parameter: ``[L]`` once stacked), and its init."""
   from flax import linen as nn
 
   class Block(nn.Module):
     @nn.compact
     def __call__(self, x, _=None):
-      return x + nn.Dense(5)(nn.relu(nn.Dense(8)(nn.LayerNorm()(x)))), None
+      y = nn.Dense(5)(nn.relu(nn.Dense(8)(nn.LayerNorm()(x))))
+      if scalar:
+        y = y * self.param("alpha", nn.initializers.ones, ())
+      return x + y, None
 
   class Model(nn.Module):
     @nn.compact
