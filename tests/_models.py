@@ -103,3 +103,20 @@ class DropoutModel(nnx.Module):
 
   def __call__(self, ids):
     return self.head(base.apply_layers(self.layers, self.embed(ids), scan=self.scan, remat=False))
+
+
+def mlp_params(n_layers, width, vocab, stacked=False, seed=0):
+  """Embedding, residual MLP layers ``{"up", "down", "scale"}`` and a head: the layers a list, or
+  with ``stacked`` the same numbers as one ``[n_layers, ...]`` stack (for ``scan_layers``)."""
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * n_layers + 2))
+  normal = lambda shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[-2])
+  layers = [{"up": normal((width, 2 * width)), "down": normal((2 * width, width)),
+             "scale": jnp.ones((width,))} for _ in range(n_layers)]
+  if stacked:
+    layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {"embed": normal((vocab, width)), "layers": layers, "head": normal((width, vocab))}
+
+
+def mlp_layer(layer, h):
+  """One layer of ``mlp_params``."""
+  return h + jnp.tanh(h @ layer["up"]) @ layer["down"] * layer["scale"]
