@@ -20,9 +20,10 @@ BATCH = jnp.arange(6) % VOCAB
 def toy_lm_params(n_layers=4, width=WIDTH, dtype=jnp.float32, seed=0):
   """A small language-model-shaped parameter dict: embedding, a list of layers, norm and head.
 
-  ``dtype`` may be a dtype for every leaf or ``"mixed"``: float32 matrices with bfloat16 norms.
+  ``dtype`` may be a dtype for every leaf or ``"mixed"``: bfloat16 norms and head, the other
+  matrices float32.
   """
-  mixed = dtype == "mixed"
+  mixed = isinstance(dtype, str) and dtype == "mixed"
   dtype, vec_dtype = (jnp.float32, jnp.bfloat16) if mixed else (dtype, dtype)
   keys = iter(jax.random.split(jax.random.key(seed), 8 * n_layers + 4))
   normal = lambda shape: (jax.random.normal(next(keys), shape) / np.sqrt(shape[0])).astype(dtype)
@@ -37,7 +38,7 @@ def toy_lm_params(n_layers=4, width=WIDTH, dtype=jnp.float32, seed=0):
           for _ in range(n_layers)
       ],
       "final_norm": jnp.ones((width,), vec_dtype),
-      "lm_head": normal((width, VOCAB)),
+      "lm_head": normal((width, VOCAB)).astype(vec_dtype),
   }
 
 
