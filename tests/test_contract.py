@@ -216,6 +216,8 @@ def test_state_is_stable_under_lax_cond(spec):
   chex.assert_trees_all_equal_dtypes(u, p)  # float32 and bfloat16 leaves keep their types
   chex.assert_trees_all_equal_shapes_and_dtypes(state, s1, s2)
   chex.assert_trees_all_equal(s1, s2)
+  counts = [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(s1, "count")]
+  assert counts and set(counts) == {1}  # the step was taken once
 
 
 @spec_param
