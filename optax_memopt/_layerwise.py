@@ -477,11 +477,10 @@ class _LayerwiseTrace:
     # loss_fn on each micro-batch (a vmap over the micro-batch axis); the loss is their mean,
     # so each layer's gradient, summed over the micro-batches in scan_layers' backward pass,
     # is the window's mean gradient, as optax.MultiSteps averages it.
-    split, merge = step.micro
-    batched, fixed = split(self.args, self.kwargs, step.accumulate)
+    batched, fixed = step.micro.split(self.args, self.kwargs, step.accumulate)
 
     def one(batched):
-      a, kw = merge(batched, fixed)
+      a, kw = step.micro.merge(batched, fixed)
       out = step.loss_fn(tree, *a, **kw)
       step.scalar_loss(out)
       return out
@@ -520,7 +519,8 @@ class LayerwiseStep(_step.Step):
     trace_count: the number of traces (one per compilation).
     stacks: the stacks' subtree paths as given (``None``: found by :func:`block_labels`' guess).
     accumulate: the number of micro-batches per optimizer step (``None``: no micro-batch axis).
-    micro: ``(split, merge)`` of the micro-batched arguments with ``accumulate``, else ``None``.
+    micro: which arguments carry the micro-batch axis (``_MicroBatches``) with ``accumulate``,
+      else ``None``.
     shardings: per leaf of ``(params, opt_state)`` its mesh sharding at the first call, or ``None``
       when nothing is on a mesh.
   """
@@ -692,9 +692,9 @@ def make_layerwise_step(
                        accumulate=accumulate, batch_argnums=batch_argnums)
 
 
-def _check_accumulate(accumulate, batch_argnums):
-  """``(split, merge)`` for the micro-batched arguments of an accumulated step (``None``
-  without ``accumulate``), after one-line errors for bad options."""
+def _check_accumulate(accumulate, batch_argnums) -> _MicroBatches | None:
+  """The micro-batched arguments of an accumulated step (``None`` without ``accumulate``), after
+  one-line errors for bad options."""
   if accumulate is None:
     if batch_argnums is not None:
       raise ValueError("make_layerwise_step: batch_argnums is for accumulate=N; pass both or neither")
@@ -711,40 +711,53 @@ def _check_accumulate(accumulate, batch_argnums):
           f"(1, 2, ...), got {batch_argnums!r}")
   else:
     nums = None
+  return _MicroBatches(nums, batch_argnums)
 
-  def split(args, kwargs, n):
+
+class _MicroBatches:
+  """Which of ``loss_fn``'s arguments carry the micro-batch axis: those at the positions ``nums``
+  (``params`` is 0), or every argument and keyword argument (``nums`` is ``None``)."""
+
+  def __init__(self, nums: tuple[int, ...] | None, batch_argnums: Any):
+    self.nums, self.batch_argnums = nums, batch_argnums
+
+  def split(self, args, kwargs, n):
     """The micro-batched arguments (checked) and the others."""
+    nums = self.nums
     if nums is None:
       chosen, names = (tuple(args), dict(kwargs)), None
     else:
       if max(nums) > len(args):
         raise ValueError(
-            f"make_layerwise_step: batch_argnums={batch_argnums!r}, but loss_fn is given "
+            f"make_layerwise_step: batch_argnums={self.batch_argnums!r}, but loss_fn is given "
             f"{len(args)} argument(s) after params")
       chosen, names = (tuple(args[i - 1] for i in nums), {}), nums
-    if not jax.tree_util.tree_leaves(chosen):
-      raise ValueError(
-          f"make_layerwise_step(accumulate={n}): no micro-batched argument: pass the {n} "
-          f"micro-batches to the step stacked along a leading axis ([{n}, ...])")
-    for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
-      shape = tuple(jnp.shape(x))
-      if not shape or shape[0] != n:
-        where = _argument_name(path, names)
-        raise ValueError(
-            f"make_layerwise_step(accumulate={n}): the micro-batched argument {where} has shape "
-            f"{shape}; it needs a leading micro-batch axis of size {n} (stack the {n} "
-            f"micro-batches, [{n}, ...]), or leave it out of batch_argnums")
+    _check_micro_batched(chosen, names, n)
     rest = args if nums is None else tuple(None if i + 1 in nums else a for i, a in enumerate(args))
     return chosen, (rest, kwargs)
 
-  def merge(chosen, fixed):
+  def merge(self, chosen, fixed):
+    """``(args, kwargs)`` for ``loss_fn`` from one micro-batch of ``chosen`` and the others."""
     (c_args, c_kwargs), (rest, kwargs) = chosen, fixed
-    if nums is None:
+    if self.nums is None:
       return c_args, c_kwargs
     it = iter(c_args)
-    return tuple(next(it) if i + 1 in nums else a for i, a in enumerate(rest)), kwargs
+    return tuple(next(it) if i + 1 in self.nums else a for i, a in enumerate(rest)), kwargs
 
-  return split, merge
+
+def _check_micro_batched(chosen, names, n) -> None:
+  if not jax.tree_util.tree_leaves(chosen):
+    raise ValueError(
+        f"make_layerwise_step(accumulate={n}): no micro-batched argument: pass the {n} "
+        f"micro-batches to the step stacked along a leading axis ([{n}, ...])")
+  for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
+    shape = tuple(jnp.shape(x))
+    if not shape or shape[0] != n:
+      where = _argument_name(path, names)
+      raise ValueError(
+          f"make_layerwise_step(accumulate={n}): the micro-batched argument {where} has shape "
+          f"{shape}; it needs a leading micro-batch axis of size {n} (stack the {n} "
+          f"micro-batches, [{n}, ...]), or leave it out of batch_argnums")
 
 
 def _argument_name(path, nums) -> str:
