@@ -351,11 +351,11 @@ class BlockStep(_step.Step):
              if block in _blocks.label_ids(lab) or lab == _blocks.ALWAYS_ACTIVE]
 
     def one_step(params, opt_state, *args, **kwargs):
-      return self._block_step(block, index, shardings, params, opt_state, args, kwargs)
+      return self._trace_block(block, index, shardings, params, opt_state, args, kwargs)
 
     return self.jit(one_step)
 
-  def _block_step(self, block, index, shardings, params, opt_state, args, kwargs):
+  def _trace_block(self, block, index, shardings, params, opt_state, args, kwargs):
     self.trace_count += 1
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
@@ -393,11 +393,11 @@ class BlockStep(_step.Step):
     table = jnp.asarray(table, jnp.int32)
 
     def one_step(params, opt_state, *args, **kwargs):
-      return self._stack_step(leaf_index, table, whole, shardings, params, opt_state, args, kwargs)
+      return self._trace_stack(leaf_index, table, whole, shardings, params, opt_state, args, kwargs)
 
     return self.jit(one_step)
 
-  def _stack_step(self, leaf_index, table, whole, shardings, params, opt_state, args, kwargs):
+  def _trace_stack(self, leaf_index, table, whole, shardings, params, opt_state, args, kwargs):
     self.trace_count += 1
     leaves, treedef = jax.tree_util.tree_flatten(params)
     k = table[_block_state(opt_state).active_block]

@@ -19,7 +19,7 @@ transformation that does not know a name ignores it, so ``tx`` still works witho
 ``STATIC_BLOCK``
   An ``int``: the block that a compiled block step was built for. ``block_coordinate`` then
   treats the active block as that constant (only its slot is gathered and scattered; no
-  ``lax.switch`` over the blocks). Passed by ``_block_step.BlockStep._block_step`` only.
+  ``lax.switch`` over the blocks). Passed by ``_block_step.BlockStep._trace_block`` only.
 
 (``global_step``, :data:`optax_memopt._badam.GLOBAL_STEP_ARG`, is a different channel: BAdam tells
 its inner transformation the optimizer step. It is documented on :func:`optax_memopt.badam`.)
