@@ -15,6 +15,11 @@ Stacked layers: blocks that are the same slice of a set of stacked leaves (the d
 of a scanned model: block ``j`` = layer ``j`` of every stacked weight) share *one* compiled step, in
 which the slice index is read from the state on the device. With the stack run by
 :func:`optax_memopt.scan_layers`, that step differentiates the active layer only (see ``_scan``).
+
+Pieces: :class:`BlockStep` is the step object (the host's cache of compiled steps by block, the
+schedule read at block boundaries); :func:`_step_labels` finds what each leaf is for the step (by
+probing ``tx.update``); ``BlockStep._trace_block`` / ``_trace_stack`` trace one block's step (whole
+leaves, or the traced layer slice of a stack, with :class:`_StackLoss`).
 """
 
 from __future__ import annotations

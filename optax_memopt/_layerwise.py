@@ -9,6 +9,12 @@ new slices back and moves on to layer ``l - 1``, so at most one layer's gradient
 The leaves outside the stacks (embedding, final norm, head) are updated after the backward pass.
 With ``accumulate=N`` the step takes ``N`` micro-batches at once and sums each layer's gradient
 over them (one micro-batch's pullback at a time) before that layer's single update.
+
+Pieces: :func:`_make_plan` finds the stacks and which state leaves each one slices (from shapes);
+:class:`_PerLayerCheck` refuses a ``tx`` whose update cannot run layer by layer (on ``tx.update``'s
+jaxprs, analysed by ``_jaxpr``); :class:`LayerwiseStep` is the step object (host state, one compiled
+function); :class:`_LayerwiseTrace` is one trace of it (the per-layer update :class:`_LayerUpdate`
+handed to ``scan_layers``, then the leaves outside the stacks).
 """
 
 from __future__ import annotations
