@@ -379,10 +379,19 @@ def _plain_adam(g, mu, nu, step, b1, b2, eps):
   """Adam on a leaf that is not projected, in float32; the update in ``g``'s dtype, the moments in
   theirs."""
   g32 = g.astype(jnp.float32)
-  mu32 = optax.tree.update_moment(g32, mu.astype(jnp.float32), b1, 1)
-  nu32 = optax.tree.update_moment(g32, nu.astype(jnp.float32), b2, 2)
+  mu32, nu32 = _moments(g32, mu.astype(jnp.float32), nu.astype(jnp.float32), b1, b2)
   u = _adam_direction(mu32, nu32, b1, b2, eps, step)
   return u.astype(g.dtype), mu32.astype(mu.dtype), nu32.astype(nu.dtype)
+
+
+def _moments(g32, mu32, nu32, b1, b2):
+  """Adam's moments updated with ``g32``, all float32."""
+  # Not optax.tree.update_moment: it computes (1 - b) * g + b * m, and XLA on CPU fuses the two
+  # products into the sum differently (a fused multiply-add) than for b * m + (1 - b) * g, so the
+  # moments would differ in their last bits from those of earlier releases.
+  mu32 = b1 * mu32 + (1.0 - b1) * g32
+  nu32 = b2 * nu32 + (1.0 - b2) * jnp.square(g32)
+  return mu32, nu32
 
 
 def _adam_direction(mu32, nu32, b1, b2, eps, step):
@@ -574,8 +583,7 @@ class _AdaRankGrad:
         lambda: self.refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
         lambda: (q32, rank, mu32, nu32, low, ref, last),
     )
-    mu32 = optax.tree.update_moment(low, mu32, self.b1, 1)
-    nu32 = optax.tree.update_moment(low, nu32, self.b2, 2)
+    mu32, nu32 = _moments(low, mu32, nu32, self.b1, self.b2)
     if self.moment_transform:
       step = optax.safe_increment(count)
     else:

@@ -98,8 +98,8 @@ def list_keys(paths: list[str]) -> list[tuple[str, int] | None]:
   ``Dense_0`` / ``Embed_0`` / ``LayerNorm_0`` hold arrays directly and are never layers.
 
   Examples:
-    >>> list_keys(['layers.0.w', 'layers.1.w', 'Block_0.Dense_0.kernel', 'Dense_0.kernel'])
-    [('layers', 0), ('layers', 1), None, None]
+    >>> list_keys(['h.0.w', 'h.1.w', 'layers_2.w', 'Dense_0.kernel'])
+    [('h', 0), ('h', 1), ('layers', 2), None]
   """
   candidates = [_path_candidates(path) for path in paths]
   # Suffix groups not named like a container must look like a list of layers: two or more
