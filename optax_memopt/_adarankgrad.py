@@ -386,9 +386,8 @@ def _plain_adam(g, mu, nu, step, b1, b2, eps):
 
 def _moments(g32, mu32, nu32, b1, b2):
   """Adam's moments updated with ``g32``, all float32."""
-  # Not optax.tree.update_moment: it computes (1 - b) * g + b * m, and XLA on CPU fuses the two
-  # products into the sum differently (a fused multiply-add) than for b * m + (1 - b) * g, so the
-  # moments would differ in their last bits from those of earlier releases.
+  # Not optax.tree.update_moment: it computes (1 - b) * g + b * m, and XLA on CPU contracts the
+  # first product of a sum into a fused multiply-add, so the operand order changes the last bits.
   mu32 = b1 * mu32 + (1.0 - b1) * g32
   nu32 = b2 * nu32 + (1.0 - b2) * jnp.square(g32)
   return mu32, nu32
