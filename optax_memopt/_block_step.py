@@ -33,7 +33,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _badam, _blocks, _jaxpr, _protocol, _scan, _step, _tree
+from optax_memopt import _accumulate, _badam, _blocks, _jaxpr, _protocol, _scan, _stacks, _step, _tree
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -138,9 +138,9 @@ def _step_labels(tx, params, opt_state) -> list[Any]:
   labels: list[Any] = [None] * len(paths)
   for i, lab in zip(_stage_positions(stage_paths, paths), stage_labels):
     labels[i] = lab
-  _blocks.refuse_other_axes(
+  _stacks.refuse_other_axes(
       "make_block_step", _tree.leaf_paths(params),
-      [_blocks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
+      [_stacks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
   outside = [i for i, lab in enumerate(labels) if lab is None]
   trained = _jaxpr.own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
   return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _badam, _badam_ratio, _blocks, _jaxpr, _scan, _step, _tree
+from optax_memopt import _badam, _badam_ratio, _jaxpr, _scan, _stacks, _step, _tree
 
 # Integer optimizer-state slices travel through the backward pass as cotangents, which must be
 # floats: they are bit-cast to a float of the same width and back (the bits are never computed on).
@@ -127,8 +127,8 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
 
 def _find_stacks(paths, shapes, stacks) -> tuple[list[Any], list[str]]:
   """Per params leaf its stack key (``None`` outside stacks), and the stacks' names in order."""
-  keys = _blocks._stack_keys(paths, shapes, _blocks._list_keys(paths), stacks)
-  _blocks.refuse_other_axes("make_layerwise_step", paths, [None if k is None else k.axis for k in keys])
+  keys = _stacks.find_stacks(paths, shapes, _stacks.list_keys(paths), stacks)
+  _stacks.refuse_other_axes("make_layerwise_step", paths, [None if k is None else k.axis for k in keys])
   names: list[str] = []
   for k in keys:
     if k is not None and k[0] not in names:
