@@ -30,6 +30,14 @@ Memory bound.
   identical blocks ``S`` is one block. With unlike blocks (e.g. an embedding block beside the layers)
   ``S ≤ Σ_classes max_b size``: never more than the largest block plus every other class's largest
   use, and never more than the sum of the blocks' sizes.
+
+Code layout.
+  ``_Plan`` is the slot of one parameter tree (built once per tree structure, at trace time) with
+  the operations between the tree and the slot: ``gather``, ``scatter``, the master copy's
+  ``master_of`` / ``follow_applied`` / ``apply_to_master``. ``_BlockCoordinate`` is one
+  :func:`block_coordinate` stage; its ``update`` gathers the slot, resets the inner state at a
+  switch (``_reset_at_switch``), accumulates and runs ``inner`` (``_step_slot``), scatters the
+  slot's updates and advances the schedule (``_advance_schedule``).
 """
 
 from __future__ import annotations

@@ -360,10 +360,25 @@ def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
-def _update_second_moment(g_sel, nu, b2):
-  """``b2 * nu + (1 - b2) * g * g``: kept rather than ``optax.tree.update_moment_per_elem_norm``,
-  whose ``(1 - b2) * g**2`` rounds differently from ``(1 - b2) * g * g``."""
-  return jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, g_sel, nu)
+def _update_moments(g_sel, mu, nu, b1, b2):
+  """Adam's moment updates on the selected entries, ``(mu, nu)``.
+
+  Not ``optax.tree.update_moment``: under ``jax.jit`` its ``(1 - b) * g + b * m`` is contracted to
+  a different FMA than ``b * m + (1 - b) * g`` (other last bits), and its ``(1 - b2) * g**2``
+  rounds differently from ``(1 - b2) * g * g``.
+  """
+  mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g_sel, mu)
+  nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, g_sel, nu)
+  return mu, nu
+
+
+def _adam_direction(mu, nu, b1, b2, eps, s):
+  """``m_hat / (sqrt(v_hat) + eps)`` with the bias corrections of step ``s`` (float32).
+
+  Not ``optax.tree.bias_correction`` (a nested ``jax.jit`` taking the decay as an argument): inside
+  a jitted ``badam_ratio`` step it gave other last bits than this expression, which is kept.
+  """
+  return jax.tree.map(lambda m, v: (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps), mu, nu)
 
 
 class _BAdamRatio:
@@ -459,12 +474,9 @@ class _BAdamRatio:
     layouts = self._layout_tree(params)
     g_sel = jax.tree.map(lambda g, idx, lay: _take(g, idx, lay.axis).astype(jnp.float32),
                          updates, state.index, layouts, is_leaf=_is_masked)
-    mu = optax.tree.update_moment(g_sel, mu, self.b1, 1)
-    nu = _update_second_moment(g_sel, nu, self.b2)
+    mu, nu = _update_moments(g_sel, mu, nu, self.b1, self.b2)
     s = (state.block_step + 1).astype(jnp.float32)
-    direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + self.eps),
-                             optax.tree.bias_correction(mu, self.b1, s),
-                             optax.tree.bias_correction(nu, self.b2, s))
+    direction = _adam_direction(mu, nu, self.b1, self.b2, self.eps, s)
     if self.learning_rate is None:
       new_updates = jax.tree.map(lambda g, idx, u, lay: _put(g, idx, u.astype(g.dtype), lay.axis),
                                  updates, state.index, direction, layouts, is_leaf=_is_masked)
