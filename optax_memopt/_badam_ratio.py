@@ -363,9 +363,9 @@ def _is_masked(x) -> bool:
 def _update_moments(g_sel, mu, nu, b1, b2):
   """Adam's moment updates on the selected entries, ``(mu, nu)``.
 
-  Not ``optax.tree.update_moment``: under ``jax.jit`` its ``(1 - b) * g + b * m`` is contracted to
-  a different FMA than ``b * m + (1 - b) * g`` (other last bits), and its ``(1 - b2) * g**2``
-  rounds differently from ``(1 - b2) * g * g``.
+  Not ``optax.tree.update_moment``: under ``jax.jit`` its ``(1 - b) * g + b * m`` compiles to other
+  last bits than ``b * m + (1 - b) * g`` here, and its ``(1 - b2) * g**2`` rounds differently from
+  ``(1 - b2) * g * g``.
   """
   mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g_sel, mu)
   nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, g_sel, nu)
