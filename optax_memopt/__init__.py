@@ -50,6 +50,7 @@ from optax_memopt._badam import badam as badam
 from optax_memopt._badam import block_coordinate as block_coordinate
 from optax_memopt._badam_ratio import BAdamRatioState as BAdamRatioState
 from optax_memopt._badam_ratio import badam_ratio as badam_ratio
+from optax_memopt._badam_ratio import scale_by_badam_ratio as scale_by_badam_ratio
 from optax_memopt._block_step import make_block_step as make_block_step
 from optax_memopt._blocks import StackLabels as StackLabels
 from optax_memopt._blocks import block_labels as block_labels
