@@ -989,10 +989,7 @@ def effective_ranks(opt_state: Any) -> dict[str, jax.Array]:
     >>> effective_ranks(state)
     {'w': Array(0, dtype=int32)}
   """
-  is_state = lambda x: isinstance(x, AdaRankGradState)
-  found = [
-      x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(x)
-  ]
+  found = _tree.find_states(opt_state, AdaRankGradState)
   if not found:
     raise ValueError("effective_ranks: no AdaRankGradState found in the optimizer state.")
   ranks: dict[str, jax.Array] = {}

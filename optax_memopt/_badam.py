@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _protocol
+from optax_memopt import _accumulate, _protocol, _stacks
 from optax_memopt import _blocks as blocks_lib
 from optax_memopt._tree import (
     check_float_leaves,
@@ -451,7 +451,7 @@ def _group_names(tree, labels, groups) -> list[str]:
   # Groups see the parameters as the slot holds them: a leaf labelled per slice as one slice.
   as_trained = jax.tree_util.tree_unflatten(treedef, [
       jax.ShapeDtypeStruct(blocks_lib.Unit(0, 0 if isinstance(lab, tuple) else None, 0,
-                                           blocks_lib.label_axis(lab)).shape(x.shape), x.dtype)
+                                           _stacks.label_axis(lab)).shape(x.shape), x.dtype)
       for x, lab in zip(leaves, labels)
   ])
   group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(as_trained))]

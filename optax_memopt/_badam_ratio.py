@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _blocks
+from optax_memopt import _stacks
 from optax_memopt._blocks import AlwaysActiveSpec, resolve_always_active
 from optax_memopt._tree import (
     check_float_leaves,
@@ -404,7 +404,7 @@ class _BAdamRatio:
     leaves = jax.tree_util.tree_leaves(params)
     whole = resolve_always_active(self.always_active, params)
     out = []
-    for x, key, w in zip(leaves, _blocks.stack_keys(params, self.stacks), whole):
+    for x, key, w in zip(leaves, _stacks.stack_keys(params, self.stacks), whole):
       shape = tuple(x.shape)
       layers, axis = (None, None) if key is None else (key.length, key.axis)
       unit = shape if key is None else shape[:axis] + shape[axis + 1:]

@@ -32,13 +32,6 @@ FROZEN = -1
 # The label of a leaf trained at every step whatever the active block (a whole leaf only).
 ALWAYS_ACTIVE = -2
 
-# re-exports for _layerwise/_block_step/_badam_ratio until integration (recognition lives in _stacks;
-# StackLabels and label_axis are imported above for the partitioner's own use).
-stack_keys = _stacks.stack_keys
-refuse_other_axes = _stacks.refuse_other_axes
-_stack_keys = _stacks.find_stacks
-_list_keys = _stacks.list_keys
-# end of re-exports
 
 
 def _per_slice(ids: Sequence[int], axis: int) -> tuple[int, ...]:

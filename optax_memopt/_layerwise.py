@@ -75,10 +75,7 @@ def _refuse_known(opt_state: Any) -> None:
        "use the ordinary step"),
   )
 
-  def is_kind(x):
-    return isinstance(x, tuple(k for k, _ in kinds))
-
-  for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_kind):
+  for x in _tree.find_states(opt_state, tuple(k for k, _ in kinds)):
     for kind, why in kinds:
       if isinstance(x, kind):
         raise TypeError(f"make_layerwise_step: tx cannot be applied layer by layer: {why}")

@@ -13,7 +13,7 @@ transformation that does not know a name ignores it, so ``tx`` still works witho
   A ``dict`` that ``make_block_step`` passes while it traces ``tx.update`` once with
   ``jax.make_jaxpr`` (``_block_step._probe_stage``). Each
   :func:`optax_memopt.block_coordinate` stage writes ``{its token: (labels, key paths of the leaves
-  it sees)}`` into it (``_badam.block_coordinate.update_fn``): the partition the step compiles
+  it sees)}`` into it (``_badam._BlockCoordinate.update``): the partition the step compiles
   for, and where that stage's leaves sit in the step's tree. Exactly one entry is expected.
 
 ``STATIC_BLOCK``

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import optax_memopt
-from optax_memopt import _blocks, _stacks
+from optax_memopt import _stacks
 
 
 def _model(layers):
@@ -67,9 +67,3 @@ def test_stack_labels_round_trip_and_public_name():
   assert again == (0, 1, 2) and _stacks.label_axis(again) == 1 and _stacks.label_axis((0, 1)) == 0
   assert optax_memopt.StackLabels is _stacks.StackLabels
 
-
-def test_blocks_re_exports_until_integration():
-  # _layerwise, _block_step and _badam_ratio still reach these through _blocks.
-  assert _blocks._stack_keys is _stacks.find_stacks and _blocks._list_keys is _stacks.list_keys
-  assert _blocks.stack_keys is _stacks.stack_keys and _blocks.refuse_other_axes is _stacks.refuse_other_axes
-  assert _blocks.label_axis is _stacks.label_axis and _blocks.StackLabels is _stacks.StackLabels
