@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from examples.config import UsageError
+from examples.errors import UsageError
 
 if TYPE_CHECKING:
   import numpy as np

@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from examples import config
+from examples import config, errors
 
 # TrainConfig fields that do not change the pretrained weights (fine-tuning and run-folder options).
 NOT_PRETRAINING = frozenset({
@@ -111,7 +111,7 @@ def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainCo
     pure = nnx.to_pure_dict(state)
     loaded = _unflatten(flat)
     if jax.tree.structure(pure) != jax.tree.structure(loaded):
-      raise config.UsageError(f"{weights} does not hold this model's weights; delete {folder}")
+      raise errors.UsageError(f"{weights} does not hold this model's weights; delete {folder}")
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, loaded))
     print(f"pretrained weights reused from {folder} ({pre_cfg.steps} steps)")
     return graphdef, state
