@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import _common as bc
 from benchmarks import convergence
-from examples import config, training
+from examples import cli, optimizers, training
 
 STUDIES = {"badam": "benchmarks.badam_ablation", "adarankgrad": "benchmarks.adarankgrad_ablation"}
 # Options of each run recorded with its figures (what the run was given, after the variant's).
@@ -216,7 +216,7 @@ def _row(name: str, variant: str, v: Variant, steps: int, batch_size: int, quick
   if lrs is not None:
     lr, source = lrs[v.optimizer]["lr"] * v.lr_factor, lrs[v.optimizer]["source"]
   elif v.lr_factor != 1.0:
-    lr = config.DEFAULT_LEARNING_RATES.get(v.optimizer, 1e-3) * v.lr_factor
+    lr = optimizers.get(v.optimizer).learning_rate * v.lr_factor
   if v.lr_factor != 1.0:
     source += f" x {v.lr_factor:g}"
   return {"variant": variant, "optimizer": v.optimizer, "options": list(v.options),
@@ -324,7 +324,7 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
         built_tasks.clear()  # the previous seed's task is not used again
       for i, row in enumerate(rows):
         out = runs_dir / name / str(seed) / str(i)
-        cfg = config.parse_config(module.Config, row["config_overrides"] + [
+        cfg = cli.parse_config(module.Config, row["config_overrides"] + [
             "--seed", str(built), "--out", str(out)], module.__doc__.splitlines()[0])
         entry["rank"] = cfg.rank
         lr = cfg.learning_rate or row["learning_rate"]  # the variant's --learning-rate wins

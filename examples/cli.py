@@ -21,11 +21,9 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from examples import rundir
 from examples.config import TrainConfig, flag
 from examples.errors import UsageError, check_interrupted, defer_ctrl_c
-from examples.rundir import (RUN_CONFIG, default_output_dir, output_dir, resumed_options, run_dirs,
-                             write_run_config)
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
@@ -81,7 +79,7 @@ def _parser(cls: type, description: str, *, defaults: bool = True) -> argparse.A
 def parse_config(cls: type, argv: Sequence[str] | None, description: str):
   """Builds ``cls`` from ``--field-name value`` overrides; every field of ``cls`` is an option.
 
-  With ``--resume``, the options recorded in the run directory (:data:`RUN_CONFIG`) are restored:
+  With ``--resume``, the options recorded in the run directory (``config.json``) are restored:
   an option given on the command line must agree with the record, except those of
   :data:`RESUMABLE_OPTIONS` (e.g. ``--steps`` to extend a run), whose new value is taken.
   """
@@ -89,8 +87,8 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str):
   options = vars(_parser(cls, description).parse_args(argv))
   if options["resume"]:  # the recorded options first: the given ones may be valid only with them
     given = vars(_parser(cls, description, defaults=False).parse_args(argv))
-    out = default_output_dir(options["out"], options["name"], options["compare"])
-    options = resumed_options(cls, options, given, out / RUN_CONFIG)
+    out = rundir.default_output_dir(options["out"], options["name"], options["compare"])
+    options = rundir.resumed_options(cls, options, given, out / rundir.RUN_CONFIG)
   cfg = cls(**options)
   cfg.options = options  # as given (before __post_init__ adjusts any): what config.json records
   if cfg.cpu_devices:
@@ -117,7 +115,7 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   """
   runs = ", ".join(cfg.compare_list) or cfg.optimizer
   print(f"{cfg.name}: fine-tuning {what} with {runs} for {cfg.steps} steps, "
-        f"into {output_dir(cfg)}", flush=True)
+        f"into {rundir.output_dir(cfg)}", flush=True)
   if cfg.layerwise:
     print("layer-wise: the optimizer runs inside the backward pass, layer by layer; global-norm "
           "clipping is off (it needs the whole gradient)", flush=True)
@@ -125,7 +123,7 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
     print("no global-norm clipping (--clip-norm 0)", flush=True)
   from examples import checkpoints
 
-  finished = checkpoints.check_run_dirs(cfg, run_dirs(cfg))  # before any slow work
+  finished = checkpoints.check_run_dirs(cfg, rundir.run_dirs(cfg))  # before any slow work
   if finished is not None:
     return finished
   with defer_ctrl_c():  # a KeyboardInterrupt inside an import can break the import machinery
@@ -135,8 +133,9 @@ def launch(cfg: TrainConfig, what: str, build_task: Callable[[Any], Any]) -> lis
   if mesh is not None:
     print(f"sharded over a {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} mesh of "
           f"{mesh.size} devices (FSDP over data, tensor parallel over model)", flush=True)
-  if not cfg.resume or (output_dir(cfg) / RUN_CONFIG).is_file():  # never vouch for an older run
-    write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
+  # Never vouch for an older run: a resumed run without a record gets none.
+  if not cfg.resume or (rundir.output_dir(cfg) / rundir.RUN_CONFIG).is_file():
+    rundir.write_run_config(cfg, pathlib.Path(inspect.getfile(build_task)).name)
   task = build_task(cfg)
   check_interrupted()
   return training.run(cfg, task)

@@ -13,6 +13,8 @@ heavy imports take.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import typing
 from typing import Any
 
 from examples.errors import UsageError
@@ -171,3 +173,57 @@ class TrainConfig:
   @property
   def compare_list(self) -> list[str]:
     return [s.strip() for s in self.compare.split(",") if s.strip()]
+
+
+@dataclasses.dataclass
+class ScriptConfig(TrainConfig):
+  """The model, data-split and pretraining options both scripts have; each script's ``Config``
+  extends it (and gives the fields whose default or help is its own again).
+
+  ``MODEL`` names the script's Hugging Face model family in messages (``--model``'s check).
+  """
+
+  MODEL: typing.ClassVar[str] = "model"
+
+  name: str = field("run", "run name: the default run directory is runs/<name>")
+  model: str | None = field(None, "HF checkpoint directory (weights + tokenizer); default: a "
+                            "small random-init model")
+  seq_len: int = field(128, "tokens per example, longer ones are cut")
+  eval_fraction: float = field(0.1, "held-out fraction of the examples")
+  vocab_size: int = field(1024, "BPE vocabulary of the default tokenizer")
+  hidden_size: int = field(128, "random-init model: hidden size")
+  num_layers: int = field(4, "random-init model: layers")
+  num_heads: int = field(4, "random-init model: attention heads")
+  intermediate_size: int = field(256, "random-init model: MLP hidden size")
+  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16", choices=DTYPES)
+  dtype: str = field("float32", "compute dtype: float32 or bfloat16", choices=DTYPES)
+  remat: bool = field(False, "rematerialise each layer in the backward pass")
+  scan_layers: bool = field(False, "stack the layers ([L, ...] weights) and run them with "
+                            "optax_memopt.scan_layers: BAdam's block step compiles once for all "
+                            "layer blocks; needed by --layerwise")
+  pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps")
+  pretrain_cache: str | None = field(None, "folder of the --pretrain-steps cache: the pretrained "
+                                     "weights are kept once per pretraining configuration and "
+                                     "reused (default: $OPTAX_MEMOPT_PRETRAIN_CACHE or "
+                                     "runs/pretrained)")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.pretrain_steps < 0:
+      raise UsageError("--pretrain-steps must be >= 0")
+    if self.pretrain_steps and self.model is not None:
+      raise UsageError("--pretrain-steps is for the random-init model; --model is pretrained "
+                       "already")
+    if self.layerwise and not self.scan_layers:
+      raise UsageError("--layerwise updates the layer stack inside its backward scan: add "
+                       "--scan-layers")
+    if not 0 < self.eval_fraction < 1:
+      raise UsageError("--eval-fraction must be between 0 and 1")
+    if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
+      raise UsageError(f"--model {self.model} has no config.json; pass the directory of a "
+                       f"Hugging Face {self.MODEL} checkpoint")
+
+  def model_options(self) -> dict:
+    """The model constructor's options given on the command line (dtypes, remat, scan)."""
+    return dict(param_dtype=self.param_dtype, dtype=self.dtype, remat=self.remat,
+                scan_layers=self.scan_layers)
