@@ -81,7 +81,8 @@ def parse_config(cls: type, argv: Sequence[str] | None, description: str):
 
   With ``--resume``, the options recorded in the run directory (``config.json``) are restored:
   an option given on the command line must agree with the record, except those of
-  :data:`RESUMABLE_OPTIONS` (e.g. ``--steps`` to extend a run), whose new value is taken.
+  :data:`examples.rundir.RESUMABLE_OPTIONS` (e.g. ``--steps`` to extend a run), whose new value is
+  taken.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   options = vars(_parser(cls, description).parse_args(argv))
