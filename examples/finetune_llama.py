@@ -36,6 +36,9 @@ SPECIAL = ("<pad>", "<s>", "</s>")
 
 @dataclasses.dataclass
 class Config(config.ScriptConfig):
+  """The Llama example's options: :class:`~examples.config.ScriptConfig`'s (a field given again
+  here takes this script's default and help) and the task's own."""
+
   MODEL = "Llama"
 
   name: str = field("llama", "run name: the default run directory is runs/<name>")

@@ -47,6 +47,9 @@ TOPIC_CLASSES = ("statements", "expressions", "data model & types")
 
 @dataclasses.dataclass
 class Config(config.ScriptConfig):
+  """The RoBERTa example's options: :class:`~examples.config.ScriptConfig`'s (a field given again
+  here takes this script's default and help) and the task's own."""
+
   MODEL = "RoBERTa"
 
   name: str = field("roberta", "run name: the default run directory is runs/<name>")
