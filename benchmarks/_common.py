@@ -8,6 +8,9 @@ variants on top of them:
   (``jax.grad`` of every parameter, then ``tx.update``);
 * ``badam_block``: the same optimizer through ``optax_memopt.make_block_step``, which
   differentiates only the active block (what ``examples/training.py`` uses for ``badam``).
+
+What kind of method a variant's optimizer is (block step, adapters, master copy in the state,
+stacked leaves...) is the examples' optimizer registry's answer: :func:`optimizer`.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def ratios(t: dict, row: dict) -> list[float]:
 
 def _setting(row: dict) -> list[str]:
   k = ""
-  if row["optimizer"].startswith("badam") and row.get("switch_every"):
+  if optimizers.get(row["optimizer"]).switches and row.get("switch_every"):
     k = str(row["switch_every"]) + (f" ({row['block_epochs']:.1f})" if row.get("block_epochs")
                                     else "")
   lr = row.get("learning_rate")
@@ -341,7 +341,7 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
           built_tasks[key] = module.build_task(cfg)
         task = built_tasks[key]
         cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
-        if row["optimizer"].startswith("badam") and "blocks" not in row:
+        if optimizers.get(row["optimizer"]).switches and "blocks" not in row:
           row["switch_every"] = cfg.switch_every
           row["blocks"] = convergence.count_blocks(task, cfg)
           row["block_epochs"] = cfg.steps / (cfg.switch_every * row["blocks"])

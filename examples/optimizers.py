@@ -3,9 +3,10 @@
 Each entry (:class:`Optimizer`) says how ``--optimizer NAME`` is built from the options and what
 kind of method it is: its default learning rate, whether ``--layerwise`` can apply it, whether it
 trains through ``optax_memopt.make_block_step``, accumulates ``--grad-accum`` itself, adds LoRA
-adapters, keeps its master weights in its state, handles stacked (``--scan-layers``) leaves, and
-what the progress bar shows of its state. The command line (``examples/config.py``), the training
-loop, the run directories and the benchmarks all ask this table; none decodes the name itself.
+adapters, keeps its master weights in its state, switches what it trains every ``--switch-every``
+steps, handles stacked (``--scan-layers``) leaves, and what the progress bar shows of its state.
+The command line (``examples/config.py``), the training loop, the run directories and the
+benchmarks all ask this table; none decodes the name itself.
 
 Every optimizer sees the trainable parameters as a plain nested dict (paths such as
 ``layers.3.mlp.gate_proj.kernel``, from which BAdam's :func:`optax_memopt.block_labels` finds one
@@ -177,6 +178,7 @@ class Optimizer:
   accumulates: bool = False  # takes --grad-accum micro-batches itself (no optax.MultiSteps)
   adapters: bool = False  # adds LoRA adapters to the model: only they (and a task head) train
   master_in_state: bool = False  # keeps the float32 master copy of what it trains in its state
+  switches: bool = False  # trains one part at a time, another every --switch-every steps
   stacked_leaves: bool = True  # handles stacked [L, ...] leaves (--scan-layers) as L matrices
   probe: Callable[[Any], dict] | None = None  # opt_state -> what the progress bar shows
 
@@ -185,8 +187,8 @@ REGISTRY: dict[str, Optimizer] = {o.name: o for o in (
     Optimizer("adamw", _adamw, 1e-3, layerwise=True),
     Optimizer("adamw_layers", _adamw_layers, 1e-3),
     Optimizer("badam", _badam, 3e-3, block_step=True, accumulates=True, master_in_state=True,
-              probe=_block_probe),
-    Optimizer("badam_ratio", _badam_ratio, 3e-3, master_in_state=True),
+              switches=True, probe=_block_probe),
+    Optimizer("badam_ratio", _badam_ratio, 3e-3, master_in_state=True, switches=True),
     Optimizer("adarankgrad", _adarankgrad, 3e-3, layerwise=True, probe=_rank_probe),
     # optax.contrib.galore projects 2-D leaves only (its dimension numbers have no batch axis).
     Optimizer("galore", _galore, 3e-3, stacked_leaves=False),
