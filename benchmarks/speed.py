@@ -232,7 +232,7 @@ def _scanned(shape: str, seq_len: int, batch_size: int, repeats: int) -> dict:
   }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bc.add_output_args(parser, "speed")
   parser.add_argument("--shape", default=None, choices=tuple(bc.LLAMA_SHAPES),
@@ -257,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--only-layerwise", action="store_true",
                       help="measure only the layer-wise against ordinary step table and merge it "
                            "into the existing --out file")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = _parser().parse_args(argv)
   shape = args.shape or ("micro" if args.quick else "small")
   seq_len = args.seq_len or (64 if args.quick else 128)
   batch_size = args.batch_size or (2 if args.quick else 4)
