@@ -34,7 +34,8 @@ entry point                           what it saves; model form; what it takes; 
                                       tensor's entries. Any pytree, any loop; not the block step.
 ====================================  ==============================================================
 
-The README has runnable examples and a headline results table; ``docs/guide.md`` the details.
+The README has runnable examples and a headline results table; ``docs/guide.md`` the details,
+``docs/layout.md`` the modules and what each holds.
 """
 
 from optax_memopt import linalg as linalg
