@@ -8,12 +8,16 @@ variants on top of them:
   (``jax.grad`` of every parameter, then ``tx.update``);
 * ``badam_block``: the same optimizer through ``optax_memopt.make_block_step``, which
   differentiates only the active block (what ``examples/training.py`` uses for ``badam``).
+
+What kind of method a variant's optimizer is (block step, adapters, master copy in the state,
+stacked leaves...) is the examples' optimizer registry's answer: :func:`optimizer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -147,6 +151,40 @@ def interleaved_median(cases: dict[str, Callable[[], Any]], repeats: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# Subspace refreshes (benchmarks/adarankgrad_refresh.py, and the refresh row of benchmarks/speed.py).
+
+
+def low_rank_gradients(m: int, n: int, count: int = 4, spectrum_rank: int = 64) -> jax.Array:
+  """``count`` gradients sharing a decaying low-rank part, with small independent noise."""
+
+  @jax.jit
+  def make(key):
+    ka, kb, kn = jax.random.split(key, 3)
+    decay = 0.9 ** jnp.arange(spectrum_rank, dtype=jnp.float32)
+    a = jax.random.normal(ka, (m, spectrum_rank)) * decay / jnp.sqrt(m)
+    b = jax.random.normal(kb, (spectrum_rank, n)) / jnp.sqrt(n)
+    noise = 0.01 * jax.random.normal(kn, (count, m, n)) / jnp.sqrt(float(m * n))
+    return (a @ b)[None] + noise
+
+  return make(jax.random.key(0))
+
+
+def compiled(fn: Callable, *args):
+  """``fn`` jitted, lowered and compiled for ``args``."""
+  return jax.jit(fn).lower(*args).compile()
+
+
+def refresh_step(tx: optax.GradientTransformation, grads: jax.Array):
+  """A compiled update that refreshes, and its arguments (state after one ordinary step)."""
+  params = {"w": jnp.zeros_like(grads[0])}
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)({"w": grads[0]}, state, params)
+  fn = lambda g, s, p: tx.update({"w": g}, s, p)
+  args = (grads[1], state, params)
+  return compiled(fn, *args), args
+
+
+# ---------------------------------------------------------------------------------------------
 # Models and optimizer setups, on the examples' machinery.
 
 
@@ -206,6 +244,18 @@ class Setup:
     return self.step.lower(self.params, self.opt_state, self.rest, batch)
 
 
+def optimizer(variant: str) -> optimizers.Optimizer:
+  """The examples' registry entry of a benchmark variant's optimizer (``badam_block`` -> badam)."""
+  return optimizers.get({**VARIANTS, **LAYERWISE}[variant])
+
+
+def _model(task: training.Task, optimizer: str, cfg: config.TrainConfig) -> nnx.Module:
+  """``task``'s model as the examples train it with ``optimizer`` (LoRA: with its adapters)."""
+  model = task.make_model()
+  optimizers.add_adapters(model, optimizer, cfg, task)
+  return model
+
+
 def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
                abstract: bool) -> Setup:
   """The examples' model split, optimizer and training step for ``variant``.
@@ -217,20 +267,9 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
   name = LAYERWISE[variant] if layerwise else VARIANTS[variant]
   if layerwise:  # a global-norm clip needs the whole gradient; accumulation is the step's own
     cfg = dataclasses.replace(cfg, clip_norm=0.0, layerwise=True)
-
-  def build():
-    model = task.make_model()
-    if name == "lora":
-      # As examples.optimizers.add_adapters does: adapters on the decoder layers' projections.
-      rngs = nnx.Rngs(cfg.seed + 1)
-      for layer in model.layers:
-        optimizers.apply_lora(layer, cfg.lora_rank, rngs)
-    return model
-
+  build = functools.partial(_model, task, name, cfg)
   model = nnx.eval_shape(build) if abstract else build()
-  trainable = (nnx.Any(nnx.LoRAParam, *[nnx.PathContains(h) for h in task.head])
-               if name == "lora" else nnx.Param)
-  split = training.Trainable(model, trainable)
+  split = training.Trainable(model, optimizers.trainable_filter(name, task))
   tx = optimizers.make_optimizer(cfg, name, split.params, task)
   if abstract:
     opt_state = jax.eval_shape(tx.init, split.params)
@@ -241,7 +280,7 @@ def make_setup(variant: str, task: training.Task, cfg: config.TrainConfig, *,
                                "badam" if variant == "badam_block" else "adamw",
                                layerwise=layerwise, grad_accum=cfg.grad_accum)
   labels = None
-  if name == "badam":
+  if optimizer(variant).block_step:
     labels = optax_memopt.block_labels(split.params, include_embedding=task.from_scratch,
                                        include_lm_head=task.from_scratch or bool(task.head))
   return Setup(variant, split.params, split.rest, tx, opt_state, step, labels)

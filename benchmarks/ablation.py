@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import _common as bc
 from benchmarks import convergence
-from examples import config, training
+from examples import cli, optimizers, training
 
 STUDIES = {"badam": "benchmarks.badam_ablation", "adarankgrad": "benchmarks.adarankgrad_ablation"}
 # Options of each run recorded with its figures (what the run was given, after the variant's).
@@ -146,7 +146,7 @@ def ratios(t: dict, row: dict) -> list[float]:
 
 def _setting(row: dict) -> list[str]:
   k = ""
-  if row["optimizer"].startswith("badam") and row.get("switch_every"):
+  if optimizers.get(row["optimizer"]).switches and row.get("switch_every"):
     k = str(row["switch_every"]) + (f" ({row['block_epochs']:.1f})" if row.get("block_epochs")
                                     else "")
   lr = row.get("learning_rate")
@@ -216,7 +216,7 @@ def _row(name: str, variant: str, v: Variant, steps: int, batch_size: int, quick
   if lrs is not None:
     lr, source = lrs[v.optimizer]["lr"] * v.lr_factor, lrs[v.optimizer]["source"]
   elif v.lr_factor != 1.0:
-    lr = config.DEFAULT_LEARNING_RATES.get(v.optimizer, 1e-3) * v.lr_factor
+    lr = optimizers.get(v.optimizer).learning_rate * v.lr_factor
   if v.lr_factor != 1.0:
     source += f" x {v.lr_factor:g}"
   return {"variant": variant, "optimizer": v.optimizer, "options": list(v.options),
@@ -324,7 +324,7 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
         built_tasks.clear()  # the previous seed's task is not used again
       for i, row in enumerate(rows):
         out = runs_dir / name / str(seed) / str(i)
-        cfg = config.parse_config(module.Config, row["config_overrides"] + [
+        cfg = cli.parse_config(module.Config, row["config_overrides"] + [
             "--seed", str(built), "--out", str(out)], module.__doc__.splitlines()[0])
         entry["rank"] = cfg.rank
         lr = cfg.learning_rate or row["learning_rate"]  # the variant's --learning-rate wins
@@ -341,7 +341,7 @@ def run(study: Study, argv: Sequence[str] | None, command: str) -> dict:
           built_tasks[key] = module.build_task(cfg)
         task = built_tasks[key]
         cfg = dataclasses.replace(cfg, seed=seed, learning_rate=lr)
-        if row["optimizer"].startswith("badam") and "blocks" not in row:
+        if optimizers.get(row["optimizer"]).switches and "blocks" not in row:
           row["switch_every"] = cfg.switch_every
           row["blocks"] = convergence.count_blocks(task, cfg)
           row["block_epochs"] = cfg.steps / (cfg.switch_every * row["blocks"])

@@ -27,7 +27,7 @@ import argparse
 import pathlib
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,39 +44,10 @@ QUICK_RANKS = (8, 32)
 RESULTS = bc.RESULTS / "adarankgrad_refresh.json"
 
 
-def _gradients(m: int, n: int, count: int = 4, spectrum_rank: int = 64) -> jax.Array:
-  """``count`` gradients sharing a decaying low-rank part, with small independent noise."""
-
-  @jax.jit
-  def make(key):
-    ka, kb, kn = jax.random.split(key, 3)
-    decay = 0.9 ** jnp.arange(spectrum_rank, dtype=jnp.float32)
-    a = jax.random.normal(ka, (m, spectrum_rank)) * decay / jnp.sqrt(m)
-    b = jax.random.normal(kb, (spectrum_rank, n)) / jnp.sqrt(n)
-    noise = 0.01 * jax.random.normal(kn, (count, m, n)) / jnp.sqrt(float(m * n))
-    return (a @ b)[None] + noise
-
-  return make(jax.random.key(0))
-
-
-def _compiled(fn: Callable, *args):
-  return jax.jit(fn).lower(*args).compile()
-
-
 def _time_once(compiled, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(compiled(*args))
   return time.perf_counter() - start
-
-
-def _refresh_step(tx: optax.GradientTransformation, grads: jax.Array):
-  """A compiled update that refreshes, and its arguments (state after one ordinary step)."""
-  params = {"w": jnp.zeros_like(grads[0])}
-  state = tx.init(params)
-  _, state = jax.jit(tx.update)({"w": grads[0]}, state, params)
-  fn = lambda g, s, p: tx.update({"w": g}, s, p)
-  args = (grads[1], state, params)
-  return _compiled(fn, *args), args
 
 
 def _scan_steps(tx: optax.GradientTransformation, grads: jax.Array, steps: int):
@@ -97,7 +68,7 @@ def _scan_steps(tx: optax.GradientTransformation, grads: jax.Array, steps: int):
     carry, _ = jax.lax.scan(body, (params, state, jnp.zeros([], jnp.int32)), jnp.arange(steps))
     return carry
 
-  return _compiled(run, grads, params), (grads, params)
+  return bc.compiled(run, grads, params), (grads, params)
 
 
 def _interleaved(cases: dict[str, tuple], repeats: int) -> tuple[dict, dict]:
@@ -113,12 +84,12 @@ def _interleaved(cases: dict[str, tuple], repeats: int) -> tuple[dict, dict]:
 
 
 def measure(m: int, n: int, rank: int, steps: int, repeats: int) -> dict:
-  grads = _gradients(m, n)
+  grads = bc.low_rank_gradients(m, n)
   refresh, refresh_min = _interleaved(
       {
-          "adarankgrad": _refresh_step(adarankgrad(1e-3, max_rank=rank, max_refresh_interval=1),
+          "adarankgrad": bc.refresh_step(adarankgrad(1e-3, max_rank=rank, max_refresh_interval=1),
                                        grads),
-          "galore": _refresh_step(optax_contrib.galore(1e-3, rank=rank, update_proj_gap=1), grads),
+          "galore": bc.refresh_step(optax_contrib.galore(1e-3, rank=rank, update_proj_gap=1), grads),
       },
       repeats,
   )

@@ -69,7 +69,8 @@ import jax
 import numpy as np
 
 from benchmarks import _common as bc
-from examples import config, finetune_llama, finetune_roberta, training
+from examples import cli, finetune_llama, finetune_roberta, training
+from examples import optimizers as registry  # (`optimizers` names the optimizer lists below)
 
 TASKS = {"llama": finetune_llama, "llama-pretrained": finetune_llama, "roberta": finetune_roberta,
          "roberta-pretrained": finetune_roberta}
@@ -147,11 +148,9 @@ def count_blocks(task: training.Task, cfg) -> int:
   """BAdam's block count on ``task``, as the examples' optimizer labels the parameters."""
   from flax import nnx
 
-  from examples import optimizers
-
   model = task.make_model()
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  labels = optimizers.badam_labels(cfg, params, task)
+  labels = registry.badam_labels(cfg, params, task)
   ids = {int(b) for lab in jax.tree.leaves(labels) for b in np.ravel(lab)}
   return len({b for b in ids if b >= 0})
 
@@ -191,7 +190,7 @@ def learning_rates(path: pathlib.Path | None, name: str, optimizers: Sequence[st
       if t["task"] == name:
         chosen = t.get("chosen", {})
   return {opt: ({"lr": chosen[opt], "source": "sweep"} if opt in chosen else
-                {"lr": config.DEFAULT_LEARNING_RATES.get(opt, 1e-3), "source": "default"})
+                {"lr": registry.get(opt).learning_rate, "source": "default"})
           for opt in optimizers}
 
 
@@ -366,7 +365,7 @@ def run_task(name: str, overrides: list[str], optimizers: Sequence[str], seeds: 
   tasks: dict[int, training.Task] = {}
   for seed in seeds:
     built = seed if model_seed is None else model_seed
-    cfg = config.parse_config(
+    cfg = cli.parse_config(
         module.Config, overrides + ["--seed", str(built), "--out", str(runs_dir / name / str(built))],
         module.__doc__.splitlines()[0])
     earlier = {opt: reuse.get((name, tuple(overrides), seed, opt, lrs[opt]["lr"]))
@@ -434,7 +433,7 @@ def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed:
   module = TASKS[name]
   reuse = reuse or {}
   built = seed if model_seed is None else model_seed
-  cfg = config.parse_config(
+  cfg = cli.parse_config(
       module.Config, overrides + ["--seed", str(built), "--out", str(runs_dir / name / str(built))],
       module.__doc__.splitlines()[0])
   task = None
@@ -468,7 +467,7 @@ def sweep_task(name: str, overrides: list[str], optimizers: Sequence[str], seed:
     return (not np.isfinite(r["validation_loss"]), r["validation_loss"])
 
   for opt in optimizers:
-    default = config.DEFAULT_LEARNING_RATES.get(opt, 1e-3)
+    default = registry.get(opt).learning_rate
     done = {lr: run(opt, lr) for lr in sorted({float(f"{default * f:.3g}") for f in factors})}
     # A best rate at an end of the grid: one more rate beyond it (a factor 3), at most
     # ``extend`` times, so that the choice is not the grid's edge.
@@ -654,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--tasks", nargs="*", default=None, choices=tuple(TASKS),
                       help=f"default: {', '.join(DEFAULT_TASKS)}; --quick: {', '.join(QUICK_TASKS)}")
   parser.add_argument("--optimizers", nargs="*", default=list(DEFAULT_OPTIMIZERS),
-                      choices=config.OPTIMIZERS)
+                      choices=registry.OPTIMIZERS)
   parser.add_argument("--seeds", type=int, nargs="*", default=None,
                       help="default 0 1 2 (--quick: 0 1; --sweep: 0)")
   parser.add_argument("--steps", type=int, default=None, help="steps (default 200; --quick: 10)")
@@ -675,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       help="where the examples' run directories go (default: a temporary one)")
   parser.add_argument("--task-args", default="",
                       help="extra example options for every task, e.g. '--num-layers 1'")
-  parser.add_argument("--rerun", nargs="*", default=[], choices=config.OPTIMIZERS,
+  parser.add_argument("--rerun", nargs="*", default=[], choices=registry.OPTIMIZERS,
                       help="optimizers to run again even if --reuse has them (e.g. after a "
                       "change of their defaults)")
   parser.add_argument("--reuse", type=pathlib.Path, nargs="*", default=[],

@@ -74,9 +74,6 @@ ACCOUNT_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
 # lax.cond) compiles for minutes at these sizes (its compile column in RESULTS.md); stacked, each
 # kind of matrix is one batched computation whatever the number of layers.
 SCANNED_XLA_SHAPES = ("llama2-7b", "llama3-8b")
-# LoRA's adapters are added layer by layer to a python list; optax.contrib.galore projects only 2-D
-# leaves (its dimension numbers have no batch axis), so on a stack it would run full Adam.
-UNSCANNABLE = ("lora", "galore")
 # Layer-wise steps (optax_memopt.make_layerwise_step) compiled on the scanned model of every XLA
 # shape, and the pure-bf16 layer-wise rows of the account.
 LAYERWISE_XLA = ("adarankgrad_layerwise",)
@@ -127,8 +124,8 @@ def mixed_precision_account(shape: str, args) -> list[dict]:
     key = "badam_dropin" if variant == "badam_block" else variant
     s32, s16 = setups[key, "float32"], setups[key, "bfloat16"]
     trained = bc.tree_size(s32.params)
-    weights = 2 * (n_model + (trained if variant == "lora" else 0))
-    if variant.startswith("badam"):
+    weights = 2 * (n_model + (trained if bc.optimizer(variant).adapters else 0))
+    if bc.optimizer(variant).master_in_state:
       master = 0  # inside the optimizer state (badam keeps the active block's f32 copy)
       state = bc.tree_bytes(s16.opt_state)
       if variant == "badam_block":
@@ -199,7 +196,7 @@ def stacked_vs_list(shape: str, args) -> list[dict]:
     row = {"shape": shape, "optimizer": variant, "param_dtype": dtype,
            "list_bytes": state[False], "stacked_bytes": state[True],
            "stacked_over_list": state[True] / state[False]}
-    if variant.startswith("badam"):
+    if bc.optimizer(variant).master_in_state:
       row["one_layer_adamw_bytes"] = 8 * layer + (4 * layer if dtype == "bfloat16" else 0)
       row["stacked_over_one_layer"] = state[True] / row["one_layer_adamw_bytes"]
     rows.append(row)
@@ -350,7 +347,9 @@ def xla_step(shape: str, variant: str, args) -> dict:
   base = ACCUMULATED.get(variant, variant)
   if variant in ACCUMULATED:
     cfg = dataclasses.replace(cfg, grad_accum=args.grad_accum)
-  scanned = (shape in args.scan_shapes and base not in UNSCANNABLE) or variant in LAYERWISE_XLA
+  # (LoRA's adapters go on a python list of layers; optax.contrib.galore projects 2-D leaves only.)
+  scanned = ((shape in args.scan_shapes and bc.optimizer(base).stacked_leaves)
+             or variant in LAYERWISE_XLA)
   model_cfg = bc.llama_config(shape, seq_len=args.seq_len, scan_layers=scanned)
   task = bc.llama_task(model_cfg, from_scratch=False)
   setup = bc.make_setup(base, task, cfg, abstract=True)

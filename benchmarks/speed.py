@@ -16,7 +16,7 @@ as the examples build them, timed per micro-batch over one block-epoch of optimi
 
 The refresh ratio is one optimizer update that recomputes the projection, AdaRankGrad (randomized
 SVD) against ``optax.contrib.galore`` (full SVD), for the model's largest weight matrix, measured with
-``benchmarks/adarankgrad_refresh.py``'s functions.
+the refresh step ``benchmarks/adarankgrad_refresh.py`` times (``benchmarks/_common.py``).
 
     python -m benchmarks.speed            # 8 layers, width 512
     python -m benchmarks.speed --quick    # 2 layers, width 64
@@ -38,7 +38,6 @@ from optax import contrib as optax_contrib
 
 import optax_memopt
 from benchmarks import _common as bc
-from benchmarks import adarankgrad_refresh as refresh_bench
 from examples import config, training
 from optax_memopt import AdaRankGradState, adarankgrad
 
@@ -233,7 +232,7 @@ def _scanned(shape: str, seq_len: int, batch_size: int, repeats: int) -> dict:
   }
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   bc.add_output_args(parser, "speed")
   parser.add_argument("--shape", default=None, choices=tuple(bc.LLAMA_SHAPES),
@@ -258,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--only-layerwise", action="store_true",
                       help="measure only the layer-wise against ordinary step table and merge it "
                            "into the existing --out file")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = _parser().parse_args(argv)
   shape = args.shape or ("micro" if args.quick else "small")
   seq_len = args.seq_len or (64 if args.quick else 128)
   batch_size = args.batch_size or (2 if args.quick else 4)
@@ -315,11 +318,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   # Subspace refresh of the largest weight matrix (MLP: hidden x intermediate).
   m, n = model_cfg.hidden_size, model_cfg.intermediate_size
-  grads = refresh_bench._gradients(m, n)
+  grads = bc.low_rank_gradients(m, n)
   refresh_cases = {
-      "adarankgrad": refresh_bench._refresh_step(
+      "adarankgrad": bc.refresh_step(
           adarankgrad(1e-3, max_rank=args.rank, max_refresh_interval=1), grads),
-      "galore": refresh_bench._refresh_step(
+      "galore": bc.refresh_step(
           optax_contrib.galore(1e-3, rank=args.rank, update_proj_gap=1), grads),
   }
   refresh = bc.interleaved_median(

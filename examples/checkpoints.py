@@ -13,7 +13,9 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from examples.config import TrainConfig, UsageError, defer_ctrl_c, export_dir, output_dir
+from examples.config import TrainConfig
+from examples.errors import UsageError, defer_ctrl_c
+from examples.rundir import export_dir, output_dir
 
 
 def latest_step(directory: pathlib.Path) -> int | None:
@@ -74,7 +76,7 @@ def check_run_dirs(cfg: TrainConfig, run_dirs: dict[str, pathlib.Path]) -> list[
 
 def remove_run(directory: pathlib.Path) -> None:
   """Removes what a run wrote into ``directory`` (:data:`RUN_FILES`, compared runs' folders)."""
-  from examples.config import OPTIMIZERS
+  from examples.optimizers import OPTIMIZERS
 
   for name in (*RUN_FILES, *OPTIMIZERS):
     path = directory / name
@@ -173,7 +175,7 @@ def export_hf(model, tokenizer, path: pathlib.Path, *, labels: Sequence[Any] | N
     path: the directory (created; files in it are replaced).
     labels: the class names of a classifier, written as ``id2label`` / ``label2id``.
   """
-  from examples.optimizers import merge_lora
+  from examples.lora import merge_lora
 
   merge_lora(model)
   path = pathlib.Path(path)

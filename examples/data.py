@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from examples.config import UsageError
+from examples.errors import UsageError
 
 if TYPE_CHECKING:
   import numpy as np
@@ -220,6 +221,31 @@ def load_hub_dataset(name: str, *args, **kwargs):
   except Exception as e:  # offline, unknown name, ...: one line is enough
     raise UsageError(f"cannot load dataset {name!r} from the hub: "
                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def manual_paragraphs(*, indented: bool = False) -> list[str]:
+  """The paragraphs of the Python reference manual that ships with Python (``pydoc_data``), in
+  topic order, whitespace collapsed, grammar rules (``::=``) left out: the offline pretraining
+  corpus.
+
+  Args:
+    indented: also the indented paragraphs (code examples), each kept when it is longer than 40
+      characters once collapsed (RoBERTa's masked-LM corpus); without it, prose only, each kept
+      when its text in the manual is longer than 40 characters (Llama's language-model corpus).
+  """
+  from pydoc_data.topics import topics
+
+  out = []
+  for key in sorted(topics):
+    for p in re.split(r"\n\s*\n", topics[key]):
+      text = " ".join(p.split())
+      if indented:
+        keep = len(text) > 40 and "::=" not in text
+      else:
+        keep = bool(p.strip()) and not p.startswith(" ") and "::=" not in p and len(p) > 40
+      if keep:
+        out.append(text)
+  return out
 
 
 def pad_rows(data: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:

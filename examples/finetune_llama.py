@@ -14,6 +14,7 @@ instruction set built from the Python reference manual that ships with Python (`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import re
 import sys
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from examples import config, data
+from examples import cli, config, data, errors, pretraining, rundir
 from examples.config import field
 
 # NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
@@ -34,58 +35,63 @@ SPECIAL = ("<pad>", "<s>", "</s>")
 
 
 @dataclasses.dataclass
-class Config(config.TrainConfig):
+class Config(config.ScriptConfig):
+  """The Llama example's options: :class:`~examples.config.ScriptConfig`'s (a field given again
+  here takes this script's default and help) and the task's own."""
+
+  MODEL = "Llama"
+
   name: str = field("llama", "run name: the default run directory is runs/<name>")
   data: str | None = field(None, "Alpaca-format JSON/JSONL (instruction, input, output) or a "
                            "`datasets` hub name; default: built from pydoc_data.topics")
   model: str | None = field(None, "HF Llama checkpoint directory (weights + tokenizer); "
                             "default: a small random-init Llama")
   seq_len: int = field(128, "tokens per example (prompt + response), longer ones are cut")
-  eval_fraction: float = field(0.1, "held-out fraction of the examples")
-  vocab_size: int = field(1024, "BPE vocabulary of the default tokenizer")
-  hidden_size: int = field(128, "random-init model: hidden size")
   num_layers: int = field(4, "random-init model: decoder layers")
-  num_heads: int = field(4, "random-init model: attention heads")
   num_kv_heads: int = field(2, "random-init model: key/value heads (grouped-query attention)")
   intermediate_size: int = field(384, "random-init model: MLP hidden size")
-  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16",
-                           choices=config.DTYPES)
-  dtype: str = field("float32", "compute dtype: float32 or bfloat16", choices=config.DTYPES)
-  remat: bool = field(False, "rematerialise each layer in the backward pass")
-  scan_layers: bool = field(False, "stack the layers ([L, ...] weights) and run them with "
-                            "optax_memopt.scan_layers: BAdam's block step compiles once for all "
-                            "layer blocks; needed by --layerwise")
   gen_tokens: int = field(64, "tokens to generate after training (0: none)")
   pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
                               "as a plain language model on the Python reference manual's other "
                               "paragraphs (not the responses), then fine-tune it (embedding and "
                               "head frozen for BAdam, as in the papers' fine-tuning)")
 
-  pretrain_cache: str | None = field(None, "folder of the --pretrain-steps cache: the pretrained "
-                                     "weights are kept once per pretraining configuration and "
-                                     "reused (default: $OPTAX_MEMOPT_PRETRAIN_CACHE or "
-                                     "runs/pretrained)")
-
   def __post_init__(self):
     super().__post_init__()
-    if self.layerwise and not self.scan_layers:
-      raise config.UsageError("--layerwise updates the layer stack inside its backward scan: "
-                              "add --scan-layers")
     if self.seq_len < 16:
-      raise config.UsageError("--seq-len must be at least 16")
-    if not 0 < self.eval_fraction < 1:
-      raise config.UsageError("--eval-fraction must be between 0 and 1")
-    if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
-      raise config.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
-                              "Hugging Face Llama checkpoint")
-    if self.pretrain_steps < 0:
-      raise config.UsageError("--pretrain-steps must be >= 0")
-    if self.pretrain_steps and self.model is not None:
-      raise config.UsageError("--pretrain-steps is for the random-init model; --model is "
-                              "pretrained already")
+      raise errors.UsageError("--seq-len must be at least 16")
     if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-      raise config.UsageError("--hidden-size must be a multiple of --num-heads, and --num-heads "
+      raise errors.UsageError("--hidden-size must be a multiple of --num-heads, and --num-heads "
                               "of --num-kv-heads")
+
+
+def build_task(cfg: Config):
+  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory, generations."""
+  import numpy as np
+
+  from examples import sharding, training
+
+  examples = load_examples(cfg)
+  if cfg.max_examples:
+    examples = examples[:cfg.max_examples]
+  order = np.random.default_rng(cfg.seed).permutation(len(examples))
+  n_eval = max(1, int(round(cfg.eval_fraction * len(examples))))
+  eval_ex = [examples[i] for i in order[:n_eval]]
+  train_ex = [examples[i] for i in order[n_eval:]]
+  if not train_ex:
+    raise errors.UsageError(f"--data {cfg.data}: too few examples ({len(examples)})")
+  tok, make_model = tokenizer_and_model(cfg, examples, train_ex)
+  print(f"{len(train_ex)} train / {len(eval_ex)} held-out examples, vocabulary {tok.vocab_size}")
+  return training.Task(
+      name=cfg.name, make_model=make_model, loss_fn=lm_loss,
+      train_data=encode(train_ex, tok, cfg.seq_len), eval_data=encode(eval_ex, tok, cfg.seq_len),
+      from_scratch=cfg.model is None and not cfg.pretrain_steps,
+      after_training=functools.partial(show_generations, cfg, tok, train_ex[0], eval_ex[0]),
+      sharding_rules=sharding.LLAMA_RULES, tokenizer=tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: instruction/response pairs, the prompt, the encoding.
 
 
 def topic_examples() -> list[dict]:
@@ -107,64 +113,6 @@ def topic_examples() -> list[dict]:
       examples.append({"instruction": f"What does the reference manual say about {title}?",
                        "input": "", "output": prose[1]})
   return examples
-
-
-def manual_paragraphs() -> list[str]:
-  """Every prose paragraph of the Python reference manual shipped with Python (``pydoc_data``)."""
-  from pydoc_data.topics import topics
-
-  out = []
-  for key in sorted(topics):
-    for p in re.split(r"\n\s*\n", topics[key]):
-      if p.strip() and not p.startswith(" ") and "::=" not in p and len(p) > 40:
-        out.append(" ".join(p.split()))
-  return out
-
-
-def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: pathlib.Path,
-                             texts: Sequence[str]):
-  """``make_model`` for ``--pretrain-steps``: AdamW language modelling on ``texts``, once; every
-  call returns a fresh copy of the pretrained model."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from examples import training
-  from examples.models import llama
-
-  cache: dict = {}
-
-  def make_model():
-    if "state" not in cache:
-      from examples import pretraining
-
-      pre_cfg = dataclasses.replace(
-          cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
-          stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
-          checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
-                                                                cfg.pretrain_steps // 10))
-      make_lm = lambda: llama.Llama(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
-
-      def pretrain_task(keep):
-        order = np.random.default_rng(cfg.seed).permutation(len(texts))
-        rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len,
-                      prompt_fn=lambda ex: "")
-        held = max(1, len(texts) // 20)
-        pre_task = training.Task(
-            name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=make_lm,
-            train_data={k: v[held:] for k, v in rows.items()},
-            eval_data={k: v[:held] for k, v in rows.items()},
-            after_training=lambda model, _: keep(model))
-        print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference "
-              f"manual ({cfg.pretrain_steps} AdamW steps)")
-        return pre_task
-
-      cache["graphdef"], cache["state"] = pretraining.pretrained_state(
-          "llama-lm", cfg, pre_cfg, model_cfg, tok, texts, make_lm, pretrain_task, cfg.pretrain_cache)
-    return nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
-
-  return make_model
 
 
 def load_examples(cfg: Config) -> list[dict]:
@@ -212,6 +160,10 @@ def encode(examples: Sequence[dict], tok: data.Tokenizer, seq_len: int,
           "weight": np.ones(n, np.float32)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Loss, model, generations.
+
+
 def lm_loss(model, batch: dict):
   """Mean next-token cross-entropy over the response tokens."""
   import jax.numpy as jnp
@@ -225,78 +177,81 @@ def lm_loss(model, batch: dict):
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count}
 
 
-def build_task(cfg: Config):
-  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory, generations."""
-  import numpy as np
+def tokenizer_and_model(cfg: Config, examples: Sequence[dict], train_ex: Sequence[dict]):
+  """``(tokenizer, make_model)``: ``--model``'s checkpoint, or a BPE trained on the training texts
+  and a random-init Llama (pretrained first with ``--pretrain-steps``)."""
+  from examples.models import llama
+
+  if cfg.model:
+    return pretraining.checkpoint_model(cfg, "llama", llama.Llama)
+  texts = [prompt_of(ex) + ex["output"] for ex in train_ex]
+  if cfg.pretrain_steps:
+    # Pretraining text: the manual's paragraphs that are not responses of the instruction set,
+    # so that fine-tuning (and the held-out set) asks for text the model has not seen.
+    responses = {" ".join(ex["output"].split()) for ex in examples}
+    pretrain_texts = [t for t in data.manual_paragraphs() if t not in responses]
+    texts += pretrain_texts
+  tok = data.bpe_tokenizer(texts, rundir.output_dir(cfg) / "tokenizer.json",
+                           vocab_size=cfg.vocab_size, special=SPECIAL, bos="<s>", eos="</s>",
+                           pad="<pad>", single="<s> $A", pair="<s> $A $B", keep=cfg.resume)
+  model_cfg = llama.LlamaConfig(
+      vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      max_position_embeddings=cfg.seq_len + cfg.gen_tokens, bos_token_id=tok.bos_id,
+      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **cfg.model_options())
+  make_model = functools.partial(random_llama, model_cfg, cfg.seed)
+  if cfg.pretrain_steps:
+    make_model = pretraining.PretrainedModel(
+        "llama-lm", cfg, model_cfg, tok, pretrain_texts, make_model,
+        functools.partial(pretrain_task, cfg, tok, pretrain_texts, make_model))
+  return tok, make_model
+
+
+def random_llama(model_cfg, seed: int):
   from flax import nnx
 
-  from examples import sharding, training
-  from examples.models import base, llama
+  from examples.models import llama
 
-  out = config.output_dir(cfg)
-  examples = load_examples(cfg)
-  if cfg.max_examples:
-    examples = examples[:cfg.max_examples]
-  order = np.random.default_rng(cfg.seed).permutation(len(examples))
-  n_eval = max(1, int(round(cfg.eval_fraction * len(examples))))
-  eval_ex = [examples[i] for i in order[:n_eval]]
-  train_ex = [examples[i] for i in order[n_eval:]]
-  if not train_ex:
-    raise config.UsageError(f"--data {cfg.data}: too few examples ({len(examples)})")
+  return llama.Llama(model_cfg, rngs=nnx.Rngs(seed))
 
-  options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
-                 scan_layers=cfg.scan_layers)
-  if cfg.model:
-    try:
-      base.read_hf_config(cfg.model, ["llama"])
-    except ValueError as e:
-      raise config.UsageError(f"--model: {e}") from None
-    tok = data.pretrained_tokenizer(cfg.model)
 
-    def make_model():
-      try:
-        return llama.Llama.load_pretrained(cfg.model, seed=cfg.seed, **options)
-      except ValueError as e:
-        raise config.UsageError(f"--model: {e}") from None
-  else:
-    texts = [prompt_of(ex) + ex["output"] for ex in train_ex]
-    if cfg.pretrain_steps:
-      # Pretraining text: the manual's paragraphs that are not responses of the instruction set,
-      # so that fine-tuning (and the held-out set) asks for text the model has not seen.
-      responses = {" ".join(ex["output"].split()) for ex in examples}
-      pretrain_texts = [t for t in manual_paragraphs() if t not in responses]
-      texts += pretrain_texts
-    tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
-                             special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
-                             single="<s> $A", pair="<s> $A $B", keep=cfg.resume)
-    model_cfg = llama.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.seq_len + cfg.gen_tokens, bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **options)
+def pretrain_task(cfg: Config, tok: data.Tokenizer, texts: Sequence[str], make_model, keep):
+  """The ``--pretrain-steps`` task: plain language modelling on ``texts`` (a twentieth held out);
+  ``keep(model)`` receives the pretrained model."""
+  import numpy as np
 
-    def make_model():
-      return llama.Llama(model_cfg, rngs=nnx.Rngs(cfg.seed))
+  from examples import training
 
-    if cfg.pretrain_steps:
-      make_model = pretrained_model_factory(cfg, tok, model_cfg, out, pretrain_texts)
+  order = np.random.default_rng(cfg.seed).permutation(len(texts))
+  rows = encode([{"output": texts[i]} for i in order], tok, cfg.seq_len, prompt_fn=lambda ex: "")
+  held = max(1, len(texts) // 20)
+  task = training.Task(
+      name=f"{cfg.name}-pretrain", loss_fn=lm_loss, make_model=make_model,
+      train_data={k: v[held:] for k, v in rows.items()},
+      eval_data={k: v[:held] for k, v in rows.items()},
+      after_training=lambda model, _: keep(model))
+  print(f"pretraining on {len(texts) - held} other paragraphs of the Python reference "
+        f"manual ({cfg.pretrain_steps} AdamW steps)")
+  return task
 
-  def show_generations(model, optimizer: str) -> None:
-    if cfg.gen_tokens <= 0:
-      return
-    for label, ex in (("train", train_ex[0]), ("held-out", eval_ex[0])):
-      prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_of(ex))
-      text = tok.decode(llama.generate(model, prompt, cfg.gen_tokens, eos_id=tok.eos_id))
-      given = f"\n  input: {ex['input']}" if ex.get("input") else ""
-      print(f"\n[{optimizer}, {label}] {ex['instruction']}{given}\n→ {text.strip()}")
 
-  print(f"{len(train_ex)} train / {len(eval_ex)} held-out examples, vocabulary {tok.vocab_size}")
-  return training.Task(
-      name=cfg.name, make_model=make_model, loss_fn=lm_loss,
-      train_data=encode(train_ex, tok, cfg.seq_len), eval_data=encode(eval_ex, tok, cfg.seq_len),
-      from_scratch=cfg.model is None and not cfg.pretrain_steps, after_training=show_generations,
-      sharding_rules=sharding.LLAMA_RULES, tokenizer=tok)
+def show_generations(cfg: Config, tok: data.Tokenizer, train_example: dict, eval_example: dict,
+                     model, optimizer: str) -> None:
+  """Prints the trained model's greedy answer to a training and a held-out instruction."""
+  from examples.models import llama
+
+  if cfg.gen_tokens <= 0:
+    return
+  for label, ex in (("train", train_example), ("held-out", eval_example)):
+    prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt_of(ex))
+    text = tok.decode(llama.generate(model, prompt, cfg.gen_tokens, eos_id=tok.eos_id))
+    given = f"\n  input: {ex['input']}" if ex.get("input") else ""
+    print(f"\n[{optimizer}, {label}] {ex['instruction']}{given}\n→ {text.strip()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
 
 
 def describe(cfg: Config) -> str:
@@ -310,11 +265,11 @@ def describe(cfg: Config) -> str:
   return f"{model} on {cfg.data or 'instructions from the Python reference manual'}"
 
 
-@config.main_guard
+@errors.main_guard
 def main(argv: Sequence[str] | None = None):
-  cfg = config.parse_config(Config, argv, __doc__)
-  return config.launch(cfg, describe(cfg), build_task)
+  cfg = cli.parse_config(Config, argv, __doc__)
+  return cli.launch(cfg, describe(cfg), build_task)
 
 
 if __name__ == "__main__":
-  config.run_script(main)
+  errors.run_script(main)

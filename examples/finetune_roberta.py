@@ -15,6 +15,7 @@ from the Python reference manual that ships with Python (``pydoc_data``): which 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import re
 import sys
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from examples import config, data
+from examples import cli, config, data, errors, pretraining, rundir
 from examples.config import field
 
 # NumPy, JAX, Flax and the model are imported inside the functions that need them: importing
@@ -45,7 +46,12 @@ TOPIC_CLASSES = ("statements", "expressions", "data model & types")
 
 
 @dataclasses.dataclass
-class Config(config.TrainConfig):
+class Config(config.ScriptConfig):
+  """The RoBERTa example's options: :class:`~examples.config.ScriptConfig`'s (a field given again
+  here takes this script's default and help) and the task's own."""
+
+  MODEL = "RoBERTa"
+
   name: str = field("roberta", "run name: the default run directory is runs/<name>")
   task: str = field("topics", "'topics' (offline default) or a SuperGLUE task loaded with "
                     f"`datasets`: {', '.join(SUPERGLUE)}")
@@ -56,48 +62,61 @@ class Config(config.TrainConfig):
   seq_len: int = field(96, "tokens per example, longer ones are cut")
   eval_fraction: float = field(0.2, "held-out fraction when there is no separate eval set")
   vocab_size: int = field(2048, "BPE vocabulary of the default tokenizer")
-  hidden_size: int = field(128, "random-init model: hidden size")
   num_layers: int = field(4, "random-init model: encoder layers")
-  num_heads: int = field(4, "random-init model: attention heads")
-  intermediate_size: int = field(256, "random-init model: MLP hidden size")
-  param_dtype: str = field("float32", "parameter dtype: float32 or bfloat16",
-                           choices=config.DTYPES)
-  dtype: str = field("float32", "compute dtype: float32 or bfloat16", choices=config.DTYPES)
-  remat: bool = field(False, "rematerialise each layer in the backward pass")
-  scan_layers: bool = field(False, "stack the layers ([L, ...] weights) and run them with "
-                            "optax_memopt.scan_layers: BAdam's block step compiles once for all "
-                            "layer blocks; needed by --layerwise")
   pretrain_steps: int = field(0, "random-init model: first pretrain it for this many AdamW steps "
                               "with masked language modelling on the Python reference manual's "
                               "paragraphs (--train's texts for other data; never the held-out "
                               "ones), then fine-tune the classifier (embedding frozen for BAdam, "
                               "as in the papers' fine-tuning)")
 
-  pretrain_cache: str | None = field(None, "folder of the --pretrain-steps cache: the pretrained "
-                                     "weights are kept once per pretraining configuration and "
-                                     "reused (default: $OPTAX_MEMOPT_PRETRAIN_CACHE or "
-                                     "runs/pretrained)")
-
   def __post_init__(self):
     super().__post_init__()
-    if self.pretrain_steps < 0:
-      raise config.UsageError("--pretrain-steps must be >= 0")
-    if self.pretrain_steps and self.model is not None:
-      raise config.UsageError("--pretrain-steps is for the random-init model; --model is "
-                              "pretrained already")
-    if self.layerwise and not self.scan_layers:
-      raise config.UsageError("--layerwise updates the layer stack inside its backward scan: "
-                              "add --scan-layers")
     if self.task != "topics" and self.task not in SUPERGLUE and self.train is None:
-      raise config.UsageError(f"unknown --task {self.task!r}; use topics, "
+      raise errors.UsageError(f"unknown --task {self.task!r}; use topics, "
                               f"{', '.join(SUPERGLUE)}, or --train FILE")
     if self.eval is not None and self.train is None:
-      raise config.UsageError("--eval needs --train")
-    if not 0 < self.eval_fraction < 1:
-      raise config.UsageError("--eval-fraction must be between 0 and 1")
-    if self.model is not None and not (pathlib.Path(self.model) / "config.json").is_file():
-      raise config.UsageError(f"--model {self.model} has no config.json; pass the directory of a "
-                              "Hugging Face RoBERTa checkpoint")
+      raise errors.UsageError("--eval needs --train")
+
+  @property
+  def topics(self) -> bool:
+    """The offline default task (no --train): classifying the manual's paragraphs."""
+    return self.train is None and self.task == "topics"
+
+
+def build_task(cfg: Config):
+  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory."""
+  import numpy as np
+
+  from examples import training
+
+  train_rows, eval_rows = load_rows(cfg)
+  if cfg.max_examples:  # a random subset: the default rows are grouped by label
+    keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[:cfg.max_examples]
+    train_rows = [train_rows[i] for i in sorted(keep)]
+  if eval_rows is None:
+    order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
+    n_eval = max(1, int(round(cfg.eval_fraction * len(train_rows))))
+    eval_rows = [train_rows[i] for i in order[:n_eval]]
+    train_rows = [train_rows[i] for i in order[n_eval:]]
+  labels = sorted({r["label"] for r in train_rows + eval_rows}, key=str)
+  label_ids = {label: i for i, label in enumerate(labels)}
+  if len(labels) < 2:
+    raise errors.UsageError("the data has a single label; classification needs at least two")
+  tok, make_model = tokenizer_and_model(cfg, train_rows, eval_rows, len(labels))
+  names = [TOPIC_CLASSES[label] for label in labels] if cfg.topics else labels
+  train_data = encode(train_rows, tok, cfg.seq_len, label_ids)
+  eval_data = encode(eval_rows, tok, cfg.seq_len, label_ids)
+  majority = np.bincount(eval_data["labels"]).max() / len(eval_rows)
+  print(f"{len(train_rows)} train / {len(eval_rows)} eval examples, {len(labels)} classes "
+        f"(majority-class accuracy {majority:.3f})")
+  return training.Task(name=cfg.name, make_model=make_model, loss_fn=classification_loss,
+                       train_data=train_data, eval_data=eval_data, head=("classifier",),
+                       from_scratch=cfg.model is None and not cfg.pretrain_steps, tokenizer=tok,
+                       labels=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: labelled rows (the manual's paragraphs, SuperGLUE, or files) and their encoding.
 
 
 def topic_rows() -> list[dict]:
@@ -114,20 +133,6 @@ def topic_rows() -> list[dict]:
   return rows
 
 
-def manual_paragraphs() -> list[str]:
-  """Every paragraph of the Python reference manual (``pydoc_data``) with more than 40 characters,
-  grammar rules left out: the masked-language-modelling corpus of ``--pretrain-steps``."""
-  from pydoc_data.topics import topics
-
-  out = []
-  for key in sorted(topics):
-    for p in re.split(r"\n\s*\n", topics[key]):
-      text = " ".join(p.split())
-      if len(text) > 40 and "::=" not in text:
-        out.append(text)
-  return out
-
-
 def _hub_rows(task: str) -> tuple[list[dict], list[dict]]:
   ds = data.load_hub_dataset("aps/super_glue", task)
   a, b = SUPERGLUE[task]
@@ -140,7 +145,7 @@ def _check_rows(rows: list[dict], what: str) -> None:
   hint = "each record: 'label' and 'text' (or 'premise' and 'hypothesis')"
   for i, r in enumerate(rows):
     if "label" not in r or not ("text" in r or ("premise" in r and "hypothesis" in r)):
-      raise config.UsageError(f"{what}: record {i} needs 'label' and 'text' (or 'premise' and "
+      raise errors.UsageError(f"{what}: record {i} needs 'label' and 'text' (or 'premise' and "
                               "'hypothesis')")
     fields = ({"text": (str,)} if "text" in r else {"premise": (str,), "hypothesis": (str,)})
     data.check_record(i, r, what, {**fields, "label": (str, int)}, hint)
@@ -181,6 +186,10 @@ def encode(rows: Sequence[dict], tok: data.Tokenizer, seq_len: int,
           "weight": np.ones(n, np.float32)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Loss and model.
+
+
 def classification_loss(model, batch: dict):
   """Mean cross-entropy of the class logits; the stats count correct predictions too."""
   import jax.numpy as jnp
@@ -192,6 +201,70 @@ def classification_loss(model, batch: dict):
   correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
   total, count = jnp.sum(nll * w), jnp.sum(w)
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count, "correct": correct}
+
+
+def tokenizer_and_model(cfg: Config, train_rows: Sequence[dict], eval_rows: Sequence[dict],
+                        num_labels: int):
+  """``(tokenizer, make_model)``: ``--model``'s checkpoint, or a BPE trained on the training texts
+  and a random-init RoBERTa (pretrained first with ``--pretrain-steps``), with a new
+  ``num_labels``-way classification head."""
+  from examples.models import roberta
+
+  if cfg.model:
+    return pretraining.checkpoint_model(cfg, "roberta", roberta.Roberta, num_labels=num_labels)
+  text_of = lambda r: r.get("text") or f"{r['premise']} {r['hypothesis']}"
+  texts = [text_of(r) for r in train_rows]
+  if cfg.pretrain_steps:
+    # The manual's paragraphs for the offline task (other data: its training texts), never a
+    # held-out example's text.
+    held_out = {text_of(r) for r in eval_rows}
+    corpus = data.manual_paragraphs(indented=True) if cfg.topics else texts
+    pretrain_texts = [t for t in corpus if t not in held_out]
+    texts = texts + pretrain_texts
+  tok = data.bpe_tokenizer(texts, rundir.output_dir(cfg) / "tokenizer.json",
+                           vocab_size=cfg.vocab_size, special=SPECIAL, bos="<s>", eos="</s>",
+                           pad="<pad>", single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                           unk_token="<unk>", mask_token="<mask>", keep=cfg.resume)
+  model_cfg = roberta.RobertaConfig(
+      vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+      max_position_embeddings=cfg.seq_len + tok.pad_id + 1, pad_token_id=tok.pad_id,
+      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, num_labels=num_labels,
+      **cfg.model_options())
+  if not cfg.pretrain_steps:
+    return tok, functools.partial(random_roberta, model_cfg, cfg.seed)
+  make_mlm_model = functools.partial(random_roberta, model_cfg, cfg.seed, mlm=True)
+  pretrained = pretraining.PretrainedModel(
+      "roberta-mlm", cfg, model_cfg, tok, pretrain_texts, make_mlm_model,
+      functools.partial(pretrain_task, cfg, tok, pretrain_texts, make_mlm_model))
+  return tok, functools.partial(with_classifier, pretrained, model_cfg, cfg.seed)
+
+
+def random_roberta(model_cfg, seed: int, mlm: bool = False):
+  """A random-init RoBERTa; with ``mlm``, its classifier replaced by :func:`mlm_head`."""
+  from flax import nnx
+
+  from examples.models import roberta
+
+  model = roberta.Roberta(model_cfg, rngs=nnx.Rngs(seed))
+  if mlm:
+    model.classifier = mlm_head(model_cfg, nnx.Rngs(seed + 1))
+  return model
+
+
+def with_classifier(make_model, model_cfg, seed: int):
+  """``make_model()``'s encoder with a new classification head (in place of the MLM head)."""
+  from flax import nnx
+
+  from examples.models import roberta
+
+  model = make_model()
+  model.classifier = roberta.ClassificationHead(model_cfg, rngs=nnx.Rngs(seed))
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The --pretrain-steps stage: masked language modelling.
 
 
 MLM_PROB = 0.15  # fraction of the tokens masked for masked language modelling (BERT's, RoBERTa's)
@@ -257,133 +330,27 @@ def mlm_loss(model, batch: dict):
   return total / jnp.maximum(count, 1.0), {"nll_sum": total, "count": count, "correct": correct}
 
 
-def pretrained_model_factory(cfg: Config, tok: data.Tokenizer, model_cfg, out: pathlib.Path,
-                             texts: Sequence[str]):
-  """``make_model`` for ``--pretrain-steps``: AdamW masked language modelling on ``texts``, once;
-  every call returns a fresh copy of the pretrained encoder with a new classification head."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from examples import training
-  from examples.models import roberta
-
-  cache: dict = {}
-
-  def make_mlm_model():
-    model = roberta.Roberta(model_cfg, rngs=nnx.Rngs(cfg.seed))
-    model.classifier = mlm_head(model_cfg, nnx.Rngs(cfg.seed + 1))
-    return model
-
-  def make_model():
-    if "state" not in cache:
-      import numpy as np
-
-      from examples import pretraining
-
-      order = np.random.default_rng(cfg.seed).permutation(len(texts))
-      held = max(1, len(texts) // 20)  # held-out paragraphs: the pretraining's own eval loss
-      pre_cfg = dataclasses.replace(
-          cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
-          stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
-          checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
-                                                                cfg.pretrain_steps // 10))
-
-      def pretrain_task(keep):
-        held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
-        rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
-        pre_task = training.Task(
-            name=f"{cfg.name}-pretrain", loss_fn=mlm_loss, make_model=make_mlm_model,
-            train_data=rows, eval_data=held_rows, after_training=lambda model, _: keep(model))
-        print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
-              f"({cfg.pretrain_steps} AdamW steps)")
-        return pre_task
-
-      cache["graphdef"], cache["state"] = pretraining.pretrained_state(
-          "roberta-mlm", cfg, pre_cfg, model_cfg, tok, texts, make_mlm_model, pretrain_task,
-          cfg.pretrain_cache)
-    model = nnx.merge(cache["graphdef"], jax.tree.map(jnp.copy, cache["state"]))
-    model.classifier = roberta.ClassificationHead(model_cfg, rngs=nnx.Rngs(cfg.seed))
-    return model
-
-  return make_model
-
-
-def build_task(cfg: Config):
-  """The ``training.Task``: tokenized train/eval split, tokenizer, model factory."""
+def pretrain_task(cfg: Config, tok: data.Tokenizer, texts: Sequence[str], make_model, keep):
+  """The ``--pretrain-steps`` task: masked language modelling on ``texts`` (a twentieth held out
+  for the pretraining's own eval loss); ``keep(model)`` receives the pretrained model."""
   import numpy as np
-  from flax import nnx
 
   from examples import training
-  from examples.models import base, roberta
 
-  out = config.output_dir(cfg)
-  train_rows, eval_rows = load_rows(cfg)
-  if cfg.max_examples:  # a random subset: the default rows are grouped by label
-    keep = np.random.default_rng(cfg.seed).permutation(len(train_rows))[:cfg.max_examples]
-    train_rows = [train_rows[i] for i in sorted(keep)]
-  if eval_rows is None:
-    order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
-    n_eval = max(1, int(round(cfg.eval_fraction * len(train_rows))))
-    eval_rows = [train_rows[i] for i in order[:n_eval]]
-    train_rows = [train_rows[i] for i in order[n_eval:]]
-  labels = sorted({r["label"] for r in train_rows + eval_rows}, key=str)
-  label_ids = {label: i for i, label in enumerate(labels)}
-  if len(labels) < 2:
-    raise config.UsageError("the data has a single label; classification needs at least two")
+  order = np.random.default_rng(cfg.seed).permutation(len(texts))
+  held = max(1, len(texts) // 20)
+  held_rows = mlm_data([texts[i] for i in order[:held]], tok, cfg.seq_len, cfg.seed)
+  rows = mlm_data([texts[i] for i in order[held:]], tok, cfg.seq_len, cfg.seed)
+  task = training.Task(
+      name=f"{cfg.name}-pretrain", loss_fn=mlm_loss, make_model=make_model,
+      train_data=rows, eval_data=held_rows, after_training=lambda model, _: keep(model))
+  print(f"pretraining with masked language modelling on {len(texts) - held} paragraphs "
+        f"({cfg.pretrain_steps} AdamW steps)")
+  return task
 
-  options = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
-                 scan_layers=cfg.scan_layers)
-  if cfg.model:
-    try:
-      base.read_hf_config(cfg.model, ["roberta"])
-    except ValueError as e:
-      raise config.UsageError(f"--model: {e}") from None
-    tok = data.pretrained_tokenizer(cfg.model)
 
-    def make_model():
-      try:
-        return roberta.Roberta.load_pretrained(cfg.model, seed=cfg.seed, num_labels=len(labels),
-                                               **options)
-      except ValueError as e:
-        raise config.UsageError(f"--model: {e}") from None
-  else:
-    text_of = lambda r: r.get("text") or f"{r['premise']} {r['hypothesis']}"
-    texts = [text_of(r) for r in train_rows]
-    if cfg.pretrain_steps:
-      # The manual's paragraphs for the offline task (other data: its training texts), never a
-      # held-out example's text.
-      held_out = {text_of(r) for r in eval_rows}
-      corpus = manual_paragraphs() if cfg.train is None and cfg.task == "topics" else texts
-      pretrain_texts = [t for t in corpus if t not in held_out]
-      texts = texts + pretrain_texts
-    tok = data.bpe_tokenizer(texts, out / "tokenizer.json", vocab_size=cfg.vocab_size,
-                             special=SPECIAL, bos="<s>", eos="</s>", pad="<pad>",
-                             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                             unk_token="<unk>", mask_token="<mask>", keep=cfg.resume)
-    model_cfg = roberta.RobertaConfig(
-        vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.seq_len + tok.pad_id + 1, pad_token_id=tok.pad_id,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, num_labels=len(labels), **options)
-
-    def make_model():
-      return roberta.Roberta(model_cfg, rngs=nnx.Rngs(cfg.seed))
-
-    if cfg.pretrain_steps:
-      make_model = pretrained_model_factory(cfg, tok, model_cfg, out, pretrain_texts)
-
-  topics = cfg.train is None and cfg.task == "topics"
-  names = [TOPIC_CLASSES[label] for label in labels] if topics else labels
-  train_data = encode(train_rows, tok, cfg.seq_len, label_ids)
-  eval_data = encode(eval_rows, tok, cfg.seq_len, label_ids)
-  majority = np.bincount(eval_data["labels"]).max() / len(eval_rows)
-  print(f"{len(train_rows)} train / {len(eval_rows)} eval examples, {len(labels)} classes "
-        f"(majority-class accuracy {majority:.3f})")
-  return training.Task(name=cfg.name, make_model=make_model, loss_fn=classification_loss,
-                       train_data=train_data, eval_data=eval_data, head=("classifier",),
-                       from_scratch=cfg.model is None and not cfg.pretrain_steps, tokenizer=tok,
-                       labels=names)
+# ---------------------------------------------------------------------------------------------
+# The command line.
 
 
 def describe(cfg: Config) -> str:
@@ -401,11 +368,11 @@ def describe(cfg: Config) -> str:
   return f"{model} on {task}"
 
 
-@config.main_guard
+@errors.main_guard
 def main(argv: Sequence[str] | None = None):
-  cfg = config.parse_config(Config, argv, __doc__)
-  return config.launch(cfg, describe(cfg), build_task)
+  cfg = cli.parse_config(Config, argv, __doc__)
+  return cli.launch(cfg, describe(cfg), build_task)
 
 
 if __name__ == "__main__":
-  config.run_script(main)
+  errors.run_script(main)

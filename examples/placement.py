@@ -6,7 +6,8 @@ from typing import Any
 
 import jax
 
-from examples.config import TrainConfig, UsageError
+from examples.config import TrainConfig
+from examples.errors import UsageError
 
 
 def check_mesh(cfg: TrainConfig):

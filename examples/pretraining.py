@@ -1,4 +1,6 @@
-"""The ``--pretrain-steps`` stage, run once per pretraining configuration and cached.
+"""Where a script's model starts when it is not random-init: a Hugging Face checkpoint
+(``--model``, :func:`checkpoint_model`) or the ``--pretrain-steps`` stage, run once per
+pretraining configuration and cached (:class:`PretrainedModel`).
 
 The pretrained weights depend on the model's shape, the tokenizer, the pretraining texts and the
 pretraining's training options (steps, seed, batch, learning rate, warmup, clipping, dtypes...),
@@ -21,7 +23,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from examples import config
+from examples import config, data, errors
 
 # TrainConfig fields that do not change the pretrained weights (fine-tuning and run-folder options).
 NOT_PRETRAINING = frozenset({
@@ -111,7 +113,7 @@ def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainCo
     pure = nnx.to_pure_dict(state)
     loaded = _unflatten(flat)
     if jax.tree.structure(pure) != jax.tree.structure(loaded):
-      raise config.UsageError(f"{weights} does not hold this model's weights; delete {folder}")
+      raise errors.UsageError(f"{weights} does not hold this model's weights; delete {folder}")
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, loaded))
     print(f"pretrained weights reused from {folder} ({pre_cfg.steps} steps)")
     return graphdef, state
@@ -130,3 +132,69 @@ def pretrained_state(kind: str, cfg: config.TrainConfig, pre_cfg: config.TrainCo
   shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)  # the weights are enough now
   print(f"pretrained weights cached in {folder}")
   return graphdef, state
+
+
+def pretraining_config(cfg: config.ScriptConfig) -> config.ScriptConfig:
+  """The options of the pretraining run: AdamW for ``--pretrain-steps`` steps at its default rate,
+  evaluated and checkpointed at the end, the warmup capped at a tenth of the steps."""
+  return dataclasses.replace(
+      cfg, optimizer="adamw", steps=cfg.pretrain_steps, learning_rate=None, compare="",
+      stop_at=None, resume=False, overwrite=True, export=None, eval_every=cfg.pretrain_steps,
+      checkpoint_every=cfg.pretrain_steps, warmup_steps=min(cfg.warmup_steps,
+                                                            cfg.pretrain_steps // 10))
+
+
+class PretrainedModel:
+  """``make_model`` for ``--pretrain-steps``: pretrains once (or loads the cache, see
+  :func:`pretrained_state`), then every call returns a fresh copy of the pretrained model.
+
+  Args:
+    kind: the pretraining's name in the cache folder, e.g. ``llama-lm``.
+    cfg: the script's options (the pretraining's are :func:`pretraining_config`'s).
+    model_cfg: the model's config (part of the cache key).
+    tok: the tokenizer (part of the cache key).
+    texts: the pretraining texts (part of the cache key).
+    make_model: builds the model before pretraining.
+    pretrain_task: ``keep -> training.Task``, the pretraining's task, whose ``after_training``
+      calls ``keep(model)`` with the trained model.
+  """
+
+  def __init__(self, kind: str, cfg: config.ScriptConfig, model_cfg: Any, tok: Any,
+               texts: Sequence[str], make_model: Callable[[], Any],
+               pretrain_task: Callable[[Callable], Any]):
+    self.kind, self.cfg, self.model_cfg, self.tok, self.texts = kind, cfg, model_cfg, tok, texts
+    self.make_model, self.pretrain_task = make_model, pretrain_task
+    self._pretrained = None  # (graphdef, state), once pretrained or loaded
+
+  def __call__(self):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if self._pretrained is None:
+      self._pretrained = pretrained_state(
+          self.kind, self.cfg, pretraining_config(self.cfg), self.model_cfg, self.tok, self.texts,
+          self.make_model, self.pretrain_task, self.cfg.pretrain_cache)
+    graphdef, state = self._pretrained
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def checkpoint_model(cfg: config.ScriptConfig, model_type: str, model_class: Any, **kwargs):
+  """``(tokenizer, make_model)`` of ``--model``'s Hugging Face checkpoint: ``model_type`` (e.g.
+  ``llama``) is checked first, and a checkpoint ``model_class.load_pretrained`` refuses is one
+  line. ``kwargs`` go to ``load_pretrained`` with the model options of the command line."""
+  from examples.models import base
+
+  try:
+    base.read_hf_config(cfg.model, [model_type])
+  except ValueError as e:
+    raise errors.UsageError(f"--model: {e}") from None
+  tok = data.pretrained_tokenizer(cfg.model)
+
+  def make_model():
+    try:
+      return model_class.load_pretrained(cfg.model, seed=cfg.seed, **kwargs, **cfg.model_options())
+    except ValueError as e:
+      raise errors.UsageError(f"--model: {e}") from None
+
+  return tok, make_model

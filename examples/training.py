@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 import optax_memopt
-from examples import checkpoints, config, optimizers, reporting
+from examples import checkpoints, config, errors, optimizers, reporting, rundir
 from examples.data import batch_indices, pad_rows
 from examples.placement import Placement
 
@@ -116,8 +116,9 @@ def make_steps(split: Trainable, loss_fn, tx, optimizer: str, layerwise: bool = 
     raise ValueError("--layerwise with --grad-accum > 1: the model writes state in its forward pass "
                      "(dropout RNG counts), which the micro-batches of one step would share; use "
                      "--grad-accum 1 or the ordinary step")
-  if optimizer == "badam" or layerwise:
-    if optimizer == "badam":
+  block_step = optimizers.get(optimizer).block_step
+  if block_step or layerwise:
+    if block_step:
       step = optax_memopt.make_block_step(loss, tx, has_aux=True)
     elif accumulate:
       step = optax_memopt.make_layerwise_step(loss, tx, has_aux=True, accumulate=grad_accum,
@@ -161,7 +162,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
 
   Starts over any checkpoints in ``out`` unless ``cfg.resume`` (the command line refuses that
   without ``--overwrite`` before getting here). On Ctrl-C, saves a checkpoint at the current step
-  and raises :class:`examples.config.Interrupted`.
+  and raises :class:`examples.errors.Interrupted`.
 
   Returns:
     The run's summary (also written to ``out/summary.json``).
@@ -178,7 +179,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   stacked = cfg.layerwise and cfg.grad_accum > 1  # one call takes the window's micro-batches
   n_train = len(task.train_data["weight"])
   if n_train < cfg.batch_size:
-    raise config.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
+    raise errors.UsageError(f"only {n_train} training examples for --batch-size {cfg.batch_size}; "
                             "lower the batch size or add data")
   eval_batch = 4 * cfg.batch_size  # no gradients: bigger batches fit
   eval_data = pad_rows({k: v for k, v in task.eval_data.items() if k != "weight"}, eval_batch)
@@ -190,7 +191,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
     recorded = ckpts.meta(start)["optimizer"]
     if recorded != optimizer:
       ckpts.close()
-      raise config.UsageError(f"--resume: {ckpts.directory} holds a {recorded} run, not {optimizer}")
+      raise errors.UsageError(f"--resume: {ckpts.directory} holds a {recorded} run, not {optimizer}")
     if start >= end:  # nothing to train: keep what the run wrote
       ckpts.close()
       print(f"{optimizer} in {out} is at step {start} already (asked for {end}): nothing to do")
@@ -205,9 +206,9 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
   state_bytes = optimizers.tree_bytes(opt_state)
   progress = reporting.Progress(out / "metrics.jsonl", start=start, total=cfg.steps,
                                 desc=f"{task.name}/{optimizer}")
-  config.check_interrupted()
+  errors.check_interrupted()
   done = start
-  with config.defer_ctrl_c() as ctrl_c:
+  with errors.defer_ctrl_c() as ctrl_c:
     for step in range(start, end):
       # One optimizer step: --grad-accum micro-batches (the optimizer holds back its update
       # until the last one; the layer-wise step takes them all in one call), each its own draw
@@ -244,7 +245,7 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
     progress.close()
     ckpts.close()
   if ctrl_c.requested and done < end:
-    raise config.Interrupted(done)
+    raise errors.Interrupted(done)
   ctrl_c.requested = False  # during the last save: the run is whole, finish it
 
   summary = {"optimizer": optimizer, "steps": end, **reporting.summarize(
@@ -265,15 +266,15 @@ def train(cfg: config.TrainConfig, task: Task, optimizer: str, out: pathlib.Path
 
 def run(cfg: config.TrainConfig, task: Task) -> list[dict]:
   """One run (``cfg.optimizer``) or, with ``--compare``, several on the same data and seed."""
-  dirs = config.run_dirs(cfg)
-  summaries = [train(cfg, task, name, out, export=config.export_dir(cfg, name))
+  dirs = rundir.run_dirs(cfg)
+  summaries = [train(cfg, task, name, out, export=rundir.export_dir(cfg, name))
                for name, out in dirs.items()]
   table = reporting.markdown_table(summaries)
   print(table)
   if not cfg.compare_list:
     print(f"metrics, plot and checkpoints in {dirs[cfg.optimizer]}")
     return summaries
-  out = config.output_dir(cfg)
+  out = rundir.output_dir(cfg)
   runs = {name: [json.loads(line) for line in (d / "metrics.jsonl").open()]
           for name, d in dirs.items()}
   reporting.plot_curves(runs, out / "compare.png", title=f"{task.name}: {', '.join(runs)}")

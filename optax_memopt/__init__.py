@@ -34,7 +34,8 @@ entry point                           what it saves; model form; what it takes; 
                                       tensor's entries. Any pytree, any loop; not the block step.
 ====================================  ==============================================================
 
-The README has runnable examples and a headline results table; ``docs/guide.md`` the details.
+The README has runnable examples and a headline results table; ``docs/guide.md`` the details,
+``docs/layout.md`` the modules and what each holds.
 """
 
 from optax_memopt import linalg as linalg
@@ -50,12 +51,13 @@ from optax_memopt._badam import badam as badam
 from optax_memopt._badam import block_coordinate as block_coordinate
 from optax_memopt._badam_ratio import BAdamRatioState as BAdamRatioState
 from optax_memopt._badam_ratio import badam_ratio as badam_ratio
+from optax_memopt._badam_ratio import scale_by_badam_ratio as scale_by_badam_ratio
 from optax_memopt._block_step import make_block_step as make_block_step
-from optax_memopt._blocks import StackLabels as StackLabels
 from optax_memopt._blocks import block_labels as block_labels
 from optax_memopt._blocks import describe_blocks as describe_blocks
 from optax_memopt._layerwise import make_layerwise_step as make_layerwise_step
 from optax_memopt._scan import scan_layers as scan_layers
+from optax_memopt._stacks import StackLabels as StackLabels
 from optax_memopt.linalg import randomized_range_finder as randomized_range_finder
 from optax_memopt.linalg import randomized_svd as randomized_svd
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib as optax_contrib
 
-from optax_memopt import _blocks, _tree
+from optax_memopt import _stacks, _tree
 from optax_memopt.linalg import randomized_svd
 
 __all__ = [
@@ -225,21 +225,6 @@ def _flatten_like(params_treedef, tree: Any, is_leaf: Callable[[Any], bool]) -> 
   return leaves
 
 
-def _layer_leaves(params: Any, stacks: Any = None) -> list[bool]:
-  """Per leaf: is it inside the model's layers (a list of layers or a layer stack, recognised as
-  by :func:`optax_memopt.block_labels`)? All ``True`` when no layers are recognised."""
-  paths = _blocks.leaf_paths(params)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
-  listed = _blocks._list_keys(paths)
-  stacked = _blocks._stack_keys(paths, shapes, listed, stacks)
-  inside = [lk is not None or sk is not None for lk, sk in zip(listed, stacked, strict=True)]
-  if not any(inside):
-    # One layer under a layer-container name (``layers.mlp.w``, no index or stack axis), as a
-    # layer-wise step sees one layer of a stack: its leaves are the layer's, the rest is outside.
-    inside = [any(_blocks._is_container(str(k)) for k in path.split(".")) for path in paths]
-  return inside if any(inside) else [True] * len(paths)
-
-
 def _layouts(
     params: Any,
     weight_dimension_numbers: Any,
@@ -261,34 +246,42 @@ def _layouts(
     ) from None
 
 
-def _layouts_of(params, leaves_with_path, treedef, weight_dimension_numbers, projection_mask,
-                max_rank, stacks) -> list[_Layout | None]:
-  leaves = [leaf for _, leaf in leaves_with_path]
+def _leaf_dim_nums(params, leaves, treedef, weight_dimension_numbers, stacks) -> list[_DimNums | None]:
+  """Per leaf, the dimension numbers it is projected with, ``None`` for plain Adam."""
   if weight_dimension_numbers is None:
     # A layer stack's [L, m, n] leaf is L matrices (batch axis 0; [m, L, n] on axis 1: batch axis
     # 1); its [L, d] (or [d, L]) leaves are L vectors.
-    keys = _blocks.stack_keys(params, stacks)
-    specs = [
+    keys = _stacks.stack_keys(params, stacks)
+    return [
         _stacked_matrix(k.axis) if k is not None and leaf.ndim == 3
         else AdaRankGradDimensionNumbers() if k is None and leaf.ndim == 2 else None
         for leaf, k in zip(leaves, keys)
     ]
-  elif _is_dim_nums(weight_dimension_numbers):
-    specs = [weight_dimension_numbers if leaf.ndim >= 2 else None for leaf in leaves]
-  else:
-    tree = weight_dimension_numbers
-    if callable(tree):
-      tree = tree(params)
-    specs = _flatten_like(treedef, tree, lambda x: x is None or _is_dim_nums(x))
+  if _is_dim_nums(weight_dimension_numbers):
+    return [weight_dimension_numbers if leaf.ndim >= 2 else None for leaf in leaves]
+  tree = weight_dimension_numbers
+  if callable(tree):
+    tree = tree(params)
+  return _flatten_like(treedef, tree, lambda x: x is None or _is_dim_nums(x))
+
+
+def _projected_leaves(params, treedef, weight_dimension_numbers, projection_mask, stacks) -> list[bool]:
+  """Per leaf, whether ``projection_mask`` lets it be projected."""
   if projection_mask is None:
-    keep = [True] * len(leaves)
-  elif isinstance(projection_mask, str):  # "layers", the default
-    keep = [True] * len(leaves)
+    return [True] * treedef.num_leaves
+  if isinstance(projection_mask, str):  # "layers", the default
     if weight_dimension_numbers is None or _is_dim_nums(weight_dimension_numbers):
-      keep = _layer_leaves(params, stacks)
-  else:
-    tree = projection_mask(params) if callable(projection_mask) else projection_mask
-    keep = [bool(k) for k in _flatten_like(treedef, tree, lambda x: x is None)]
+      return _stacks.layer_leaves(params, stacks)
+    return [True] * treedef.num_leaves
+  tree = projection_mask(params) if callable(projection_mask) else projection_mask
+  return [bool(k) for k in _flatten_like(treedef, tree, lambda x: x is None)]
+
+
+def _layouts_of(params, leaves_with_path, treedef, weight_dimension_numbers, projection_mask,
+                max_rank, stacks) -> list[_Layout | None]:
+  leaves = [leaf for _, leaf in leaves_with_path]
+  specs = _leaf_dim_nums(params, leaves, treedef, weight_dimension_numbers, stacks)
+  keep = _projected_leaves(params, treedef, weight_dimension_numbers, projection_mask, stacks)
   return [
       _layout(_tree.path_str(path), leaf, spec, max_rank) if spec is not None and k else None
       for (path, leaf), spec, k in zip(leaves_with_path, specs, keep, strict=True)
@@ -355,9 +348,6 @@ def _frobenius(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1)))
 
 
-
-
-
 _ENERGY_RTOL = 1e-5  # relative tolerance of the kept-energy test (float32 rounding, ~1e-6)
 
 
@@ -383,6 +373,266 @@ def _negligible_reference(ref: jax.Array, low_norm: jax.Array, g: jax.Array) -> 
 
 def _bias_correction(decay: Any, step: jax.Array) -> jax.Array:
   return 1.0 - jnp.asarray(decay, jnp.float32) ** step.astype(jnp.float32)
+
+
+def _plain_adam(g, mu, nu, step, b1, b2, eps):
+  """Adam on a leaf that is not projected, in float32; the update in ``g``'s dtype, the moments in
+  theirs."""
+  g32 = g.astype(jnp.float32)
+  mu32, nu32 = _moments(g32, mu.astype(jnp.float32), nu.astype(jnp.float32), b1, b2)
+  u = _adam_direction(mu32, nu32, b1, b2, eps, step)
+  return u.astype(g.dtype), mu32.astype(mu.dtype), nu32.astype(nu.dtype)
+
+
+def _moments(g32, mu32, nu32, b1, b2):
+  """Adam's moments updated with ``g32``, all float32."""
+  # Not optax.tree.update_moment: it computes (1 - b) * g + b * m, and XLA on CPU contracts the
+  # first product of a sum into a fused multiply-add, so the operand order changes the last bits.
+  mu32 = b1 * mu32 + (1.0 - b1) * g32
+  nu32 = b2 * nu32 + (1.0 - b2) * jnp.square(g32)
+  return mu32, nu32
+
+
+def _adam_direction(mu32, nu32, b1, b2, eps, step):
+  """Adam's step from float32 moments, bias-corrected for ``step`` steps (an array: per matrix)."""
+  m_hat = optax.tree.bias_correction(mu32, b1, step)
+  v_hat = optax.tree.bias_correction(nu32, b2, step)
+  return m_hat / (jnp.sqrt(v_hat) + eps)
+
+
+def _chosen_rank(s, g, width, info_threshold, min_rank):
+  """The rank keeping ``info_threshold`` of ``||g||_F^2`` given singular values ``s`` (per matrix),
+  clipped to ``[min(min_rank, width), width]``."""
+  total = jnp.sum(jnp.square(g), axis=(-2, -1))
+  energy = jnp.cumsum(jnp.square(s), axis=-1)
+  # Kept energy is compared with a relative tolerance of 1e-5: the singular values and the exact
+  # norm are computed differently in float32 and disagree by ~1e-6 of the total, so without it
+  # info_threshold=1.0 never stops below max_rank even for an exactly low-rank gradient.
+  target = (info_threshold - _ENERGY_RTOL) * total[..., None]
+  chosen = 1 + jnp.sum(energy < target, axis=-1)
+  return jnp.clip(chosen, jnp.minimum(min_rank, width), width).astype(jnp.int32)
+
+
+def _transformed_moments(q_new, q_old, mu, nu, count, b1, b2):
+  """The moments carried from the basis ``q_old`` into ``q_new`` (LDAdam's rule, see
+  :func:`scale_by_adarankgrad`), float32."""
+  p = _mT(q_new) @ q_old
+  taken = jnp.maximum(count, 1)  # at count 0 the moments are zero anyway
+  # Not optax.tree.bias_correction: the corrected moments are multiplied back by the same factors.
+  bc1, bc2 = _bias_correction(b1, taken), _bias_correction(b2, taken)
+  m_hat, v_hat = mu / bc1, nu / bc2
+  variance = jnp.maximum(v_hat - jnp.square(m_hat), 0.0)
+  pm_hat = p @ m_hat
+  new_mu = pm_hat * bc1
+  new_nu = jnp.maximum(jnp.square(p) @ variance + jnp.square(pm_hat), 0.0) * bc2
+  return new_mu, new_nu
+
+
+def _refresh_key(seed, index, count, lay, offset):
+  """The key of a refresh of leaf ``index`` at ``count``: one key per matrix of a stack (member ``b``
+  of the flattened batch axes), so a layer's sketch is the same whether its stack is updated whole or
+  layer by layer (``offset``: this leaf is one layer of a stacked leaf, see make_layerwise_step)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
+  if lay.batch or offset is not None:
+    members = math.prod(lay.batch)
+    ids = jnp.arange(members, dtype=jnp.int32)
+    if offset is not None:
+      ids = ids + offset * members
+    key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids).reshape(lay.batch)
+  return key
+
+
+def _zeros_placed(leaf):
+  """``zeros(shape, dtype, spec)`` placed like ``leaf`` when its placement is known, and the
+  placement (a :class:`_Where` or ``None``)."""
+  where = _where(leaf)
+  if where is None:  # unsharded, or placed later by the partitioner
+    return (lambda shape, dtype, spec: jnp.zeros(shape, dtype)), None
+  return where.zeros, where
+
+
+def _init_leaf(leaf, lay, dt):
+  """The zero state fields (mu, nu, projector, rank, reference norm, last refresh) of one leaf."""
+  zeros, where = _zeros_placed(leaf)
+  if lay is None:
+    if where is None and isinstance(leaf, jax.core.Tracer):
+      mu = _tree.zeros_like_placed(leaf).astype(dt)
+    else:
+      mu = zeros(leaf.shape, dt, where and where.spec)
+    # No arrays at all (not even empty ones, which orbax refuses to save).
+    return (mu, mu) + (optax.MaskedNode(),) * 4
+  # Moments [*B, R, N] and projector [*B, M, R] are sharded like the parameter's batch axes
+  # and its N (resp. M) dimension; R is never sharded.
+  big, small = lay.tall
+  b, rows, cols = lay.matrix_spec(where.spec) if where else ((), None, None)
+  mu = zeros(lay.batch + (lay.rank, small), dt, b + (None, cols))
+  return (
+      mu,
+      mu,
+      zeros(lay.batch + (big, lay.rank), dt, b + (rows, None)),
+      zeros(lay.batch, jnp.int32, b),
+      zeros(lay.batch, jnp.float32, b),
+      zeros(lay.batch, jnp.int32, b),
+  )
+
+
+def _check_moment_shapes(updates, leaves, layouts, mus) -> None:
+  """A one-line error naming the leaf whose shape changed between ``init`` and ``update``."""
+  for path, g, lay, mu in zip(_tree.leaf_paths(updates), leaves, layouts, mus):
+    want = g.shape if lay is None else lay.batch + (lay.rank, lay.tall[1])
+    if tuple(mu.shape) != tuple(want):
+      raise ValueError(
+          f"scale_by_adarankgrad: parameter {path!r} has shape {tuple(g.shape)}, which needs "
+          f"moments of shape {tuple(want)}, but the state built at init has {tuple(mu.shape)}: "
+          "it changed shape between init and update (re-run tx.init)"
+      )
+
+
+def _columns(treedef, fields) -> list[Any]:
+  """Per-leaf tuples of state fields as one pytree per field."""
+  return [jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*fields, strict=True)]
+
+
+class _AdaRankGrad:
+  """The hyperparameters of :func:`scale_by_adarankgrad` and its ``init`` and ``update``."""
+
+  def __init__(self, *, max_rank, min_rank, info_threshold, refresh_threshold, max_refresh_interval,
+               oversample, power_iters, scale, b1, b2, eps, seed, moment_transform,
+               weight_dimension_numbers, projection_mask, state_dtype, stacks):
+    self.max_rank, self.min_rank = max_rank, min_rank
+    self.info_threshold, self.refresh_threshold = info_threshold, refresh_threshold
+    self.max_refresh_interval = max_refresh_interval
+    self.oversample, self.power_iters = oversample, power_iters
+    self.scale, self.b1, self.b2, self.eps, self.seed = scale, b1, b2, eps, seed
+    self.moment_transform = moment_transform
+    self.weight_dimension_numbers, self.projection_mask = weight_dimension_numbers, projection_mask
+    self.state_dtype, self.stacks = state_dtype, stacks
+
+  def layouts(self, tree: Any) -> list[_Layout | None]:
+    return _layouts(tree, self.weight_dimension_numbers, self.projection_mask, self.max_rank,
+                    self.stacks)
+
+  def dtype_of(self, leaf: Any) -> Any:
+    return leaf.dtype if self.state_dtype is None else jnp.dtype(self.state_dtype)
+
+  def init(self, params: optax.Params) -> AdaRankGradState:
+    count = jnp.zeros([], jnp.int32)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if _tree.is_params_placeholder(params):
+      # optax.tree.map_params: the moments have the params' tree structure (with projected leaves
+      # of shape [*B, R, N]); the projector (no arrays for plain-Adam leaves), the int32 rank and
+      # refresh step and the reference norm are not params-like and must keep their types.
+      other = jnp.zeros([], jnp.int32)
+      return AdaRankGradState(count, params, params, other, other, other, other)
+    if not leaves:
+      return AdaRankGradState(count, params, params, params, params, params, params)
+    _tree.check_float_leaves(params, "scale_by_adarankgrad")
+    fields = [_init_leaf(leaf, lay, self.dtype_of(leaf))
+              for leaf, lay in zip(leaves, self.layouts(params), strict=True)]
+    return AdaRankGradState(count, *_columns(treedef, fields))
+
+  def needs_refresh(self, low_norm, ref, last, count, g32):
+    """Per matrix: the first step, the projected gradient converged, the interval is up, or the
+    last refresh saw a negligible gradient."""
+    return (
+        (count == 0)
+        | (low_norm < self.refresh_threshold * ref)
+        | (count - last >= self.max_refresh_interval)
+        | _negligible_reference(ref, low_norm, g32)
+    )
+
+  def refresh(self, key, g, q_old, low_old, mu, nu, rank, ref, last, need, count, q_dtype):
+    """New basis, rank, moments and reference norm for the members of ``need``; f32 in and out.
+
+    ``low_old`` is the gradient projected on the old basis, ``Q_old^T G``.
+    """
+    width = q_old.shape[-1]
+    u, s, _ = randomized_svd(key, g, width, oversample=self.oversample, power_iters=self.power_iters)
+    chosen = _chosen_rank(s, g, width, self.info_threshold, self.min_rank)
+    q_new = jnp.where(jnp.arange(width) < chosen[..., None, None], u, 0.0)
+    q_new = q_new.astype(q_dtype).astype(jnp.float32)  # what the next steps will see
+    if self.moment_transform:
+      new_mu, new_nu = _transformed_moments(q_new, q_old, mu, nu, count, self.b1, self.b2)
+    else:
+      new_mu = jnp.zeros_like(mu)
+      new_nu = jnp.zeros_like(nu)
+    # Computed as every later step computes it (not as diag(s) V^T, equal in exact arithmetic):
+    # Adam amplifies the rounding differences of near-zero entries.
+    low_new = _mT(q_new) @ g
+    sel = need[..., None, None]
+    return (
+        jnp.where(sel, q_new, q_old),
+        jnp.where(need, chosen, rank),
+        jnp.where(sel, new_mu, mu),
+        jnp.where(sel, new_nu, nu),
+        jnp.where(sel, low_new, low_old),
+        jnp.where(need, _frobenius(low_new), ref),
+        jnp.where(need, count, last),
+    )
+
+  def projected_adam(self, index, offset, lay, g, mu, nu, q, rank, ref, last, count):
+    """Adam on ``Q^T G`` of one projected leaf, refreshing the matrices that need it first."""
+    g32 = lay.to_matrix(g).astype(jnp.float32)
+    q32, mu32, nu32 = q.astype(jnp.float32), mu.astype(jnp.float32), nu.astype(jnp.float32)
+    low = _mT(q32) @ g32
+    need = self.needs_refresh(_frobenius(low), ref, last, count, g32)
+    key = _refresh_key(self.seed, index, count, lay, offset)
+    q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
+        _tree.layer_separable_any(need),  # refresh() keeps every matrix that does not need one
+        lambda: self.refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
+        lambda: (q32, rank, mu32, nu32, low, ref, last),
+    )
+    mu32, nu32 = _moments(low, mu32, nu32, self.b1, self.b2)
+    if self.moment_transform:
+      step = optax.safe_increment(count)
+    else:
+      step = (optax.safe_increment(count) - last)[..., None, None]
+    direction = _adam_direction(mu32, nu32, self.b1, self.b2, self.eps, step)
+    u = lay.from_matrix(self.scale * (q32 @ direction)).astype(g.dtype)
+    return u, mu32.astype(mu.dtype), nu32.astype(nu.dtype), q32.astype(q.dtype), rank, ref, last
+
+  def update_leaf(self, i, offset, lay, g, fields, count, step):
+    """The update and new state fields of leaf ``i``, placed like the old ones."""
+    mu, nu, q, rank, ref, last = fields
+    if lay is None:
+      u, mu, nu = map(_keep_placement, _plain_adam(g, mu, nu, step, self.b1, self.b2, self.eps),
+                      (g, mu, nu))
+      return u, (mu, nu, q, rank, ref, last)
+    args = (g, mu, nu, q, rank, ref, last)
+    fn = functools.partial(self.projected_adam, i, offset, lay)
+    if any(w is not None and w.in_types for w in map(_where, args)):
+      # Sharding in types (an Explicit mesh): typed matrix products contracting a sharded
+      # dimension need an output sharding, and the QR of the sketch needs unsharded rows, so
+      # the linear algebra runs with the mesh axes automatic (the partitioner then moves thin
+      # panels, never a whole matrix) and every output gets the type of the input it replaces.
+      fn = jax.sharding.auto_axes(fn, out_sharding=tuple(jax.typeof(x).sharding for x in args))
+    u, *new = map(_keep_placement, fn(*args, count), args)
+    return u, tuple(new)
+
+  def update(self, updates, state, params=None, **extra_args):
+    layer_slice = extra_args.get(_tree.LAYER_SLICE_ARG)
+    if params is not None:
+      _tree.check_same_structure("scale_by_adarankgrad", updates, "grads", params, "params")
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if not leaves:
+      return updates, state._replace(count=optax.safe_increment(state.count))
+    count = state.count
+    step = optax.safe_increment(count)
+    _tree.check_same_structure(
+        "scale_by_adarankgrad", updates, "grads", state.mu, "the state's moments (from init)")
+    per_field = [treedef.flatten_up_to(f) for f in state[1:]]
+    layouts = self.layouts(updates)
+    _check_moment_shapes(updates, leaves, layouts, per_field[0])
+    out_updates, out_fields = [], []
+    for i, (g, lay, *fields) in enumerate(zip(leaves, layouts, *per_field, strict=True)):
+      offset = layer_slice[1] if lay is not None and layer_slice is not None and layer_slice[0][i] else None
+      u, new = self.update_leaf(i, offset, lay, g, fields, count, step)
+      out_updates.append(u)
+      out_fields.append(new)
+    return (
+        jax.tree_util.tree_unflatten(treedef, out_updates),
+        AdaRankGradState(step, *_columns(treedef, out_fields)),
+    )
 
 
 def scale_by_adarankgrad(
@@ -571,200 +821,14 @@ def scale_by_adarankgrad(
         f"projection_mask must be 'layers', None, a pytree of bools or a callable, got "
         f"{projection_mask!r}."
     )
-
-  def leaf_layouts(tree: Any) -> list[_Layout | None]:
-    return _layouts(tree, weight_dimension_numbers, projection_mask, max_rank, stacks)
-
-  def dtype_of(leaf: Any) -> Any:
-    return leaf.dtype if state_dtype is None else jnp.dtype(state_dtype)
-
-  def init_fn(params: optax.Params) -> AdaRankGradState:
-    count = jnp.zeros([], jnp.int32)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    if _tree.is_params_placeholder(params):
-      # optax.tree.map_params: the moments have the params' tree structure (with projected leaves
-      # of shape [*B, R, N]); the projector (no arrays for plain-Adam leaves), the int32 rank and
-      # refresh step and the reference norm are not params-like and must keep their types.
-      other = jnp.zeros([], jnp.int32)
-      return AdaRankGradState(count, params, params, other, other, other, other)
-    if not leaves:
-      return AdaRankGradState(count, params, params, params, params, params, params)
-    _tree.check_float_leaves(params, "scale_by_adarankgrad")
-    fields = []
-    for leaf, lay in zip(leaves, leaf_layouts(params), strict=True):
-      dt = dtype_of(leaf)
-      where = _where(leaf)
-      if where is None:  # unsharded, or placed later by the partitioner
-        zeros = lambda shape, dtype, spec: jnp.zeros(shape, dtype)
-      else:
-        zeros = where.zeros
-      if lay is None:
-        if where is None and isinstance(leaf, jax.core.Tracer):
-          mu = _tree.zeros_like_placed(leaf).astype(dt)
-        else:
-          mu = zeros(leaf.shape, dt, where and where.spec)
-        # No arrays at all (not even empty ones, which orbax refuses to save).
-        fields.append((mu, mu) + (optax.MaskedNode(),) * 4)
-      else:
-        # Moments [*B, R, N] and projector [*B, M, R] are sharded like the parameter's batch axes
-        # and its N (resp. M) dimension; R is never sharded.
-        big, small = lay.tall
-        b, rows, cols = lay.matrix_spec(where.spec) if where else ((), None, None)
-        mu = zeros(lay.batch + (lay.rank, small), dt, b + (None, cols))
-        fields.append((
-            mu,
-            mu,
-            zeros(lay.batch + (big, lay.rank), dt, b + (rows, None)),
-            zeros(lay.batch, jnp.int32, b),
-            zeros(lay.batch, jnp.float32, b),
-            zeros(lay.batch, jnp.int32, b),
-        ))
-    columns = [
-        jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*fields, strict=True)
-    ]
-    return AdaRankGradState(count, *columns)
-
-  def plain_adam(g, mu, nu, step):
-    g32 = g.astype(jnp.float32)
-    mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
-    nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * jnp.square(g32)
-    u = (mu32 / _bias_correction(b1, step)) / (jnp.sqrt(nu32 / _bias_correction(b2, step)) + eps)
-    return u.astype(g.dtype), mu32.astype(mu.dtype), nu32.astype(nu.dtype)
-
-  def refresh(key, g, q_old, low_old, mu, nu, rank, ref, last, need, count, q_dtype):
-    """New basis, rank, moments and reference norm for the members of ``need``; f32 in and out.
-
-    ``low_old`` is the gradient projected on the old basis, ``Q_old^T G``.
-    """
-    lay_rank = q_old.shape[-1]
-    u, s, _ = randomized_svd(key, g, lay_rank, oversample=oversample, power_iters=power_iters)
-    total = jnp.sum(jnp.square(g), axis=(-2, -1))
-    energy = jnp.cumsum(jnp.square(s), axis=-1)
-    # Kept energy is compared with a relative tolerance of 1e-5: the singular values and the exact
-    # norm are computed differently in float32 and disagree by ~1e-6 of the total, so without it
-    # info_threshold=1.0 never stops below max_rank even for an exactly low-rank gradient.
-    target = (info_threshold - _ENERGY_RTOL) * total[..., None]
-    chosen = 1 + jnp.sum(energy < target, axis=-1)
-    chosen = jnp.clip(chosen, jnp.minimum(min_rank, lay_rank), lay_rank).astype(jnp.int32)
-    q_new = jnp.where(jnp.arange(lay_rank) < chosen[..., None, None], u, 0.0)
-    q_new = q_new.astype(q_dtype).astype(jnp.float32)  # what the next steps will see
-    if moment_transform:
-      p = _mT(q_new) @ q_old
-      taken = jnp.maximum(count, 1)  # at count 0 the moments are zero anyway
-      bc1, bc2 = _bias_correction(b1, taken), _bias_correction(b2, taken)
-      m_hat, v_hat = mu / bc1, nu / bc2
-      variance = jnp.maximum(v_hat - jnp.square(m_hat), 0.0)
-      pm_hat = p @ m_hat
-      new_mu = pm_hat * bc1
-      new_nu = jnp.maximum(jnp.square(p) @ variance + jnp.square(pm_hat), 0.0) * bc2
-    else:
-      new_mu = jnp.zeros_like(mu)
-      new_nu = jnp.zeros_like(nu)
-    # Computed as every later step computes it (not as diag(s) V^T, equal in exact arithmetic):
-    # Adam amplifies the rounding differences of near-zero entries.
-    low_new = _mT(q_new) @ g
-    sel = need[..., None, None]
-    q = jnp.where(sel, q_new, q_old)
-    low = jnp.where(sel, low_new, low_old)
-    return (
-        q,
-        jnp.where(need, chosen, rank),
-        jnp.where(sel, new_mu, mu),
-        jnp.where(sel, new_nu, nu),
-        low,
-        jnp.where(need, _frobenius(low_new), ref),
-        jnp.where(need, count, last),
-    )
-
-  def projected_adam(index, offset, lay, g, mu, nu, q, rank, ref, last, count):
-    g32 = lay.to_matrix(g).astype(jnp.float32)
-    q32, mu32, nu32 = q.astype(jnp.float32), mu.astype(jnp.float32), nu.astype(jnp.float32)
-    low = _mT(q32) @ g32
-    low_norm = _frobenius(low)
-    need = (
-        (count == 0)
-        | (low_norm < refresh_threshold * ref)
-        | (count - last >= max_refresh_interval)
-        | _negligible_reference(ref, low_norm, g32)
-    )
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), count)
-    if lay.batch or offset is not None:
-      # One key per matrix of a stack (member ``b`` of the flattened batch axes): a layer's sketch
-      # is the same whether its stack is updated whole or layer by layer (``offset``: this leaf is
-      # one layer of a stacked leaf, see make_layerwise_step).
-      members = math.prod(lay.batch)
-      ids = jnp.arange(members, dtype=jnp.int32)
-      if offset is not None:
-        ids = ids + offset * members
-      key = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids).reshape(lay.batch)
-    q32, rank, mu32, nu32, low, ref, last = jax.lax.cond(
-        _tree.layer_separable_any(need),  # refresh() keeps every matrix that does not need one
-        lambda: refresh(key, g32, q32, low, mu32, nu32, rank, ref, last, need, count, q.dtype),
-        lambda: (q32, rank, mu32, nu32, low, ref, last),
-    )
-    mu32 = b1 * mu32 + (1.0 - b1) * low
-    nu32 = b2 * nu32 + (1.0 - b2) * jnp.square(low)
-    if moment_transform:
-      step = optax.safe_increment(count)
-    else:
-      step = (optax.safe_increment(count) - last)[..., None, None]
-    direction = (mu32 / _bias_correction(b1, step)) / (
-        jnp.sqrt(nu32 / _bias_correction(b2, step)) + eps
-    )
-    u = lay.from_matrix(scale * (q32 @ direction)).astype(g.dtype)
-    return u, mu32.astype(mu.dtype), nu32.astype(nu.dtype), q32.astype(q.dtype), rank, ref, last
-
-  def update_fn(updates, state, params=None, **extra_args):
-    layer_slice = extra_args.get(_tree.LAYER_SLICE_ARG)
-    if params is not None:
-      _tree.check_same_structure("scale_by_adarankgrad", updates, "grads", params, "params")
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    if not leaves:
-      return updates, state._replace(count=optax.safe_increment(state.count))
-    count = state.count
-    step = optax.safe_increment(count)
-    _tree.check_same_structure(
-        "scale_by_adarankgrad", updates, "grads", state.mu, "the state's moments (from init)")
-    per_field = [treedef.flatten_up_to(f) for f in state[1:]]
-    for path, g, lay, mu in zip(_tree.leaf_paths(updates), leaves, leaf_layouts(updates),
-                                per_field[0]):
-      want = g.shape if lay is None else lay.batch + (lay.rank, lay.tall[1])
-      if tuple(mu.shape) != tuple(want):
-        raise ValueError(
-            f"scale_by_adarankgrad: parameter {path!r} has shape {tuple(g.shape)}, which needs "
-            f"moments of shape {tuple(want)}, but the state built at init has {tuple(mu.shape)}: "
-            "it changed shape between init and update (re-run tx.init)"
-        )
-    out_updates, out_fields = [], []
-    for i, (g, lay, mu, nu, q, rank, ref, last) in enumerate(
-        zip(leaves, leaf_layouts(updates), *per_field, strict=True)
-    ):
-      if lay is None:
-        u, mu, nu = map(_keep_placement, plain_adam(g, mu, nu, step), (g, mu, nu))
-      else:
-        args = (g, mu, nu, q, rank, ref, last)
-        offset = layer_slice[1] if layer_slice is not None and layer_slice[0][i] else None
-        fn = functools.partial(projected_adam, i, offset, lay)
-        if any(w is not None and w.in_types for w in map(_where, args)):
-          # Sharding in types (an Explicit mesh): typed matrix products contracting a sharded
-          # dimension need an output sharding, and the QR of the sketch needs unsharded rows, so
-          # the linear algebra runs with the mesh axes automatic (the partitioner then moves thin
-          # panels, never a whole matrix) and every output gets the type of the input it replaces.
-          fn = jax.sharding.auto_axes(
-              fn, out_sharding=tuple(jax.typeof(x).sharding for x in args))
-        outs = fn(*args, count)
-        u, mu, nu, q, rank, ref, last = map(_keep_placement, outs, args)
-      out_updates.append(u)
-      out_fields.append((mu, nu, q, rank, ref, last))
-    columns = [
-        jax.tree_util.tree_unflatten(treedef, list(col)) for col in zip(*out_fields, strict=True)
-    ]
-    return (
-        jax.tree_util.tree_unflatten(treedef, out_updates),
-        AdaRankGradState(step, *columns),
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = _AdaRankGrad(
+      max_rank=max_rank, min_rank=min_rank, info_threshold=info_threshold,
+      refresh_threshold=refresh_threshold, max_refresh_interval=max_refresh_interval,
+      oversample=oversample, power_iters=power_iters, scale=scale, b1=b1, b2=b2, eps=eps, seed=seed,
+      moment_transform=moment_transform, weight_dimension_numbers=weight_dimension_numbers,
+      projection_mask=projection_mask, state_dtype=state_dtype, stacks=stacks,
+  )
+  return optax.GradientTransformationExtraArgs(tx.init, tx.update)
 
 
 def adarankgrad(
@@ -925,10 +989,7 @@ def effective_ranks(opt_state: Any) -> dict[str, jax.Array]:
     >>> effective_ranks(state)
     {'w': Array(0, dtype=int32)}
   """
-  is_state = lambda x: isinstance(x, AdaRankGradState)
-  found = [
-      x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(x)
-  ]
+  found = _tree.find_states(opt_state, AdaRankGradState)
   if not found:
     raise ValueError("effective_ranks: no AdaRankGradState found in the optimizer state.")
   ranks: dict[str, jax.Array] = {}

@@ -30,6 +30,14 @@ Memory bound.
   identical blocks ``S`` is one block. With unlike blocks (e.g. an embedding block beside the layers)
   ``S ≤ Σ_classes max_b size``: never more than the largest block plus every other class's largest
   use, and never more than the sum of the blocks' sizes.
+
+Code layout.
+  ``_Plan`` is the slot of one parameter tree (built once per tree structure, at trace time) with
+  the operations between the tree and the slot: ``gather``, ``scatter``, the master copy's
+  ``master_of`` / ``follow_applied`` / ``apply_to_master``. ``_BlockCoordinate`` is one
+  :func:`block_coordinate` stage; its ``update`` gathers the slot, resets the inner state at a
+  switch (``_reset_at_switch``), accumulates and runs ``inner`` (``_step_slot``), scatters the
+  slot's updates and advances the schedule (``_advance_schedule``).
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _protocol
+from optax_memopt import _accumulate, _protocol, _stacks
 from optax_memopt import _blocks as blocks_lib
 from optax_memopt._tree import (
     check_float_leaves,
     check_same_structure,
+    find_states,
     is_params_placeholder,
     path_str,
     zeros_like_placed,
@@ -100,18 +109,6 @@ class BlockCoordinateState(NamedTuple):
   accumulator: _accumulate.SlotAccumulator
 
 
-class _Plan(NamedTuple):
-  """Static facts of one parameter tree, computed at trace time."""
-
-  labels: list[blocks_lib.Label]
-  units: list[blocks_lib.Unit]  # whole leaves and slices of stacked leaves, in leaf order
-  where: list[tuple[str, int]]  # unit -> (group, slot position)
-  slot: dict[str, list[tuple[tuple[int, ...], Any]]]
-  members: list[dict[tuple[str, int], blocks_lib.Unit]]  # block -> {slot position: unit}
-  master_positions: dict[str, list[int]]  # group -> slot positions with a master copy
-  always: dict[int, tuple[str, int]]  # always-active leaf -> its own slot position
-
-
 def _validate_schedule(switch_every, switch_mode, start_block):
   for name, value in (("switch_every", switch_every), ("start_block", start_block)):
     if isinstance(value, (jax.Array, jax.core.Tracer)):
@@ -125,49 +122,6 @@ def _validate_schedule(switch_every, switch_mode, start_block):
     raise ValueError(f"switch_mode must be one of {SWITCH_MODES}, got {switch_mode!r}")
   if start_block is not None and (not isinstance(start_block, int) or start_block < 0):
     raise ValueError(f"start_block must be None or an int >= 0, got {start_block!r}")
-
-
-def _make_plan(tree, blocks, always_active, groups, master_weights) -> _Plan:
-  labels = blocks_lib.resolve_blocks(blocks, tree, always_active)
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  always = blocks_lib.always_active_leaves(labels)
-  check_float_leaves(tree, "block_coordinate: always_active", only=[
-      i in always for i in range(len(leaves))])
-  check_float_leaves(
-      tree, "block_coordinate", only=[max(blocks_lib.label_ids(lab)) >= 0 for lab in labels]
-  )
-  if groups is None:
-    group_names = ["params"] * len(leaves)
-  else:
-    # Groups see the parameters as the slot holds them: a leaf labelled per slice as one slice.
-    as_trained = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(blocks_lib.Unit(0, 0 if isinstance(lab, tuple) else None, 0,
-                                             blocks_lib.label_axis(lab)).shape(x.shape), x.dtype)
-        for x, lab in zip(leaves, labels)
-    ])
-    group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(as_trained))]
-    if len(group_names) != len(leaves):
-      raise ValueError("groups must return a tree with the structure of the parameters")
-  units = blocks_lib.units_of(labels)
-  slot, where = blocks_lib.group_leaves(
-      units, group_names, [x.shape for x in leaves], [jnp.dtype(x.dtype) for x in leaves]
-  )
-  d = blocks_lib.num_blocks(labels)
-  members = [{} for _ in range(d)]
-  for unit, w in zip(units, where):
-    members[unit.block][w] = unit
-  # Each always-active leaf has a slot position of its own, after the blocks' positions: in every
-  # block's slot, so the inner state covers it (and is reset with the block's at every switch).
-  always_at = {}
-  for i in always:
-    positions = slot.setdefault(group_names[i], [])
-    positions.append((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype)))
-    always_at[i] = (group_names[i], len(positions) - 1)
-  master_positions = {
-      g: [j for j, (_, dt) in enumerate(sigs) if master_weights and dt in _LOW_PRECISION]
-      for g, sigs in slot.items()
-  }
-  return _Plan(labels, units, where, slot, members, master_positions, always_at)
 
 
 def _block_order(mode, d, start, key, epoch):
@@ -186,6 +140,343 @@ def _block_order(mode, d, start, key, epoch):
   pos = jnp.argmax(perm == start)
   swapped = perm.at[pos].set(perm[0]).at[0].set(start)
   return jnp.where(epoch == 0, swapped, perm) if start is not None else perm
+
+
+class _Plan:
+  """The slot of one parameter tree: its static facts (computed at trace time) and the operations
+  between the parameter tree and the slot ``{group: tuple of arrays}``.
+
+  Attributes:
+    labels: per leaf, its block label (an int, or per layer slice for a stacked leaf).
+    units: whole leaves and slices of stacked leaves, in leaf order.
+    where: per unit, its ``(group, slot position)``.
+    slot: ``group -> [(shape, dtype)]``, the slot's positions.
+    members: per block, ``{slot position: unit}``.
+    master_positions: ``group -> slot positions`` with a float32 master copy.
+    always: always-active leaf -> its own slot position.
+    master_weights: whether bf16/fp16 positions are trained on a float32 master copy.
+    keeps: whether the always-active leaves have an inner state of their own, never reset
+      (``reset_always_active=False`` and some leaf always active).
+  """
+
+  def __init__(self, labels, units, where, slot, members, master_positions, always,
+               master_weights: bool, keeps: bool):
+    self.labels: list[blocks_lib.Label] = labels
+    self.units: list[blocks_lib.Unit] = units
+    self.where: list[tuple[str, int]] = where
+    self.slot: dict[str, list[tuple[tuple[int, ...], Any]]] = slot
+    self.members: list[dict[tuple[str, int], blocks_lib.Unit]] = members
+    self.master_positions: dict[str, list[int]] = master_positions
+    self.always: dict[int, tuple[str, int]] = always
+    self.master_weights = master_weights
+    self.keeps = keeps
+    self.num_blocks = len(members)
+    self.always_positions = frozenset(always.values())
+
+  @classmethod
+  def build(cls, tree, blocks, always_active, groups, master_weights, reset_always_active) -> _Plan:
+    """The plan of ``tree`` (arrays or ``jax.ShapeDtypeStruct``) for these options."""
+    labels = blocks_lib.resolve_blocks(blocks, tree, always_active)
+    leaves = jax.tree_util.tree_leaves(tree)
+    always = blocks_lib.always_active_leaves(labels)
+    check_float_leaves(tree, "block_coordinate: always_active", only=[
+        i in always for i in range(len(leaves))])
+    check_float_leaves(
+        tree, "block_coordinate", only=[max(blocks_lib.label_ids(lab)) >= 0 for lab in labels]
+    )
+    group_names = _group_names(tree, labels, groups)
+    units = blocks_lib.units_of(labels)
+    slot, where = blocks_lib.group_leaves(
+        units, group_names, [x.shape for x in leaves], [jnp.dtype(x.dtype) for x in leaves]
+    )
+    members = [{} for _ in range(blocks_lib.num_blocks(labels))]
+    for unit, w in zip(units, where):
+      members[unit.block][w] = unit
+    # Each always-active leaf has a slot position of its own, after the blocks' positions: in every
+    # block's slot, so the inner state covers it (and is reset with the block's at every switch).
+    always_at = {}
+    for i in always:
+      positions = slot.setdefault(group_names[i], [])
+      positions.append((tuple(leaves[i].shape), jnp.dtype(leaves[i].dtype)))
+      always_at[i] = (group_names[i], len(positions) - 1)
+    master_positions = {
+        g: [j for j, (_, dt) in enumerate(sigs) if master_weights and dt in _LOW_PRECISION]
+        for g, sigs in slot.items()
+    }
+    keeps = not reset_always_active and bool(always_at)
+    return cls(labels, units, where, slot, members, master_positions, always_at, master_weights,
+               keeps)
+
+  # -- the slot's layout
+
+  def working_dtype(self, dt):
+    """The dtype the inner solver sees for a slot position of dtype ``dt``."""
+    return jnp.float32 if self.master_weights and dt in _LOW_PRECISION else dt
+
+  def block_positions(self) -> list[tuple[str, int]]:
+    """The slot positions that hold the active block's units (not the always-active leaves)."""
+    return [(g, j) for g, sigs in self.slot.items() for j in range(len(sigs))
+            if (g, j) not in self.always_positions]
+
+  def parts(self, slot_values):
+    """``(block positions, always-active positions)`` of a slot dict, each ``{group: tuple}``."""
+    out = ({}, {})
+    for g, values in slot_values.items():
+      for part, mine in zip(out, (False, True)):
+        picked = tuple(v for j, v in enumerate(values) if ((g, j) in self.always_positions) == mine)
+        if picked:
+          part[g] = picked
+    return out
+
+  def joined(self, block_part, always_part):
+    """The slot dict of ``parts``' two halves."""
+    out = {}
+    for g, sigs in self.slot.items():
+      its = {False: iter(block_part.get(g, ())), True: iter(always_part.get(g, ()))}
+      out[g] = tuple(next(its[(g, j) in self.always_positions]) for j in range(len(sigs)))
+    return out
+
+  # -- parameter tree -> slot
+
+  def gather(self, block, *trees):
+    """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s units (zeros
+    where the block has none), cast by ``dtype_of`` (``None``: kept).
+
+    With a traced block, a slot position that every block fills from slices of one stacked leaf
+    (the layers of a scanned model) is a ``dynamic_slice`` at the block's slice index: no
+    conditional, so nothing upstream has to be materialised whole (a gradient that is zero outside
+    the active layer stays an unmaterialised expression). Every other position is gathered by one
+    ``lax.switch`` on the block, which runs only the selected branch.
+    """
+    positions = self.block_positions()
+    if isinstance(block, int):
+      filled = [self._fill(block, leaves, dtype_of, positions) for leaves, dtype_of in trees]
+    else:
+      sliced = self._sliced_positions(positions)
+      filled = self._gather_switched(block, trees, [w for w in positions if w not in sliced])
+      self._gather_sliced(block, trees, sliced, filled)
+    for i, w in self.always.items():
+      for out, (leaves, dtype_of) in zip(filled, trees):
+        out[w] = _cast(leaves[i], self.slot[w[0]][w[1]][1], dtype_of)
+    return tuple(
+        {g: tuple(out[(g, j)] for j in range(len(sigs))) for g, sigs in self.slot.items()}
+        for out in filled
+    )
+
+  def _fill(self, b, leaves, dtype_of, positions):
+    """``{position: array}`` of block ``b``'s units at ``positions`` (zeros where it has none)."""
+    out = {}
+    for g, j in positions:
+      shape, dt = self.slot[g][j]
+      unit = self.members[b].get((g, j))
+      out[(g, j)] = (_cast(unit.take(leaves[unit.leaf]), dt, dtype_of) if unit is not None
+                     else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt))
+    return out
+
+  def _sliced_positions(self, positions):
+    """The positions every block fills from slices of one stacked leaf: ``position -> (leaf, per
+    block its slice index or -1, layer axis)``."""
+    sliced = {}
+    for w in positions:
+      units = [self.members[b].get(w) for b in range(self.num_blocks)]
+      used = {u.leaf for u in units if u is not None}
+      if len(used) == 1 and all(u is None or u.index is not None for u in units):
+        axis = next(u.axis for u in units if u is not None)
+        sliced[w] = (used.pop(), [-1 if u is None else u.index for u in units], axis)
+    return sliced
+
+  def _gather_switched(self, block, trees, switched):
+    """Per tree, ``{position: array}`` at ``switched`` by one ``lax.switch`` on a traced block."""
+    if not switched:
+      return [{} for _ in trees]
+    need = sorted({u.leaf for b in range(self.num_blocks) for w in switched
+                   if (u := self.members[b].get(w)) is not None})
+
+    def branch(b, operands):
+      return [self._fill(b, dict(zip(need, ops)), dtype_of, switched)
+              for ops, (_, dtype_of) in zip(operands, trees)]
+
+    operands = [[leaves[i] for i in need] for leaves, _ in trees]
+    return jax.lax.switch(
+        block, [functools.partial(branch, b) for b in range(self.num_blocks)], operands)
+
+  def _gather_sliced(self, block, trees, sliced, filled):
+    """Adds to each of ``filled`` the ``sliced`` positions, a ``dynamic_slice`` at a traced block."""
+    for w, (leaf, table, axis) in sliced.items():
+      dt = self.slot[w[0]][w[1]][1]
+      index = jnp.asarray(table, jnp.int32)[block]
+      for out, (leaves, dtype_of) in zip(filled, trees):
+        x = _cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0), axis,
+                                               keepdims=False), dt, dtype_of)
+        out[w] = x if min(table) >= 0 else jnp.where(index >= 0, x, jnp.zeros_like(x))
+
+  # -- slot -> parameter tree
+
+  def scatter(self, slot_values, block, like):
+    """Full-shaped updates: the slot's values at the active block's units, zeros elsewhere."""
+    by_leaf: dict[int, list[tuple[blocks_lib.Unit, tuple[str, int]]]] = {}
+    for unit, w in zip(self.units, self.where):
+      by_leaf.setdefault(unit.leaf, []).append((unit, w))
+    out = []
+    for i, leaf in enumerate(like):
+      entries = by_leaf.get(i, [])
+      if i in self.always:
+        g, j = self.always[i]
+        out.append(slot_values[g][j].astype(leaf.dtype))
+      elif not entries:
+        out.append(zeros_like_placed(leaf))
+      elif isinstance(self.labels[i], int):
+        out.append(_scatter_whole(slot_values, block, leaf, *entries[0]))
+      elif isinstance(block, int):
+        out.append(_scatter_slices_static(slot_values, block, leaf, entries))
+      else:
+        out.append(self._scatter_slices_traced(slot_values, block, leaf, entries))
+    return out
+
+  def _scatter_slices_traced(self, slot_values, block, leaf, entries):
+    """A stacked leaf's update at a traced block: per slot position, the slice it fills for each
+    block (-1: none), and a select along the stack axis (elementwise, fused into the output like
+    the whole-leaf case)."""
+    slices: dict[tuple[str, int], list[int]] = {}
+    for unit, w in entries:
+      slices.setdefault(w, [-1] * self.num_blocks)[unit.block] = unit.index
+    axis = entries[0][0].axis
+    layer = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, axis)
+    new = zeros_like_placed(leaf)
+    for (g, j), table in slices.items():
+      index = jnp.asarray(table, jnp.int32)[block]
+      value = jnp.expand_dims(slot_values[g][j].astype(leaf.dtype), axis)
+      new = jnp.where(layer == index, value, new)
+    return new
+
+  # -- the float32 master copy
+
+  def master_of(self, slot_params):
+    """A fresh master copy: the slot params at the master positions, in float32."""
+    return {
+        g: tuple(slot_params[g][j].astype(jnp.float32) for j in self.master_positions[g])
+        for g in self.slot
+    }
+
+  def working_params(self, slot_params, master):
+    """The slot params the inner solver sees: the master copy where there is one."""
+    out = {}
+    for g, values in slot_params.items():
+      values = list(values)
+      for m, j in zip(master[g], self.master_positions[g]):
+        values[j] = m
+      out[g] = tuple(values)
+    return out
+
+  def follow_applied(self, slot_params, master):
+    """The master copy moved by whatever was applied since the last update.
+
+    The last update asked for ``round(master) - params``; a stage after this one (a ``scale``, a
+    learning rate, ``reduce_on_plateau``) may have applied something else. Adding the difference
+    between the params now and ``round(master)`` makes the master copy follow what was applied
+    (zero when the update was applied as returned; exactly zero right after a reset).
+    """
+    out = {}
+    for g, values in master.items():
+      out[g] = tuple(
+          m + (slot_params[g][j].astype(jnp.float32)
+               - m.astype(slot_params[g][j].dtype).astype(jnp.float32))
+          for m, j in zip(values, self.master_positions[g])
+      )
+    return out
+
+  def apply_to_master(self, inner_updates, master, slot_params):
+    """``(new master, slot updates)``: the master copy moved by the inner updates, and the slot's
+    updates with ``round(new master) - params`` at the master positions."""
+    new_master = {
+        g: tuple(m + inner_updates[g][j].astype(jnp.float32)
+                 for m, j in zip(master[g], self.master_positions[g]))
+        for g in self.slot
+    }
+    slot_updates = {}
+    for g, values in inner_updates.items():
+      values = list(values)
+      for m, j in zip(new_master[g], self.master_positions[g]):
+        p = slot_params[g][j]
+        values[j] = (m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
+      slot_updates[g] = tuple(values)
+    return new_master, slot_updates
+
+  # -- errors
+
+  def check_state_fits(self, params, expected, actual):
+    """Raises naming a parameter whose slot position the state (built at init) lacks or shapes
+    differently: the params gained a leaf or changed shape between init and update."""
+    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    have, have_def = jax.tree_util.tree_flatten_with_path(actual)
+    sig = lambda x: (tuple(x.shape), jnp.dtype(x.dtype))  # noqa: E731
+    if want_def == have_def and all(sig(a) == sig(b) for (_, a), (_, b) in zip(want, have)):
+      return
+    have_sig = {p: sig(x) for p, x in have}
+    bad = next(((p, x) for p, x in want if have_sig.get(p) != sig(x)), None)
+    group = pos = None
+    for key in bad[0] if bad else ():
+      if isinstance(key, jax.tree_util.DictKey) and key.key in self.slot:
+        group = key.key
+      elif isinstance(key, jax.tree_util.SequenceKey) and group is not None and pos is None:
+        pos = key.idx
+    unit = next((u for u, w in zip(self.units, self.where) if w == (group, pos)), None)
+    unit = unit or next((blocks_lib.Unit(i, None, blocks_lib.ALWAYS_ACTIVE)
+                         for i, w in self.always.items() if w == (group, pos)), None)
+    if unit is None:
+      detail = "the slot differs"
+    else:
+      name = unit.name(path_str(jax.tree_util.tree_flatten_with_path(params)[0][unit.leaf][0]))
+      shape, dtype = self.slot[group][pos]
+      found = have_sig.get(bad[0])
+      detail = (f"parameter {name!r} {tuple(shape)} {dtype} needs a slot position that the state "
+                f"has as {found[0] if found else 'nothing'}")
+    raise ValueError(
+        "block_coordinate: the state does not fit the params (built at init for another parameter "
+        "tree: a leaf was added or changed shape); " + detail
+        + "; re-run tx.init"
+    )
+
+
+def _cast(x, dt, dtype_of):
+  """``x`` as a slot position of dtype ``dt`` holds it, converted by ``dtype_of`` (``None``: kept)."""
+  return x.astype(dtype_of(dt) if dtype_of else dt)
+
+
+def _group_names(tree, labels, groups) -> list[str]:
+  """Per leaf, the name of its group (``"params"`` for every leaf without ``groups``)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  if groups is None:
+    return ["params"] * len(leaves)
+  # Groups see the parameters as the slot holds them: a leaf labelled per slice as one slice.
+  as_trained = jax.tree_util.tree_unflatten(treedef, [
+      jax.ShapeDtypeStruct(blocks_lib.Unit(0, 0 if isinstance(lab, tuple) else None, 0,
+                                           _stacks.label_axis(lab)).shape(x.shape), x.dtype)
+      for x, lab in zip(leaves, labels)
+  ])
+  group_names = [str(g) for g in jax.tree_util.tree_leaves(groups(as_trained))]
+  if len(group_names) != len(leaves):
+    raise ValueError("groups must return a tree with the structure of the parameters")
+  return group_names
+
+
+def _scatter_whole(slot_values, block, leaf, unit, w):
+  """A whole leaf's update: its slot position's value where its block is active, else zeros."""
+  g, j = w
+  value = slot_values[g][j].astype(leaf.dtype)
+  if isinstance(block, int):
+    return value if unit.block == block else zeros_like_placed(leaf)
+  return jnp.where(block == unit.block, value, jnp.zeros_like(value))
+
+
+def _scatter_slices_static(slot_values, block, leaf, entries):
+  """A stacked leaf's update for a static block: its active slices written into zeros."""
+  new = zeros_like_placed(leaf)
+  for unit, (g, j) in entries:
+    if unit.block == block:
+      new = jax.lax.dynamic_update_index_in_dim(
+          new, slot_values[g][j].astype(leaf.dtype), unit.index, unit.axis)
+  return new
 
 
 def block_coordinate(
@@ -343,343 +634,166 @@ def block_coordinate(
     )
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
-  inner = optax.with_extra_args_support(inner)
-  k = switch_every
-  n_acc = 1 if accumulate_every is None else accumulate_every
-  first = 0 if start_block is None else start_block
-  token = object()  # identifies this stage to make_block_step's probe
+  stage = _BlockCoordinate(
+      inner, blocks=blocks, always_active=always_active, reset_always_active=reset_always_active,
+      switch_every=switch_every, switch_mode=switch_mode, start_block=start_block, seed=seed,
+      master_weights=master_weights, groups=groups, accumulate_every=accumulate_every,
+  )
+  return optax.GradientTransformationExtraArgs(stage.init, stage.update)
 
-  @functools.lru_cache(maxsize=8)
-  def plan_for(treedef, shapes):
+
+class _BlockCoordinate:
+  """One :func:`block_coordinate` stage: its validated options, its plans and its init and update.
+
+  ``token`` identifies the stage to :func:`optax_memopt.make_block_step`'s labels probe (see
+  ``optax_memopt._protocol``).
+  """
+
+  def __init__(self, inner, *, blocks, always_active, reset_always_active, switch_every,
+               switch_mode, start_block, seed, master_weights, groups, accumulate_every):
+    self.inner = optax.with_extra_args_support(inner)
+    self.blocks, self.always_active, self.groups = blocks, always_active, groups
+    self.reset_always_active, self.master_weights = reset_always_active, master_weights
+    self.switch_every, self.switch_mode, self.seed = switch_every, switch_mode, seed
+    self.start_block = start_block
+    self.first = 0 if start_block is None else start_block
+    self.n_acc = 1 if accumulate_every is None else accumulate_every
+    self.token = object()
+    self._plan_for = functools.lru_cache(maxsize=8)(self._build_plan)
+
+  def _build_plan(self, treedef, shapes) -> _Plan:
     skeleton = jax.tree_util.tree_unflatten(
         treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     )
-    return _make_plan(skeleton, blocks, always_active, groups, master_weights)
+    return _Plan.build(skeleton, self.blocks, self.always_active, self.groups, self.master_weights,
+                       self.reset_always_active)
 
-  def get_plan(tree):
+  def plan(self, tree) -> _Plan:
+    """The plan of ``tree``'s shapes and dtypes (cached)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return plan_for(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves))
+    return self._plan_for(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves))
 
-  def gather(plan, block, *trees):
-    """For each ``(leaves, dtype_of)`` in ``trees``, the slot filled with ``block``'s units (zeros
-    where the block has none), cast by ``dtype_of`` (``None``: kept).
+  # -- the inner transformation on the slot (twice, with a state kept for the always-active leaves)
 
-    With a traced block, a slot position that every block fills from slices of one stacked leaf
-    (the layers of a scanned model) is a ``dynamic_slice`` at the block's slice index: no
-    conditional, so nothing upstream has to be materialised whole (a gradient that is zero outside
-    the active layer stays an unmaterialised expression). Every other position is gathered by one
-    ``lax.switch`` on the block, which runs only the selected branch.
-    """
-    def take(leaves, unit):
-      return unit.take(leaves[unit.leaf])
+  def inner_init(self, plan: _Plan, work):
+    if not plan.keeps:
+      return self.inner.init(work)
+    return tuple(self.inner.init(part) for part in plan.parts(work))
 
-    def cast(x, dt, dtype_of):
-      return x.astype(dtype_of(dt) if dtype_of else dt)
+  def inner_update(self, plan: _Plan, grads, inner_state, work, **kwargs):
+    if not plan.keeps:
+      return self.inner.update(grads, inner_state, work, **kwargs)
+    outs = [self.inner.update(g, st, w, **kwargs)
+            for g, st, w in zip(plan.parts(grads), inner_state, plan.parts(work))]
+    return plan.joined(outs[0][0], outs[1][0]), (outs[0][1], outs[1][1])
 
-    def fill(b, leaves, dtype_of, positions):
-      out = {}
-      for g, j in positions:
-        shape, dt = plan.slot[g][j]
-        unit = plan.members[b].get((g, j))
-        out[(g, j)] = (cast(take(leaves, unit), dt, dtype_of) if unit is not None
-                       else jnp.zeros(shape, dtype_of(dt) if dtype_of else dt))
-      return out
+  # -- init
 
-    always = set(plan.always.values())
-    positions = [(g, j) for g, sigs in plan.slot.items() for j in range(len(sigs))
-                 if (g, j) not in always]
-    all_leaves = tuple(leaves for leaves, _ in trees)
-    if isinstance(block, int):
-      filled = [fill(block, leaves, dtype_of, positions) for leaves, (_, dtype_of) in
-                zip(all_leaves, trees)]
-    else:
-      d = len(plan.members)
-      direct = {}
-      for w in positions:
-        units = [plan.members[b].get(w) for b in range(d)]
-        used = {u.leaf for u in units if u is not None}
-        if len(used) == 1 and all(u is None or u.index is not None for u in units):
-          axis = next(u.axis for u in units if u is not None)
-          direct[w] = (used.pop(), [-1 if u is None else u.index for u in units], axis)
-      switched = [w for w in positions if w not in direct]
-      need = sorted({u.leaf for b in range(d) for w in switched
-                     if (u := plan.members[b].get(w)) is not None})
-      filled = [{} for _ in trees]
-      if switched:
-        def branch(b, operands):
-          out = []
-          for ops, (_, dtype_of) in zip(operands, trees):
-            leaves = dict(zip(need, ops))
-            out.append(fill(b, leaves, dtype_of, switched))
-          return out
-
-        operands = [[leaves[i] for i in need] for leaves in all_leaves]
-        filled = jax.lax.switch(block, [functools.partial(branch, b) for b in range(d)], operands)
-      for w, (leaf, table, axis) in direct.items():
-        shape, dt = plan.slot[w[0]][w[1]]
-        index = jnp.asarray(table, jnp.int32)[block]
-        for out, leaves, (_, dtype_of) in zip(filled, all_leaves, trees):
-          x = cast(jax.lax.dynamic_index_in_dim(leaves[leaf], jnp.maximum(index, 0), axis,
-                                                keepdims=False), dt, dtype_of)
-          out[w] = x if min(table) >= 0 else jnp.where(index >= 0, x, jnp.zeros_like(x))
-    for i, w in plan.always.items():
-      for out, leaves, (_, dtype_of) in zip(filled, all_leaves, trees):
-        out[w] = cast(leaves[i], plan.slot[w[0]][w[1]][1], dtype_of)
-    return tuple(
-        {g: tuple(out[(g, j)] for j in range(len(sigs))) for g, sigs in plan.slot.items()}
-        for out in filled
-    )
-
-  def scatter(plan, slot_values, block, like):
-    """Full-shaped updates: the slot's values at the active block's units, zeros elsewhere."""
-    by_leaf: dict[int, list[tuple[blocks_lib.Unit, tuple[str, int]]]] = {}
-    for unit, w in zip(plan.units, plan.where):
-      by_leaf.setdefault(unit.leaf, []).append((unit, w))
-    out = []
-    for i, leaf in enumerate(like):
-      zero = zeros_like_placed(leaf)
-      entries = by_leaf.get(i, [])
-      if i in plan.always:
-        g, j = plan.always[i]
-        out.append(slot_values[g][j].astype(leaf.dtype))
-      elif not entries:
-        out.append(zero)
-      elif isinstance(plan.labels[i], int):
-        (unit, (g, j)), = entries
-        value = slot_values[g][j].astype(leaf.dtype)
-        if isinstance(block, int):
-          out.append(value if unit.block == block else zero)
-        else:
-          out.append(jnp.where(block == unit.block, value, jnp.zeros_like(value)))
-      elif isinstance(block, int):
-        new = zero
-        for unit, (g, j) in entries:
-          if unit.block == block:
-            new = jax.lax.dynamic_update_index_in_dim(
-                new, slot_values[g][j].astype(leaf.dtype), unit.index, unit.axis)
-        out.append(new)
-      else:
-        # A traced block: per slot position, the slice it fills for each block (-1: none), and a
-        # select along the stack axis (elementwise, fused into the output like the whole-leaf case).
-        d = len(plan.members)
-        slices: dict[tuple[str, int], list[int]] = {}
-        for unit, w in entries:
-          slices.setdefault(w, [-1] * d)[unit.block] = unit.index
-        axis = entries[0][0].axis
-        layer = jax.lax.broadcasted_iota(jnp.int32, leaf.shape, axis)
-        new = zero
-        for (g, j), table in slices.items():
-          index = jnp.asarray(table, jnp.int32)[block]
-          value = jnp.expand_dims(slot_values[g][j].astype(leaf.dtype), axis)
-          new = jnp.where(layer == index, value, new)
-        out.append(new)
-    return out
-
-  def master_of(plan, slot_params):
-    return {
-        g: tuple(slot_params[g][j].astype(jnp.float32) for j in plan.master_positions[g])
-        for g in plan.slot
-    }
-
-  def working_params(plan, slot_params, master):
-    """The slot params the inner solver sees: the master copy where there is one."""
-    out = {}
-    for g, values in slot_params.items():
-      values = list(values)
-      for m, j in zip(master[g], plan.master_positions[g]):
-        values[j] = m
-      out[g] = tuple(values)
-    return out
-
-  def follow_applied(plan, slot_params, master):
-    """The master copy moved by whatever was applied since the last update.
-
-    The last update asked for ``round(master) - params``; a stage after this one (a ``scale``, a
-    learning rate, ``reduce_on_plateau``) may have applied something else. Adding the difference
-    between the params now and ``round(master)`` makes the master copy follow what was applied
-    (zero when the update was applied as returned; exactly zero right after a reset).
-    """
-    out = {}
-    for g, values in master.items():
-      out[g] = tuple(
-          m + (slot_params[g][j].astype(jnp.float32)
-               - m.astype(slot_params[g][j].dtype).astype(jnp.float32))
-          for m, j in zip(values, plan.master_positions[g])
-      )
-    return out
-
-  def check_state_fits(plan, params, expected, actual):
-    """Raises naming a parameter whose slot position the state (built at init) lacks or shapes
-    differently: the params gained a leaf or changed shape between init and update."""
-    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
-    have, have_def = jax.tree_util.tree_flatten_with_path(actual)
-    sig = lambda x: (tuple(x.shape), jnp.dtype(x.dtype))
-    if want_def == have_def and all(sig(a) == sig(b) for (_, a), (_, b) in zip(want, have)):
-      return
-    have_sig = {p: sig(x) for p, x in have}
-    bad = next(((p, x) for p, x in want if have_sig.get(p) != sig(x)), None)
-    group = pos = None
-    for key in bad[0] if bad else ():
-      if isinstance(key, jax.tree_util.DictKey) and key.key in plan.slot:
-        group = key.key
-      elif isinstance(key, jax.tree_util.SequenceKey) and group is not None and pos is None:
-        pos = key.idx
-    unit = next((u for u, w in zip(plan.units, plan.where) if w == (group, pos)), None)
-    unit = unit or next((blocks_lib.Unit(i, None, blocks_lib.ALWAYS_ACTIVE)
-                         for i, w in plan.always.items() if w == (group, pos)), None)
-    if unit is None:
-      detail = "the slot differs"
-    else:
-      name = unit.name(path_str(jax.tree_util.tree_flatten_with_path(params)[0][unit.leaf][0]))
-      shape, dtype = plan.slot[group][pos]
-      found = have_sig.get(bad[0])
-      detail = (f"parameter {name!r} {tuple(shape)} {dtype} needs a slot position that the state "
-                f"has as {found[0] if found else 'nothing'}")
-    raise ValueError(
-        "block_coordinate: the state does not fit the params (built at init for another parameter "
-        "tree: a leaf was added or changed shape); " + detail
-        + "; re-run tx.init"
-    )
-
-  def working_dtype(plan):
-    def dtype_of(dt):
-      return jnp.float32 if master_weights and dt in _LOW_PRECISION else dt
-    return dtype_of
-
-  def keeps(plan):
-    """Whether the always-active leaves have a state of their own, never reset."""
-    return not reset_always_active and bool(plan.always)
-
-  def parts(plan, slot_values):
-    """``(block positions, always-active positions)`` of a slot dict, each ``{group: tuple}``."""
-    always = set(plan.always.values())
-    out = ({}, {})
-    for g, values in slot_values.items():
-      for part, mine in zip(out, (False, True)):
-        picked = tuple(v for j, v in enumerate(values) if ((g, j) in always) == mine)
-        if picked:
-          part[g] = picked
-    return out
-
-  def joined(plan, block_part, always_part):
-    """The slot dict of ``parts``' two halves."""
-    always = set(plan.always.values())
-    out = {}
-    for g, sigs in plan.slot.items():
-      its = {False: iter(block_part.get(g, ())), True: iter(always_part.get(g, ()))}
-      out[g] = tuple(next(its[(g, j) in always]) for j in range(len(sigs)))
-    return out
-
-  def inner_init(plan, work):
-    if not keeps(plan):
-      return inner.init(work)
-    return tuple(inner.init(part) for part in parts(plan, work))
-
-  def inner_update(plan, grads, inner_state, work, **kwargs):
-    if not keeps(plan):
-      return inner.update(grads, inner_state, work, **kwargs)
-    outs = [inner.update(g, st, w, **kwargs)
-            for g, st, w in zip(parts(plan, grads), inner_state, parts(plan, work))]
-    return joined(plan, outs[0][0], outs[1][0]), (outs[0][1], outs[1][1])
-
-  def init_fn(params):
+  def init(self, params):
     if is_params_placeholder(params):
       # optax.tree.map_params applies its function to the parts of a state shaped like the params
       # (with any extra params-shaped trees). Nothing here is: the slot's inner state and master
       # copy are shaped like one block's slot, not like the params, so every field is a non-param
       # (``transform_non_params`` gets each field whole).
       return BlockCoordinateState(*(jnp.zeros([], jnp.int32) for _ in BlockCoordinateState._fields))
-    plan = get_plan(params)
-    d = len(plan.members)
-    if start_block is not None and start_block >= d:
-      raise ValueError(f"start_block={start_block} is out of range for {d} blocks")
-    key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
-    order = _block_order(switch_mode, d, jnp.int32(first), key, jnp.int32(0))
-    active = order[0]
-    (slot_params,) = gather(plan, first, (jax.tree_util.tree_leaves(params), None))
-    master = master_of(plan, slot_params)
-    inner_state = inner_init(plan, working_params(plan, slot_params, master))
+    plan = self.plan(params)
+    d = plan.num_blocks
+    if self.start_block is not None and self.start_block >= d:
+      raise ValueError(f"start_block={self.start_block} is out of range for {d} blocks")
+    key = jax.random.key_data(jax.random.key(self.seed)).astype(jnp.uint32)
+    order = _block_order(self.switch_mode, d, jnp.int32(self.first), key, jnp.int32(0))
+    (slot_params,) = plan.gather(self.first, (jax.tree_util.tree_leaves(params), None))
+    master = plan.master_of(slot_params)
+    inner_state = self.inner_init(plan, plan.working_params(slot_params, master))
     return BlockCoordinateState(
-        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), active, order, key, inner_state, master,
-        jnp.asarray(k, jnp.int32), _accumulate.init(slot_params, n_acc),
+        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), order[0], order, key, inner_state,
+        master, jnp.asarray(self.switch_every, jnp.int32), _accumulate.init(slot_params, self.n_acc),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  # -- update: gather, reset at a switch, accumulate, inner update, scatter, advance the schedule
+
+  def update(self, updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("block_coordinate requires params: call tx.update(grads, state, params)")
     static_block = extra_args.pop(STATIC_BLOCK_ARG, None)
     probe = extra_args.pop(LABELS_PROBE_ARG, None)
     check_same_structure("block_coordinate", updates, "grads", params, "params")
-    plan = get_plan(params)
+    plan = self.plan(params)
     if probe is not None:
       # The labels, and the key paths of the leaves this stage sees (a wrapper such as
       # optax.multi_transform hands it part of the tree): make_block_step maps them to its own.
-      probe[token] = (plan.labels, [jax.tree_util.keystr(p) for p, _ in
-                                    jax.tree_util.tree_flatten_with_path(params)[0]])
-    d = len(plan.members)
-    if state.order.shape != (d,):
+      probe[self.token] = (plan.labels, [jax.tree_util.keystr(p) for p, _ in
+                                         jax.tree_util.tree_flatten_with_path(params)[0]])
+    if state.order.shape != (plan.num_blocks,):
       raise ValueError(
-          f"block_coordinate: the params have {d} blocks but the state was built at init for "
-          f"{state.order.shape[0]}; the parameter tree changed between init and update (re-run "
-          "tx.init)"
+          f"block_coordinate: the params have {plan.num_blocks} blocks but the state was built at "
+          f"init for {state.order.shape[0]}; the parameter tree changed between init and update "
+          "(re-run tx.init)"
       )
     param_leaves = jax.tree_util.tree_leaves(params)
     grad_leaves, treedef = jax.tree_util.tree_flatten(updates)
     block = state.active_block if static_block is None else static_block
-
-    slot_params, slot_grads = gather(
-        plan, block, (param_leaves, None), (grad_leaves, working_dtype(plan))
+    slot_params, slot_grads = plan.gather(
+        block, (param_leaves, None), (grad_leaves, plan.working_dtype)
     )
+    inner_state, master = self._reset_at_switch(plan, state, slot_params, params)
+    slot_updates, inner_state, master, emit, acc_grads = self._step_slot(
+        plan, state, slot_params, slot_grads, inner_state, master, extra_args)
+    new_updates = jax.tree_util.tree_unflatten(
+        treedef, plan.scatter(slot_updates, block, param_leaves)
+    )
+    new_state = BlockCoordinateState(
+        *self._advance_schedule(state, emit, plan.num_blocks), state.key, inner_state, master,
+        state.switch_every, _accumulate.advance(state.accumulator, acc_grads, emit, self.n_acc),
+    )
+    return new_updates, new_state
+
+  def _reset_at_switch(self, plan: _Plan, state, slot_params, params):
+    """``(inner state, master copy)`` to step from: fresh ones on the first update of a block
+    period (the always-active leaves' kept when ``plan.keeps``), else the state's; the master copy
+    then follows what was applied since the last update."""
     fresh = state.block_step == 0
-
-    def reset():
-      master = master_of(plan, slot_params)
-      return inner_init(plan, working_params(plan, slot_params, master)), master
-
-    fresh_state = reset()
-    check_state_fits(plan, params, fresh_state, (state.inner_state, state.master))
+    fresh_master = plan.master_of(slot_params)
+    fresh_state = (self.inner_init(plan, plan.working_params(slot_params, fresh_master)), fresh_master)
+    plan.check_state_fits(params, fresh_state, (state.inner_state, state.master))
     # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
     # inner update, where a conditional would materialise a copy of the whole slot state.
-    select = lambda new, old: jnp.where(fresh, new, old)  # noqa: E731
-    if keeps(plan):  # the always-active leaves' state and master copy are never reset
-      always = set(plan.always.values())
-      inner_state = (jax.tree.map(select, fresh_state[0][0], state.inner_state[0]),
+    if plan.keeps:  # the always-active leaves' state and master copy are never reset
+      inner_state = (optax.tree.where(fresh, fresh_state[0][0], state.inner_state[0]),
                      state.inner_state[1])
-      master = {g: tuple(old if (g, j) in always else select(new, old)
+      master = {g: tuple(old if (g, j) in plan.always_positions else jnp.where(fresh, new, old)
                          for j, new, old in zip(plan.master_positions[g], fresh_state[1][g],
                                                 state.master[g]))
                 for g in plan.slot}
     else:
-      inner_state, master = jax.tree.map(select, fresh_state, (state.inner_state, state.master))
-    master = follow_applied(plan, slot_params, master)
-    work = working_params(plan, slot_params, master)
-    # With accumulation, inner runs on the window's mean at every micro-step and its results are
-    # kept only where the window ends (as optax.MultiSteps does): one block's elementwise work.
-    slot_grads, emit, acc_grads = _accumulate.add(state.accumulator, slot_grads, n_acc)
+      inner_state, master = optax.tree.where(fresh, fresh_state, (state.inner_state, state.master))
+    return inner_state, plan.follow_applied(slot_params, master)
+
+  def _step_slot(self, plan: _Plan, state, slot_params, slot_grads, inner_state, master, extra_args):
+    """Accumulates the micro-batch and runs ``inner`` on the slot.
+
+    Returns ``(slot updates, inner state, master copy, emit, accumulated grads)``: with
+    accumulation, ``inner`` runs on the window's mean at every micro-step and its results are
+    kept only where the window ends (``emit``), as ``optax.MultiSteps`` does: one block's
+    elementwise work.
+    """
+    work = plan.working_params(slot_params, master)
+    slot_grads, emit, acc_grads = _accumulate.add(state.accumulator, slot_grads, self.n_acc)
     held = (inner_state, master)
-    inner_updates, inner_state = inner_update(
+    inner_updates, inner_state = self.inner_update(
         plan, slot_grads, inner_state, work, **extra_args, **{GLOBAL_STEP_ARG: state.count}
     )
-    if n_acc > 1:
+    if self.n_acc > 1:
       inner_updates = jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros((), u.dtype)), inner_updates)
-    new_master = {
-        g: tuple(m + inner_updates[g][j].astype(jnp.float32)
-                 for m, j in zip(master[g], plan.master_positions[g]))
-        for g in plan.slot
-    }
-    slot_updates = {}
-    for g, values in inner_updates.items():
-      values = list(values)
-      for m, j in zip(new_master[g], plan.master_positions[g]):
-        p = slot_params[g][j]
-        values[j] = (m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
-      slot_updates[g] = tuple(values)
-    new_updates = jax.tree_util.tree_unflatten(
-        treedef, scatter(plan, slot_updates, block, param_leaves)
-    )
-    if n_acc > 1:
+    new_master, slot_updates = plan.apply_to_master(inner_updates, master, slot_params)
+    if self.n_acc > 1:
       inner_state, new_master = _accumulate.on_emit(emit, (inner_state, new_master), held)
+    return slot_updates, inner_state, new_master, emit, acc_grads
 
+  def _advance_schedule(self, state, emit, d):
+    """``(count, block_step, active_block, order)`` after this update (unchanged inside an
+    accumulation window)."""
+    k = self.switch_every
     count = optax.safe_increment(state.count)
     block_step = (state.block_step + 1) % k
     period = count // k
@@ -687,21 +801,15 @@ def block_coordinate(
     new_epoch = (block_step == 0) & (period % d == 0)
     order = jax.lax.cond(
         new_epoch,
-        lambda: _block_order(switch_mode, d, jnp.int32(first), state.key, epoch),
+        lambda: _block_order(self.switch_mode, d, jnp.int32(self.first), state.key, epoch),
         lambda: state.order,
     )
     active = jnp.where(block_step == 0, order[period % d], state.active_block)
     schedule = (count, block_step, active.astype(jnp.int32), order)
-    if n_acc > 1:
+    if self.n_acc > 1:
       schedule = _accumulate.on_emit(
           emit, schedule, (state.count, state.block_step, state.active_block, state.order))
-    new_state = BlockCoordinateState(
-        *schedule, state.key, inner_state, new_master, state.switch_every,
-        _accumulate.advance(state.accumulator, acc_grads, emit, n_acc),
-    )
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return schedule
 
 
 def _scale_by_learning_rate_on_global_step(learning_rate: optax.ScalarOrSchedule):
@@ -908,12 +1016,7 @@ def find_block_state(opt_state: Any) -> list[Any]:
   """All block-coordinate states (BAdam and its ratio variant) inside any optimizer state."""
   from optax_memopt._badam_ratio import BAdamRatioState
 
-  kinds = (BlockCoordinateState, BAdamRatioState)
-  found = [
-      s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds))
-      if isinstance(s, kinds)
-  ]
-  return found
+  return find_states(opt_state, (BlockCoordinateState, BAdamRatioState))
 
 
 def active_block(opt_state: Any) -> jax.Array:

@@ -8,6 +8,11 @@ is ``L`` leaves: each layer's slice is selected, decayed and counted as the same
 list of layers would be (state ``[L, n]``). Every ``switch_every`` updates the selection moves on
 and every moment (small leaves' too) resets to zero, with bias correction restarting from the
 period's own step 1.
+
+:func:`scale_by_badam_ratio` is the direction (Adam on the selected entries); :func:`badam_ratio`
+is that direction with the learning rate, decoupled weight decay on the selected entries and the
+float32 master copy folded in: it returns ``new - current`` on the selected entries (the master copy
+needs the step itself), so it is not the chain of the direction with later stages.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _blocks
+from optax_memopt import _stacks
 from optax_memopt._blocks import AlwaysActiveSpec, resolve_always_active
 from optax_memopt._tree import (
     check_float_leaves,
@@ -33,7 +38,7 @@ MASK_MODES = ("adjacent", "scatter")
 
 
 class BAdamRatioState(NamedTuple):
-  """State of :func:`badam_ratio`.
+  """State of :func:`badam_ratio` and :func:`scale_by_badam_ratio`.
 
   Attributes:
     count: int32 scalar, updates done so far (the global step).
@@ -49,7 +54,8 @@ class BAdamRatioState(NamedTuple):
       ``[L, n]`` for a stacked leaf).
     nu: per leaf, float32 ``[n]`` second moment, likewise.
     master: per leaf, float32 ``[n]`` master copy of the selected entries of bf16/fp16 leaves
-      (``optax.MaskedNode()`` for float32 leaves), likewise.
+      (``optax.MaskedNode()`` for float32 leaves, and for every leaf in
+      :func:`scale_by_badam_ratio`), likewise.
 
   The state holds no zero-size array (orbax's ``StandardCheckpointer`` refuses them), and the
   state ``init`` gives ``optax.tree_utils.tree_map_params``' placeholder has no field shaped like the
@@ -198,6 +204,7 @@ def badam_ratio(
   leaf of its own, so a stacked model trains the same entries as the same model written as a list
   of layers (in ``adjacent`` mode, the same numbers).
   Leaves named in ``always_active`` (e.g. a new task head, whatever its size) train every entry.
+  :func:`scale_by_badam_ratio` is the same direction with no learning rate, decay or master copy.
 
   State memory: per leaf two float32 vectors of length :math:`n` (moments), an int32 index vector of
   length :math:`n` (only for selected leaves) and, for bf16/fp16 params, a float32 master copy of the
@@ -242,6 +249,82 @@ def badam_ratio(
     Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024 (``BlockOptimizerRatio`` in the
     reference code).
   """
+  _validate(update_ratio, switch_every, mask_mode, min_size, always_active)
+  return _BAdamRatio(
+      learning_rate, update_ratio=update_ratio, always_active=always_active,
+      switch_every=switch_every, mask_mode=mask_mode, min_size=min_size, seed=seed, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, master_weights=master_weights, stacks=stacks,
+      name="badam_ratio",
+  ).transformation()
+
+
+def scale_by_badam_ratio(
+    *,
+    update_ratio: float = 0.1,
+    always_active: AlwaysActiveSpec = None,
+    switch_every: int = 100,
+    mask_mode: str = "adjacent",
+    min_size: int = 100,
+    seed: int = 0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    stacks: str | tuple[str, ...] | dict[str, int] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by Adam on a moving fraction ``update_ratio`` of every tensor's entries.
+
+  The direction of :func:`badam_ratio` without its step: on the selected set :math:`S_p` of the
+  current selection period (chosen as in :func:`badam_ratio`), with :math:`s` the step within the
+  period (restarting at 1 at every switch),
+
+  .. math::
+    m_s = \beta_1 m_{s-1} + (1-\beta_1) g_t, \quad v_s = \beta_2 v_{s-1} + (1-\beta_2) g_t^2,
+    \quad u_t = \frac{m_s / (1-\beta_1^s)}{\sqrt{v_s / (1-\beta_2^s)} + \epsilon},
+
+  and :math:`u_t = 0` outside :math:`S_p`, in the dtype of the gradients. Chain it with
+  ``optax.scale_by_learning_rate``. Its state is a :class:`BAdamRatioState` with no master copy
+  (``master`` is ``optax.MaskedNode()`` for every leaf): the parameters move by whatever the
+  later stages make of the direction. :func:`badam_ratio` is this direction with its learning
+  rate, decoupled weight decay on the selected entries and float32 master copy folded in; a chain
+  with ``optax.add_decayed_weights`` instead decays every entry, selected or not.
+
+  Args:
+    update_ratio: fraction of each tensor trained at a time, in (0, 1].
+    always_active: leaves whose every entry is selected at every step, as in :func:`badam_ratio`.
+    switch_every: updates per selection period (``K``).
+    mask_mode: ``"adjacent"`` or ``"scatter"``.
+    min_size: leaves with fewer entries are selected whole.
+    seed: seed of the ``scatter`` selections.
+    b1, b2, eps: Adam's coefficients.
+    stacks: the layer stacks, as in :func:`badam_ratio`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BAdamRatioState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import optax_memopt
+    >>> params = {'w': jnp.ones((10, 20)), 'b': jnp.ones(20)}
+    >>> tx = optax.chain(optax_memopt.scale_by_badam_ratio(update_ratio=0.1, switch_every=5),
+    ...                  optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones((10, 20)), 'b': jnp.ones(20)}, state, params)
+    >>> int((updates['w'] != 0).sum()), round(float(updates['b'][0]), 3)
+    (20, -0.01)
+
+  References:
+    Luo, Yu, Li, `BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language
+    Models <https://arxiv.org/abs/2404.02827>`_, NeurIPS 2024.
+  """
+  _validate(update_ratio, switch_every, mask_mode, min_size, always_active)
+  return _BAdamRatio(
+      None, update_ratio=update_ratio, always_active=always_active, switch_every=switch_every,
+      mask_mode=mask_mode, min_size=min_size, seed=seed, b1=b1, b2=b2, eps=eps, weight_decay=0.0,
+      master_weights=False, stacks=stacks, name="scale_by_badam_ratio",
+  ).transformation()
+
+
+def _validate(update_ratio, switch_every, mask_mode, min_size, always_active) -> None:
   if any(isinstance(x, (jax.Array, jax.core.Tracer)) for x in (update_ratio, switch_every, min_size)):
     raise TypeError(
         "update_ratio and switch_every decide shapes and must be Python numbers; under "
@@ -255,130 +338,195 @@ def badam_ratio(
     raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
   if not isinstance(min_size, int) or min_size < 0:
     raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
-  k = switch_every
-  decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-
   if isinstance(always_active, str):
     raise TypeError(
         "always_active: a single string is ambiguous; pass a list of regular expressions, e.g. "
         f"[{always_active!r}]"
     )
 
-  def layouts(params):
-    """Per leaf: (number of layers or None, shape of one unit, its size, entries selected, layer
-    axis or None)."""
+
+class _Layout(NamedTuple):
+  """How one leaf is trained: as ``layers`` units (``None``: one, not a stack) of shape ``unit``
+  and ``size`` entries, ``n`` of them selected at a time; ``axis`` is a stack's layer axis."""
+
+  layers: int | None
+  unit: tuple[int, ...]
+  size: int
+  n: int
+  axis: int | None
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _update_moments(g_sel, mu, nu, b1, b2):
+  """Adam's moment updates on the selected entries, ``(mu, nu)``.
+
+  Not ``optax.tree.update_moment``: under ``jax.jit`` its ``(1 - b) * g + b * m`` compiles to other
+  last bits than ``b * m + (1 - b) * g`` here, and its ``(1 - b2) * g**2`` rounds differently from
+  ``(1 - b2) * g * g``.
+  """
+  mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, g_sel, mu)
+  nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, g_sel, nu)
+  return mu, nu
+
+
+def _adam_direction(mu, nu, b1, b2, eps, s):
+  """``m_hat / (sqrt(v_hat) + eps)`` with the bias corrections of step ``s`` (float32).
+
+  Not ``optax.tree.bias_correction`` (a nested ``jax.jit`` taking the decay as an argument): inside
+  a jitted ``badam_ratio`` step it gave other last bits than this expression, which is kept.
+  """
+  return jax.tree.map(lambda m, v: (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps), mu, nu)
+
+
+class _BAdamRatio:
+  """One :func:`badam_ratio` (``learning_rate`` given) or :func:`scale_by_badam_ratio`
+  (``learning_rate=None``: the direction, no decay, no master copy) transformation."""
+
+  def __init__(self, learning_rate, *, update_ratio, always_active, switch_every, mask_mode,
+               min_size, seed, b1, b2, eps, weight_decay, master_weights, stacks, name):
+    self.learning_rate, self.weight_decay = learning_rate, weight_decay
+    self.update_ratio, self.min_size, self.stacks = update_ratio, min_size, stacks
+    self.always_active, self.switch_every, self.mask_mode = always_active, switch_every, mask_mode
+    self.seed, self.b1, self.b2, self.eps = seed, b1, b2, eps
+    self.master_weights, self.name = master_weights, name
+    self.decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
+  def transformation(self) -> optax.GradientTransformationExtraArgs:
+    return optax.GradientTransformationExtraArgs(self.init, self.update)
+
+  # -- static facts
+
+  def layouts(self, params) -> list[_Layout]:
+    """Per leaf, its :class:`_Layout`."""
     leaves = jax.tree_util.tree_leaves(params)
-    whole = resolve_always_active(always_active, params)
+    whole = resolve_always_active(self.always_active, params)
     out = []
-    for x, key, w in zip(leaves, _blocks.stack_keys(params, stacks), whole):
+    for x, key, w in zip(leaves, _stacks.stack_keys(params, self.stacks), whole):
       shape = tuple(x.shape)
       layers, axis = (None, None) if key is None else (key.length, key.axis)
       unit = shape if key is None else shape[:axis] + shape[axis + 1:]
       size = math.prod(unit)
-      n = size if w else _selected_count(size, update_ratio, min_size)
-      out.append((layers, unit, size, n, axis))
+      n = size if w else _selected_count(size, self.update_ratio, self.min_size)
+      out.append(_Layout(layers, unit, size, n, axis))
     return out
 
-  def low_precision(x):
-    return master_weights and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float16)
+  def low_precision(self, x) -> bool:
+    return self.master_weights and jnp.dtype(x.dtype) in (jnp.bfloat16, jnp.float16)
 
-  def select_all(params, key, period):
+  # -- the selection and a fresh period's state
+
+  def select_all(self, params, key, period):
+    """The selection of ``period``: per leaf its indices (``MaskedNode`` for a leaf trained whole)."""
     treedef = jax.tree_util.tree_structure(params)
     index = []
-    for i, (layers, _, size, n, _) in enumerate(layouts(params)):
+    for i, (layers, _, size, n, _) in enumerate(self.layouts(params)):
       if n == size:
         index.append(optax.MaskedNode())
       else:
-        index.append(_selection(mask_mode, size, n, key, i, period, layers))
+        index.append(_selection(self.mask_mode, size, n, key, i, period, layers))
     return jax.tree_util.tree_unflatten(treedef, index)
 
-  def fresh(params, index):
-    """Zero moments and a master copy for the selection ``index``."""
+  def fresh(self, params, index):
+    """Zero moments and a master copy for the selection ``index``: ``(mu, nu, master)``."""
     def one(x, idx, layout):
-      layers, _, size, n, axis = layout
-      shape = (n,) if layers is None else (layers, n)
-      if low_precision(x):
-        master = _take(x, idx, axis).astype(jnp.float32)
+      shape = (layout.n,) if layout.layers is None else (layout.layers, layout.n)
+      if self.low_precision(x):
+        master = _take(x, idx, layout.axis).astype(jnp.float32)
       else:
         master = optax.MaskedNode()
       # Distinct arrays for mu and nu, so that a state from init can be donated to a jitted step.
       return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32), master
-    treedef = jax.tree_util.tree_structure(params)
-    out = jax.tree.map(one, params, index, jax.tree_util.tree_unflatten(treedef, layouts(params)),
-                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)
+    out = jax.tree.map(one, params, index, self._layout_tree(params), is_leaf=_is_masked)
+    pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)  # noqa: E731
     return pick(0), pick(1), pick(2)
 
-  def init_fn(params):
+  def _layout_tree(self, params):
+    """The layouts as a tree with the structure of ``params`` (a layout at each leaf)."""
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), self.layouts(params))
+
+  # -- init
+
+  def init(self, params):
     if is_params_placeholder(params):  # optax.tree.map_params: no field is shaped like the params
       return BAdamRatioState(*(jnp.zeros([], jnp.int32) for _ in BAdamRatioState._fields))
-    check_float_leaves(params, "badam_ratio")
-    key = jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)
-    index = select_all(params, key, jnp.int32(0))
-    mu, nu, master = fresh(params, index)
-    zero = lambda: jnp.zeros([], jnp.int32)
+    check_float_leaves(params, self.name)
+    key = jax.random.key_data(jax.random.key(self.seed)).astype(jnp.uint32)
+    index = self.select_all(params, key, jnp.int32(0))
+    mu, nu, master = self.fresh(params, index)
+    zero = lambda: jnp.zeros([], jnp.int32)  # noqa: E731
     return BAdamRatioState(zero(), zero(), zero(), key, index, mu, nu, master)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  # -- update: reset at a switch, Adam on the selected entries, the step, the next selection
+
+  def update(self, updates, state, params=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError("badam_ratio requires params: call tx.update(grads, state, params)")
-    check_same_structure("badam_ratio", updates, "grads", params, "params")
-    check_same_structure("badam_ratio", params, "params", state.mu, "the state's moments (from init)")
-    layout = layouts(params)
-    for path, (layers, _, _, n, _), m in zip(leaf_paths(params), layout,
-                                              jax.tree_util.tree_leaves(state.mu)):
-      want = (n,) if layers is None else (layers, n)
+      if self.learning_rate is not None:
+        raise ValueError(f"{self.name} requires params: call tx.update(grads, state, params)")
+      params = updates  # the direction needs only the shapes
+    self._check_fits(updates, state, params)
+    reset = state.block_step == 0
+    mu, nu, master = optax.tree.where(
+        reset, self.fresh(params, state.index), (state.mu, state.nu, state.master))
+    layouts = self._layout_tree(params)
+    g_sel = jax.tree.map(lambda g, idx, lay: _take(g, idx, lay.axis).astype(jnp.float32),
+                         updates, state.index, layouts, is_leaf=_is_masked)
+    mu, nu = _update_moments(g_sel, mu, nu, self.b1, self.b2)
+    s = (state.block_step + 1).astype(jnp.float32)
+    direction = _adam_direction(mu, nu, self.b1, self.b2, self.eps, s)
+    if self.learning_rate is None:
+      new_updates = jax.tree.map(lambda g, idx, u, lay: _put(g, idx, u.astype(g.dtype), lay.axis),
+                                 updates, state.index, direction, layouts, is_leaf=_is_masked)
+    else:
+      new_updates, master = self._step(params, state, direction, master, layouts)
+    return new_updates, self._next_state(params, state, mu, nu, master)
+
+  def _check_fits(self, updates, state, params) -> None:
+    """One-line errors for grads, params and a state (from init) that do not belong together."""
+    check_same_structure(self.name, updates, "grads", params, "params")
+    check_same_structure(self.name, params, "params", state.mu, "the state's moments (from init)")
+    for path, layout, m in zip(leaf_paths(params), self.layouts(params),
+                               jax.tree_util.tree_leaves(state.mu)):
+      want = (layout.n,) if layout.layers is None else (layout.layers, layout.n)
       if m.shape != want:
         raise ValueError(
-            f"badam_ratio: parameter {path!r} trains {want} entries at a time but the state built "
+            f"{self.name}: parameter {path!r} trains {want} entries at a time but the state built "
             f"at init holds {m.shape}: it changed shape (or was stacked differently) between init "
             "and update (re-run tx.init)"
         )
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    reset = state.block_step == 0
-    mu0, nu0, master0 = fresh(params, state.index)
-    mu = jax.tree.map(lambda a, b: jnp.where(reset, a, b), mu0, state.mu)
-    nu = jax.tree.map(lambda a, b: jnp.where(reset, a, b), nu0, state.nu)
-    master = jax.tree.map(lambda a, b: jnp.where(reset, a, b), master0, state.master)
-    s = (state.block_step + 1).astype(jnp.float32)
 
-    def one(g, p, idx, m, v, w, layout):
-      axis = layout[4]
-      g_sel = _take(g, idx, axis).astype(jnp.float32)
-      current = _take(p, idx, axis).astype(jnp.float32)
-      m = b1 * m + (1 - b1) * g_sel
-      v = b2 * v + (1 - b2) * g_sel * g_sel
-      direction = (m / (1 - b1**s)) / (jnp.sqrt(v / (1 - b2**s)) + eps)
-      if low_precision(p):
-        base = w
-      else:
-        base = current
-      if decays and len(layout[1]) >= 2:
-        direction = direction + weight_decay * base
-      new_value = base - lr * direction
-      if low_precision(p):
+  def _step(self, params, state, direction, master, layouts):
+    """``(updates, master)``: the AdamW step on the selected entries (on the master copy of a
+    bf16/fp16 leaf), as ``new - current`` in the parameters' dtype, zeros elsewhere."""
+    lr = self.learning_rate(state.count) if callable(self.learning_rate) else self.learning_rate
+
+    def one(p, idx, d, w, layout):
+      current = _take(p, idx, layout.axis).astype(jnp.float32)
+      base = w if self.low_precision(p) else current
+      if self.decays and len(layout.unit) >= 2:
+        d = d + self.weight_decay * base
+      new_value = base - lr * d
+      if self.low_precision(p):
         w = new_value
         new_value = new_value.astype(p.dtype)
       delta = (new_value.astype(jnp.float32) - current).astype(p.dtype)
-      return _put(p, idx, delta, axis), m, v, w
+      return _put(p, idx, delta, layout.axis), w
 
-    treedef = jax.tree_util.tree_structure(params)
-    out = jax.tree.map(one, updates, params, state.index, mu, nu, master,
-                       jax.tree_util.tree_unflatten(treedef, layout),
-                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)
-    new_updates, mu, nu, master = pick(0), pick(1), pick(2), pick(3)
+    out = jax.tree.map(one, params, state.index, direction, master, layouts, is_leaf=_is_masked)
+    pick = lambda j: jax.tree.map(lambda _, o: o[j], params, out)  # noqa: E731
+    return pick(0), pick(1)
 
+  def _next_state(self, params, state, mu, nu, master) -> BAdamRatioState:
+    """The state after this update: the schedule advanced, a new selection at a switch."""
     count = optax.safe_increment(state.count)
-    block_step = (state.block_step + 1) % k
-    period = count // k
+    block_step = (state.block_step + 1) % self.switch_every
+    period = count // self.switch_every
     index = jax.lax.cond(
-        block_step == 0, lambda: select_all(params, state.key, period), lambda: state.index
+        block_step == 0, lambda: self.select_all(params, state.key, period), lambda: state.index
     )
-    new_state = BAdamRatioState(
+    return BAdamRatioState(
         count, block_step, period.astype(jnp.int32), state.key, index, mu, nu, master
     )
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

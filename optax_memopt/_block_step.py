@@ -15,6 +15,11 @@ Stacked layers: blocks that are the same slice of a set of stacked leaves (the d
 of a scanned model: block ``j`` = layer ``j`` of every stacked weight) share *one* compiled step, in
 which the slice index is read from the state on the device. With the stack run by
 :func:`optax_memopt.scan_layers`, that step differentiates the active layer only (see ``_scan``).
+
+Pieces: :class:`BlockStep` is the step object (the host's cache of compiled steps by block, the
+schedule read at block boundaries); :func:`_step_labels` finds what each leaf is for the step (by
+probing ``tx.update``); ``BlockStep._trace_block`` / ``_trace_stack`` trace one block's step (whole
+leaves, or the traced layer slice of a stack, with :class:`_StackLoss`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import jax.extend
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _accumulate, _badam, _blocks, _protocol, _scan, _tree
+from optax_memopt import _accumulate, _badam, _blocks, _jaxpr, _protocol, _scan, _stacks, _step, _tree
 from optax_memopt._badam_ratio import BAdamRatioState
 
 
@@ -68,14 +73,6 @@ def _plain_block_state(tree) -> bool:
   return False
 
 
-def _deleted_leaf(tree) -> str | None:
-  """The path of the first array of ``tree`` whose buffer was deleted (donated), else ``None``."""
-  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if isinstance(x, jax.Array) and x.is_deleted():
-      return _tree.path_str(path)
-  return None
-
-
 def _stack_groups(labels) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
   """Blocks that are one slice ``j`` of a fixed set of stacked leaves, grouped by that set.
 
@@ -106,57 +103,6 @@ def _stack_groups(labels) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
   return out
 
 
-def _own_gradient_reaches_update(jaxpr, leaves: list[int]) -> set[int]:
-  """Of ``leaves``, those whose output (update) depends on the input (gradient) of the same index.
-
-  ``jaxpr`` maps the gradient leaves (its first inputs) to the update leaves. A backward liveness
-  pass over its equations, each output carrying a bit per leaf of ``leaves``; nested ``jit`` calls
-  are followed, any other nested computation links all its inputs to all its outputs (the safe
-  side: a leaf wrongly found trained is differentiated for nothing, never left out).
-  """
-  need: dict[Any, int] = {}
-
-  def add(var, mask):
-    if mask and isinstance(var, jax.extend.core.Var):
-      need[var] = need.get(var, 0) | mask
-
-  def propagate(jaxpr):
-    for eqn in reversed(jaxpr.eqns):
-      mask = 0
-      for v in eqn.outvars:
-        mask |= need.get(v, 0)
-      if not mask:
-        continue
-      sub = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit", "closed_call") else None
-      if sub is None:
-        for v in eqn.invars:
-          add(v, mask)
-        continue
-      sub = getattr(sub, "jaxpr", sub)
-      for o, v in zip(sub.outvars, eqn.outvars):
-        add(o, need.get(v, 0))
-      propagate(sub)
-      for iv, v in zip(sub.invars, eqn.invars):
-        add(v, need.get(iv, 0))
-
-  for bit, i in enumerate(leaves):
-    add(jaxpr.outvars[i], 1 << bit)
-  propagate(jaxpr)
-  return {i for bit, i in enumerate(leaves) if need.get(jaxpr.invars[i], 0) >> bit & 1}
-
-
-def _distinct_buffers(tree):
-  seen = set()
-
-  def fresh(x):
-    if isinstance(x, jax.Array) and id(x) in seen:
-      return jnp.copy(x)
-    seen.add(id(x))
-    return x
-
-  return jax.tree.map(fresh, tree)
-
-
 def _unsliced_reason(stacked: list[Any], unmatched: list[list[tuple[tuple[int, ...], Any]]]) -> str:
   """The warning when the stacked leaves of the block step did not reach ``scan_layers`` as given:
   ``unmatched`` lists, per ``scan_layers`` call that ran without them, its leaves' (shape, dtype)."""
@@ -179,21 +125,304 @@ def _unsliced_reason(stacked: list[Any], unmatched: list[list[tuple[tuple[int, .
           f"given: {why}; {cost}")
 
 
-def _mesh_shardings(tree):
-  """Per leaf, its ``NamedSharding`` when it is placed on a device mesh, else ``None``."""
-  def one(x):
-    sh = getattr(x, "sharding", None)
-    return sh if isinstance(sh, jax.sharding.NamedSharding) else None
-  return [one(x) for x in jax.tree_util.tree_leaves(tree)]
+def _step_labels(tx, params, opt_state) -> list[Any]:
+  """Per leaf of ``params``, the label the block step works from.
+
+  The block-coordinate stage's labels (block ids, ``-1`` frozen, ``-2`` always active) for the
+  leaves it sees; for the leaves it does not see (``optax.multi_transform`` gives it part of the
+  tree), ``-2`` when the update ``tx`` computes for the leaf depends on the leaf's gradient (another
+  optimizer trains it: the step must differentiate it), else ``-1`` (``optax.set_to_zero``).
+  """
+  closed, stage_labels, stage_paths = _probe_stage(tx, params, opt_state)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  labels: list[Any] = [None] * len(paths)
+  for i, lab in zip(_stage_positions(stage_paths, paths), stage_labels):
+    labels[i] = lab
+  _stacks.refuse_other_axes(
+      "make_block_step", _tree.leaf_paths(params),
+      [_stacks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
+  outside = [i for i, lab in enumerate(labels) if lab is None]
+  trained = _jaxpr.own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
+  return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab
+          for i, lab in enumerate(labels)]
 
 
-def _keep_shardings(tree, shardings):
-  """``tree`` with each leaf constrained to the matching sharding (``None``: left to XLA)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return jax.tree_util.tree_unflatten(treedef, [
-      x if s is None else jax.lax.with_sharding_constraint(x, s)
-      for x, s in zip(leaves, shardings, strict=True)
-  ])
+def _probe_stage(tx, params, opt_state):
+  """``tx.update``'s jaxpr (gradients -> update leaves), with the labels and key paths that its one
+  block-coordinate stage reports over ``_protocol.LABELS_PROBE``."""
+  probe: dict[Any, Any] = {}
+  grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+
+  def probed_update(grads, opt_state, params):
+    updates, _ = tx.update(grads, opt_state, params, **{_protocol.LABELS_PROBE: probe})
+    return jax.tree_util.tree_leaves(updates)
+
+  closed = jax.make_jaxpr(probed_update)(grads, opt_state, params)
+  if len(probe) != 1:
+    raise TypeError(
+        "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage"
+    )
+  stage_labels, stage_paths = next(iter(probe.values()))
+  return closed, stage_labels, stage_paths
+
+
+def _stage_positions(stage_paths, paths) -> list[int]:
+  """Where each leaf the block-coordinate stage sees sits among the step's ``paths``."""
+  where = {p: i for i, p in enumerate(paths)}
+  if all(p in where for p in stage_paths):
+    return [where[p] for p in stage_paths]
+  if len(stage_paths) == len(paths):
+    return list(range(len(paths)))
+  raise TypeError(
+      "make_block_step: the block-coordinate stage sees parameters that are not those of the "
+      f"step ({stage_paths[:2]} ...): a wrapper in tx changes the parameter tree; use jax.grad "
+      "and tx.update"
+  )
+
+
+def _refuse_deleted(params, opt_state) -> None:
+  deleted = next((f"{what} {p!r}" for what, tree in (("parameter", params), ("opt_state leaf", opt_state))
+                  if (p := _step.deleted_leaf(tree)) is not None), None)
+  if deleted is not None:
+    raise RuntimeError(
+        f"make_block_step: {deleted} was deleted: an earlier call donated it (donate=True reuses "
+        "the buffers of params and opt_state, and nnx.split / nnx.state share a module's arrays, "
+        "so the module's are deleted too); pass the params and state the last call returned "
+        "(nnx.update(model, params) before using or splitting the module again), or "
+        "make_block_step(..., donate=False)")
+
+
+def _zeros_but(leaves, index, grads) -> list[Any]:
+  """Per leaf of ``leaves``, a zero gradient, or ``grads``' entry for the leaves ``index``."""
+  out = [jnp.zeros_like(x) for x in leaves]
+  for i, g in zip(index, grads):
+    out[i] = g
+  return out
+
+
+def _add_updates(leaves, update_leaves, index) -> list[Any]:
+  """``leaves`` with the update added (in the leaf's dtype) to the leaves ``index``."""
+  new_leaves = list(leaves)
+  for i in index:
+    new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
+  return new_leaves
+
+
+def _stack_gradients(leaves, leaf_index, slice_grads, whole, whole_grads, k) -> list[Any]:
+  """The full gradient tree's leaves: layer ``k``'s gradients of the stacked leaves ``leaf_index``
+  (zero at the other layers), the whole gradients of the leaves ``whole``, zeros elsewhere."""
+  # Zero outside layer k, as an elementwise expression XLA fuses into its consumers (BAdam
+  # gathers layer k with a dynamic slice; a global-norm clip reduces over it): the stack-sized
+  # gradient is never materialised.
+  grads = [jnp.zeros_like(x) for x in leaves]
+  for i, g in zip(leaf_index, slice_grads):
+    x = leaves[i]
+    layer = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    grads[i] = jnp.where(layer == k, g.astype(x.dtype)[None], jnp.zeros((), x.dtype))
+  for i, g in zip(whole, whole_grads):
+    grads[i] = g
+  return grads
+
+
+def _stack_write_back(leaves, update_leaves, leaf_index, whole, k) -> list[Any]:
+  """``leaves`` updated: slice ``k`` of the stacked leaves ``leaf_index``, the leaves ``whole``."""
+  new_leaves = list(leaves)
+  for i in leaf_index:
+    # Only slice k changes: written in place into the (donated) stacked leaf.
+    new = (jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False)
+           + jax.lax.dynamic_index_in_dim(update_leaves[i], k, keepdims=False))
+    new_leaves[i] = jax.lax.dynamic_update_index_in_dim(
+        leaves[i], new.astype(leaves[i].dtype), k, 0)
+  for i in whole:
+    new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
+  return new_leaves
+
+
+class _StackLoss:
+  """The loss of the stacked step as a function of layer ``k``'s slices of the stacked leaves
+  ``leaf_index`` and of the whole leaves ``whole``; it records the ``_scan._Active`` entries handed
+  to ``scan_layers`` (``found``) and the ``scan_layers`` calls that matched none (``unmatched``)."""
+
+  def __init__(self, step, leaves, treedef, leaf_index, whole, k, args, kwargs):
+    self.step, self.leaves, self.treedef = step, leaves, treedef
+    self.leaf_index, self.whole, self.k = leaf_index, whole, k
+    self.args, self.kwargs = args, kwargs
+    self.found: list[_scan._Active] = []
+    self.unmatched: list[list[tuple[tuple[int, ...], Any]]] = []
+
+  def __call__(self, active, always):
+    full = list(self.leaves)
+    entries = {}
+    for i, a in zip(self.whole, always):
+      full[i] = a
+    for i, a in zip(self.leaf_index, active):
+      full[i] = _scan.mark_active(self.leaves[i], a, self.k)
+      entries[id(full[i])] = _scan._Active(a, self.k)
+    with _scan.active_slices(entries, frozenset(id(full[i]) for i in self.whole)) as seen:
+      out = self.step.loss_fn(jax.tree_util.tree_unflatten(self.treedef, full), *self.args,
+                              **self.kwargs)
+    self.unmatched.extend(seen)
+    self.found.extend(entries.values())
+    self.step.scalar_loss(out)
+    return out
+
+
+class BlockStep(_step.Step):
+  """The step :func:`make_block_step` returns: ``step(params, opt_state, *args, **kwargs) ->
+  (params, opt_state, loss)``, one compiled function per block (blocks that are layer slices of the
+  same stacked leaves share one).
+
+  Attributes:
+    compiled_blocks: the blocks compiled so far (a live view of the cache's keys).
+    trace_count: the number of traces (one per compiled function).
+    warned: whether the warning that the layer stack did not run through ``scan_layers`` as given
+      was issued (it is issued once per step object).
+  """
+
+  name = "make_block_step"
+
+  def __init__(self, loss_fn, tx, *, has_aux: bool = False, donate: bool = True):
+    _step.check_loss_fn(self.name, loss_fn)
+    super().__init__(loss_fn, _step.as_transformation(self.name, tx), has_aux=has_aux, donate=donate)
+    self.warned = False
+    self._compiled: dict[int, Callable[..., Any]] = {}
+    # The block the host last read from a state, how many calls it stays active, and the schedule
+    # array of the state the last call returned: the cache holds for that state only.
+    self._block: int | None = None
+    self._calls_left = 0
+    self._returned: Any = None
+
+  @property
+  def compiled_blocks(self):
+    """The blocks whose step is compiled so far (a live view)."""
+    return self._compiled.keys()
+
+  def __call__(self, params, opt_state, *args, **kwargs):
+    state = _block_state(opt_state)
+    if self.donate:
+      _refuse_deleted(params, opt_state)
+    if state.count is not self._returned:
+      # Not the state the previous call returned (the first call, a fresh init, a restored
+      # checkpoint): the cached block says nothing about it.
+      self._calls_left = 0
+      if self.donate:
+        # A fresh state (from tx.init) may hold one array in two places; donation needs distinct
+        # buffers.
+        params, opt_state = _step.distinct_buffers((params, opt_state))
+        state = _block_state(opt_state)
+    if self._calls_left <= 0:
+      self._read_schedule(state)
+    fn = self._compiled_for(self._block, params, opt_state)
+    self._calls_left -= 1
+    out = fn(params, opt_state, *args, **kwargs)
+    self._returned = _block_state(out[1]).count
+    return out
+
+  def lower(self, block, params, opt_state, *args, **kwargs):
+    """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""
+    return self._compiled_for(block, params, opt_state).lower(params, opt_state, *args, **kwargs)
+
+  def _read_schedule(self, state) -> None:
+    """Reads the active block from ``state`` (one small device read), and for how many calls it
+    stays active."""
+    block, block_step, period, micro, every = (int(x) for x in jax.device_get(
+        (state.active_block, state.block_step, state.switch_every,
+         state.accumulator.micro_step, state.accumulator.every)))
+    # Each call advances the block's step by at most one (MultiSteps and apply_if_finite can
+    # hold it back), and by none inside an accumulation window, so the active block cannot
+    # change for at least this many calls.
+    self._block, self._calls_left = block, _accumulate.calls_left(period, block_step, micro, every)
+
+  def _compiled_for(self, block, params, opt_state):
+    if block not in self._compiled:
+      labels = _step_labels(self.tx, params, opt_state)
+      shardings = _step.mesh_shardings((params, opt_state))
+      group = _stack_groups(labels).get(block)
+      if group is None:
+        self._compiled[block] = self._build(block, labels, shardings)
+      else:
+        whole = tuple(_blocks.always_active_leaves(labels))
+        fn = self._build_stack(group[0], group[1], whole, shardings)
+        for b, j in enumerate(group[1]):
+          if j >= 0:
+            self._compiled[b] = fn
+    return self._compiled[block]
+
+  def _build(self, block, labels, shardings):
+    """The compiled step of one block (whole leaves, or slices at a static index)."""
+    # A stacked leaf with a slice in the block is differentiated whole (its other slices' updates
+    # are zero); always-active leaves (and leaves another optimizer in tx trains) are in every step.
+    index = [i for i, lab in enumerate(labels)
+             if block in _blocks.label_ids(lab) or lab == _blocks.ALWAYS_ACTIVE]
+
+    def one_step(params, opt_state, *args, **kwargs):
+      return self._trace_block(block, index, shardings, params, opt_state, args, kwargs)
+
+    return self.jit(one_step)
+
+  def _trace_block(self, block, index, shardings, params, opt_state, args, kwargs):
+    self.trace_count += 1
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+
+    def block_loss(active):
+      full = list(leaves)
+      for i, a in zip(index, active):
+        full[i] = a
+      out = self.loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
+      self.scalar_loss(out)
+      return out
+
+    out, block_grads = jax.value_and_grad(block_loss, has_aux=self.has_aux)(
+        [leaves[i] for i in index]
+    )
+    grads = _zeros_but(leaves, index, block_grads)
+    updates, opt_state = self.tx.update(
+        jax.tree_util.tree_unflatten(treedef, grads),
+        opt_state,
+        params,
+        **{_protocol.STATIC_BLOCK: block},
+    )
+    new_leaves = _add_updates(leaves, jax.tree_util.tree_leaves(updates), index)
+    # On a device mesh, hand back params and state sharded as they came in: left alone, the
+    # partitioner may pick another layout for a few outputs (e.g. a norm scale split over the
+    # batch axis its gradient was reduced over).
+    new_params, opt_state = _step.keep_shardings(
+        (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
+    )
+    return new_params, opt_state, out
+
+  def _build_stack(self, leaf_index, table, whole, shardings):
+    """One step for every block that is slice ``j`` of the stacked leaves ``leaf_index``: the slice
+    is read from the state's active block on the device, so this compiles once. The leaves
+    ``whole`` (always active) are differentiated whole in every block."""
+    table = jnp.asarray(table, jnp.int32)
+
+    def one_step(params, opt_state, *args, **kwargs):
+      return self._trace_stack(leaf_index, table, whole, shardings, params, opt_state, args, kwargs)
+
+    return self.jit(one_step)
+
+  def _trace_stack(self, leaf_index, table, whole, shardings, params, opt_state, args, kwargs):
+    self.trace_count += 1
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    k = table[_block_state(opt_state).active_block]
+    slices = [jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False) for i in leaf_index]
+    block_loss = _StackLoss(self, leaves, treedef, leaf_index, whole, k, args, kwargs)
+    out, (slice_grads, whole_grads) = jax.value_and_grad(
+        block_loss, argnums=(0, 1), has_aux=self.has_aux)(slices, [leaves[i] for i in whole])
+    if not all(e.used for e in block_loss.found) and not self.warned:
+      self.warned = True
+      warnings.warn(_unsliced_reason([leaves[i] for i in leaf_index], block_loss.unmatched),
+                    stacklevel=_scan._caller_stacklevel())
+    grads = _stack_gradients(leaves, leaf_index, slice_grads, whole, whole_grads, k)
+    updates, opt_state = self.tx.update(
+        jax.tree_util.tree_unflatten(treedef, grads), opt_state, params
+    )
+    new_leaves = _stack_write_back(leaves, jax.tree_util.tree_leaves(updates), leaf_index, whole, k)
+    new_params, opt_state = _step.keep_shardings(
+        (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
+    )
+    return new_params, opt_state, out
 
 
 def make_block_step(
@@ -268,9 +497,10 @@ def make_block_step(
       ``nnx.update(model, params)`` with the returned params before using the module again.
 
   Returns:
-    The step function. Its attribute ``compiled_blocks`` is the set of blocks compiled so far,
-    ``trace_count`` the number of traces, and ``lower(block, params, opt_state, *args)`` gives the
-    ``jax.stages.Lowered`` step of one block (for XLA's cost and memory analyses).
+    The step, a :class:`BlockStep` called like a function. Its attribute ``compiled_blocks`` is the
+    set of blocks compiled so far, ``trace_count`` the number of traces, and
+    ``lower(block, params, opt_state, *args)`` gives the ``jax.stages.Lowered`` step of one block (for
+    XLA's cost and memory analyses).
 
   Raises:
     TypeError: ``tx`` has no block-coordinate stage, changes the parameter tree it hands that stage,
@@ -292,236 +522,4 @@ def make_block_step(
     >>> sorted(step.compiled_blocks)
     [0, 1, 2]
   """
-  if not callable(loss_fn):
-    raise TypeError("make_block_step: loss_fn must be callable")
-  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-    raise TypeError(f"make_block_step: tx must be an optax transformation, got {type(tx).__name__}")
-  if isinstance(tx, optax.GradientTransformation):
-    tx = optax.with_extra_args_support(tx)
-  compiled: dict[int, Callable[..., Any]] = {}
-  # The block the host last read from a state, how many calls it stays active, and the schedule
-  # array of the state the last call returned: the cache holds for that state only.
-  host = {"block": None, "left": 0, "returned": None}
-
-  def labels_of(params, opt_state):
-    """Per leaf of ``params``, the label the block step works from.
-
-    The block-coordinate stage's labels (block ids, ``-1`` frozen, ``-2`` always active) for the
-    leaves it sees; for the leaves it does not see (``optax.multi_transform`` gives it part of the
-    tree), ``-2`` when the update ``tx`` computes for the leaf depends on the leaf's gradient (another
-    optimizer trains it: the step must differentiate it), else ``-1`` (``optax.set_to_zero``).
-    """
-    probe: dict[Any, Any] = {}
-    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-
-    def probed_update(grads, opt_state, params):
-      updates, _ = tx.update(grads, opt_state, params, **{_protocol.LABELS_PROBE: probe})
-      return jax.tree_util.tree_leaves(updates)
-
-    closed = jax.make_jaxpr(probed_update)(grads, opt_state, params)
-    if len(probe) != 1:
-      raise TypeError(
-          "make_block_step: tx must contain exactly one optax_memopt.badam / block_coordinate stage"
-      )
-    stage_labels, stage_paths = next(iter(probe.values()))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    where = {p: i for i, p in enumerate(paths)}
-    if all(p in where for p in stage_paths):
-      position = [where[p] for p in stage_paths]
-    elif len(stage_paths) == len(paths):
-      position = list(range(len(paths)))
-    else:
-      raise TypeError(
-          "make_block_step: the block-coordinate stage sees parameters that are not those of the "
-          f"step ({stage_paths[:2]} ...): a wrapper in tx changes the parameter tree; use jax.grad "
-          "and tx.update"
-      )
-    labels: list[Any] = [None] * len(paths)
-    for i, lab in zip(position, stage_labels):
-      labels[i] = lab
-    _blocks.refuse_other_axes(
-        "make_block_step", _tree.leaf_paths(params),
-        [_blocks.label_axis(lab) if isinstance(lab, tuple) else None for lab in labels])
-    outside = [i for i, lab in enumerate(labels) if lab is None]
-    trained = _own_gradient_reaches_update(closed.jaxpr, outside) if outside else set()
-    return [(_blocks.ALWAYS_ACTIVE if i in trained else _blocks.FROZEN) if lab is None else lab
-            for i, lab in enumerate(labels)]
-
-  def build(block, labels, shardings):
-    # A stacked leaf with a slice in the block is differentiated whole (its other slices' updates
-    # are zero); always-active leaves (and leaves another optimizer in tx trains) are in every step.
-    index = [i for i, lab in enumerate(labels)
-             if block in _blocks.label_ids(lab) or lab == _blocks.ALWAYS_ACTIVE]
-
-    def one_step(params, opt_state, *args, **kwargs):
-      step.trace_count += 1
-      leaves, treedef = jax.tree_util.tree_flatten(params)
-
-      def block_loss(active):
-        full = list(leaves)
-        for i, a in zip(index, active):
-          full[i] = a
-        out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
-        loss = out[0] if has_aux else out
-        if not (hasattr(loss, "shape") and loss.shape == ()):
-          shape = getattr(loss, "shape", type(loss).__name__)
-          raise TypeError(f"make_block_step: loss_fn must return a scalar loss, got {shape}")
-        return out
-
-      out, block_grads = jax.value_and_grad(block_loss, has_aux=has_aux)(
-          [leaves[i] for i in index]
-      )
-      grads = [jnp.zeros_like(x) for x in leaves]
-      for i, g in zip(index, block_grads):
-        grads[i] = g
-      updates, opt_state = tx.update(
-          jax.tree_util.tree_unflatten(treedef, grads),
-          opt_state,
-          params,
-          **{_protocol.STATIC_BLOCK: block},
-      )
-      update_leaves = jax.tree_util.tree_leaves(updates)
-      new_leaves = list(leaves)
-      for i in index:
-        new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
-      # On a device mesh, hand back params and state sharded as they came in: left alone, the
-      # partitioner may pick another layout for a few outputs (e.g. a norm scale split over the
-      # batch axis its gradient was reduced over).
-      new_params, opt_state = _keep_shardings(
-          (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
-      )
-      return new_params, opt_state, out
-
-    return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
-
-  def build_stack(leaf_index, table, whole, shardings):
-    """One step for every block that is slice ``j`` of the stacked leaves ``leaf_index``: the slice
-    is read from the state's active block on the device, so this compiles once. The leaves
-    ``whole`` (always active) are differentiated whole in every block."""
-    table = jnp.asarray(table, jnp.int32)
-
-    def one_step(params, opt_state, *args, **kwargs):
-      step.trace_count += 1
-      leaves, treedef = jax.tree_util.tree_flatten(params)
-      k = table[_block_state(opt_state).active_block]
-      slices = [jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False) for i in leaf_index]
-      found: list[_scan._Active] = []
-      unmatched: list[list[tuple[tuple[int, ...], Any]]] = []
-
-      def block_loss(active, always):
-        full = list(leaves)
-        entries = {}
-        for i, a in zip(whole, always):
-          full[i] = a
-        for i, a in zip(leaf_index, active):
-          full[i] = _scan.mark_active(leaves[i], a, k)
-          entries[id(full[i])] = _scan._Active(a, k)
-        with _scan.active_slices(entries, frozenset(id(full[i]) for i in whole)) as seen:
-          out = loss_fn(jax.tree_util.tree_unflatten(treedef, full), *args, **kwargs)
-        unmatched.extend(seen)
-        found.extend(entries.values())
-        loss = out[0] if has_aux else out
-        if not (hasattr(loss, "shape") and loss.shape == ()):
-          shape = getattr(loss, "shape", type(loss).__name__)
-          raise TypeError(f"make_block_step: loss_fn must return a scalar loss, got {shape}")
-        return out
-
-      out, (slice_grads, whole_grads) = jax.value_and_grad(
-          block_loss, argnums=(0, 1), has_aux=has_aux)(slices, [leaves[i] for i in whole])
-      if not all(e.used for e in found) and not step.warned:
-        step.warned = True
-        warnings.warn(_unsliced_reason([leaves[i] for i in leaf_index], unmatched),
-                      stacklevel=_scan._caller_stacklevel())
-      # Zero outside layer k, as an elementwise expression XLA fuses into its consumers (BAdam
-      # gathers layer k with a dynamic slice; a global-norm clip reduces over it): the stack-sized
-      # gradient is never materialised.
-      grads = [jnp.zeros_like(x) for x in leaves]
-      for i, g in zip(leaf_index, slice_grads):
-        x = leaves[i]
-        layer = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
-        grads[i] = jnp.where(layer == k, g.astype(x.dtype)[None], jnp.zeros((), x.dtype))
-      for i, g in zip(whole, whole_grads):
-        grads[i] = g
-      updates, opt_state = tx.update(
-          jax.tree_util.tree_unflatten(treedef, grads), opt_state, params
-      )
-      update_leaves = jax.tree_util.tree_leaves(updates)
-      new_leaves = list(leaves)
-      for i in leaf_index:
-        # Only slice k changes: written in place into the (donated) stacked leaf.
-        new = (jax.lax.dynamic_index_in_dim(leaves[i], k, keepdims=False)
-               + jax.lax.dynamic_index_in_dim(update_leaves[i], k, keepdims=False))
-        new_leaves[i] = jax.lax.dynamic_update_index_in_dim(
-            leaves[i], new.astype(leaves[i].dtype), k, 0)
-      for i in whole:
-        new_leaves[i] = (leaves[i] + update_leaves[i]).astype(leaves[i].dtype)
-      new_params, opt_state = _keep_shardings(
-          (jax.tree_util.tree_unflatten(treedef, new_leaves), opt_state), shardings
-      )
-      return new_params, opt_state, out
-
-    return jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
-
-  def compiled_for(block, params, opt_state, args, kwargs):
-    if block not in compiled:
-      labels = labels_of(params, opt_state)
-      shardings = _mesh_shardings((params, opt_state))
-      group = _stack_groups(labels).get(block)
-      if group is None:
-        compiled[block] = build(block, labels, shardings)
-      else:
-        whole = tuple(_blocks.always_active_leaves(labels))
-        fn = build_stack(group[0], group[1], whole, shardings)
-        for b, j in enumerate(group[1]):
-          if j >= 0:
-            compiled[b] = fn
-    return compiled[block]
-
-  def step(params, opt_state, *args, **kwargs):
-    state = _block_state(opt_state)
-    deleted = None
-    if donate:
-      deleted = next((f"{what} {p!r}" for what, tree in (("parameter", params), ("opt_state leaf", opt_state))
-                      if (p := _deleted_leaf(tree)) is not None), None)
-    if deleted is not None:
-      raise RuntimeError(
-          f"make_block_step: {deleted} was deleted: an earlier call donated it (donate=True reuses "
-          "the buffers of params and opt_state, and nnx.split / nnx.state share a module's arrays, "
-          "so the module's are deleted too); pass the params and state the last call returned "
-          "(nnx.update(model, params) before using or splitting the module again), or "
-          "make_block_step(..., donate=False)")
-    if state.count is not host["returned"]:
-      # Not the state the previous call returned (the first call, a fresh init, a restored
-      # checkpoint): the cached block says nothing about it.
-      host["left"] = 0
-      if donate:
-        # A fresh state (from tx.init) may hold one array in two places; donation needs distinct
-        # buffers.
-        params, opt_state = _distinct_buffers((params, opt_state))
-        state = _block_state(opt_state)
-    if host["left"] <= 0:
-      block, block_step, period, micro, every = (int(x) for x in jax.device_get(
-          (state.active_block, state.block_step, state.switch_every,
-           state.accumulator.micro_step, state.accumulator.every)))
-      # Each call advances the block's step by at most one (MultiSteps and apply_if_finite can
-      # hold it back), and by none inside an accumulation window, so the active block cannot
-      # change for at least this many calls.
-      host["block"], host["left"] = block, _accumulate.calls_left(period, block_step, micro, every)
-    block = host["block"]
-    fn = compiled_for(block, params, opt_state, args, kwargs)
-    host["left"] -= 1
-    out = fn(params, opt_state, *args, **kwargs)
-    host["returned"] = _block_state(out[1]).count
-    return out
-
-  def lower(block, params, opt_state, *args, **kwargs):
-    """``jax.stages.Lowered`` of the step for ``block`` (inputs may be ``ShapeDtypeStruct``)."""
-    return compiled_for(block, params, opt_state, args, kwargs).lower(
-        params, opt_state, *args, **kwargs)
-
-  step.trace_count = 0
-  step.warned = False
-  step.compiled_blocks = compiled.keys()
-  step.lower = lower
-  return step
-
+  return BlockStep(loss_fn, tx, has_aux=has_aux, donate=donate)

@@ -4,8 +4,9 @@ A partition is a pytree with the structure of the params whose leaves are *label
 id for a whole leaf (``0 .. D-1``, ``-1`` frozen, ``-2`` always active: trained at every step whatever
 the active block), or, for a stacked leaf ``[L, ...]`` (a layer stack
 run by a scan), a 1-D integer array or list/tuple of ``L`` ids, one per slice along the leading
-axis. :func:`block_labels` infers the usual one-block-per-transformer-layer partition from key paths
-and shapes, for lists of layers and for layer stacks alike; :func:`resolve_blocks` turns every
+axis. :func:`block_labels` infers the usual one-block-per-transformer-layer partition from the
+layers :mod:`optax_memopt._stacks` recognises (lists of layers and layer stacks alike);
+:func:`resolve_blocks` turns every
 accepted ``blocks=`` spec into a flat list of labels (one per leaf, in ``jax.tree_util`` order:
 ``int`` or ``tuple[int, ...]``) and validates it.
 """
@@ -18,25 +19,9 @@ from typing import Any, NamedTuple
 
 import jax
 
+from optax_memopt import _stacks
+from optax_memopt._stacks import StackLabels, label_axis
 from optax_memopt._tree import leaf_paths
-
-# Names of the attribute holding a transformer's layers, as a list (`layers.3`, Linen's `layers_3`) or
-# as one stacked module (`layers` with leaves `[L, ...]`). Matched case-insensitively on one path
-# component; Linen's automatic module names (`Dense_0`, `Block_1`) are not among them.
-CONTAINER_NAMES = frozenset({
-    "layers", "layer", "h", "blocks", "block", "decoder_layers", "encoder_layers", "layer_stack",
-    "scan", "scanned_layers",
-})
-_INDEX = re.compile(r"^\d+$")
-_SUFFIX_INDEX = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z][A-Za-z0-9]*)*)_(?P<idx>\d+)$")
-# Linen's `nn.scan(Block, ...)` module without an explicit name is `ScanBlock_0`.
-_LINEN_SCAN = re.compile(r"^Scan[A-Z][A-Za-z0-9]*_\d+$")
-# Linen's built-in modules hold arrays directly: `Dense_0`, `Embed_0` are never a layer list.
-_EMBEDDING = re.compile(
-    r"(^|[._])(embed\w*|embeddings?|wte|wpe|tok_embeddings|word_embeddings|position_embeddings"
-    r"|token_type_embeddings|embed_tokens|embedder)($|[._])",
-    re.IGNORECASE,
-)
 
 BlockSpec = Any  # None | label pytree | Callable[[params], labels] | Sequence[str] of regexes
 # None | pytree of bools | Callable[[params], bools] | Sequence[str] of regexes
@@ -48,254 +33,6 @@ FROZEN = -1
 ALWAYS_ACTIVE = -2
 
 
-def _is_container(name: str) -> bool:
-  return name.lower() in CONTAINER_NAMES
-
-
-def _list_keys(paths: list[str]) -> list[tuple[str, int] | None]:
-  """Per leaf, (container path, layer index) when it belongs to a python list of layers.
-
-  An integer component after a container (``model.layers.3.mlp``, ``h.3``) is always a layer index.
-  A Linen-style suffix ``name_3`` is one when ``name`` is a layer-container name (``layers_3``), or
-  when the modules ``name_0, name_1, ...`` (at least two) each hold submodules rather than arrays
-  (Linen's automatic names for a list of layers, ``Block_0.Dense_0.kernel``); Linen's own
-  ``Dense_0`` / ``Embed_0`` / ``LayerNorm_0`` hold arrays directly and are never layers.
-  """
-  # Every candidate component of every path: (depth below it, container path, suffix name, index).
-  candidates: list[list[tuple[int, str, str, int]]] = []
-  for path in paths:
-    parts = path.split(".")
-    found = []
-    for i, part in enumerate(parts):
-      if i > 0 and _INDEX.match(part):
-        found.append((len(parts) - i, ".".join(parts[:i]), "", int(part)))
-        continue
-      m = _SUFFIX_INDEX.match(part)
-      if m and not _LINEN_SCAN.match(part):
-        name = m.group("name")
-        found.append((len(parts) - i, ".".join(parts[:i] + [name]), name, int(m.group("idx"))))
-    candidates.append(found)
-  # Suffix groups not named like a container must look like a list of layers: two or more
-  # modules, none holding an array directly (that is what Linen's built-in modules do).
-  indices: dict[str, set[int]] = {}
-  shallow: set[str] = set()
-  for found in candidates:
-    for depth, container, name, idx in found:
-      if name and not _is_container(name):
-        indices.setdefault(container, set()).add(idx)
-        if depth < 3:
-          shallow.add(container)
-  accepted = {c for c, idx in indices.items() if len(idx) >= 2 and c not in shallow}
-
-  def ok(c):
-    return not c[2] or _is_container(c[2]) or c[1] in accepted
-
-  return [next(((c[1], c[3]) for c in found if ok(c)), None) for found in candidates]
-
-
-def _prefix_of(path: str, prefix: str) -> bool:
-  return path == prefix or path.startswith(prefix + ".")
-
-
-class StackKey(NamedTuple):
-  """Where a leaf sits in a layer stack: the stack's path, its number of layers and the leaf's layer
-  axis (the stack's axis, 0 for a per-layer scalar ``[L]`` in a stack scanned on axis 1)."""
-
-  prefix: str
-  length: int
-  axis: int
-
-
-def _leaf_axis(shape: tuple[int, ...], axis: int) -> int:
-  """The layer axis of a leaf of ``shape`` in a stack scanned on ``axis``: a leaf with no such axis
-  (a per-layer scalar ``[L]`` stacked on axis 1) has its layers on its last axis."""
-  return min(axis, len(shape) - 1)
-
-
-def _shared_length(shapes: list[tuple[int, ...]], axis: int) -> int | None:
-  """The number of layers when every leaf has it on its layer axis for a stack on ``axis``."""
-  if not shapes or any(not s for s in shapes):
-    return None
-  lengths = {s[_leaf_axis(s, axis)] for s in shapes}
-  return lengths.pop() if len(lengths) == 1 else None
-
-
-def stacks_spec(stacks: Any) -> dict[str, int | None] | None:
-  """``stacks=`` as ``{path: axis}`` (``None``: the axis is found from the shapes); validated.
-
-  Accepts ``None``, a path, a sequence of paths, or a mapping ``{path: axis}``; paths are dotted or
-  slashed (``"decoder.layers"``, ``"decoder/layers"``).
-  """
-  if stacks is None:
-    return None
-  if isinstance(stacks, str):
-    stacks = (stacks,)
-  if isinstance(stacks, dict):
-    items = list(stacks.items())
-  elif isinstance(stacks, Sequence):
-    items = [(path, None) for path in stacks]
-  else:
-    raise TypeError(
-        f"stacks: expected a path, a sequence of paths or a dict {{path: layer axis}}, got {stacks!r}")
-  out: dict[str, int | None] = {}
-  for path, axis in items:
-    if not isinstance(path, str):
-      raise TypeError(f"stacks: a stack path must be a str, got {path!r}")
-    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
-      raise ValueError(
-          f"stacks: the layer axis of {path!r} must be an int >= 0 (0 for [L, ...] leaves, 1 for "
-          f"Linen nn.scan(variable_axes={{'params': 1}})), got {axis!r}")
-    out[path.replace("/", ".")] = axis
-  return out
-
-
-def _stack_keys(
-    paths: list[str], shapes: list[tuple[int, ...]], listed: list[Any], stacks: Any
-) -> list[StackKey | None]:
-  """Per leaf, its :class:`StackKey` when it belongs to a layer stack, else ``None``.
-
-  Guessed (``stacks=None``): the subtree under the first path component named like a layer container
-  (``layers``, ``h``, ``blocks``, ...; Linen's ``nn.scan`` default ``ScanBlock_0``), not in a list of
-  layers, whose leaves share
-  * their leading dimension ``L`` and have two or more dimensions (one-dimensional per-layer scalars
-    ``[L]`` too, next to a leaf of three or more): a stack on axis 0; or else
-  * their second dimension ``L`` (per-layer scalars ``[L]`` too), with a leaf of three or more
-    dimensions (a kernel ``[d_in, L, d_out]``): a stack on axis 1 (Linen's ``nn.scan(...,
-    variable_axes={'params': 1})``, MaxText's ``param_scan_axis: 1``). Two-dimensional leaves that
-    share only their second axis are ambiguous and refused with ``ValueError``.
-  Explicit: ``stacks`` names the subtrees (see :func:`stacks_spec`); each must exist and its leaves
-  must share the declared axis (axis 0, else axis 1, when none is declared), else ``ValueError``.
-  """
-  out: list[StackKey | None] = [None] * len(paths)
-  spec = stacks_spec(stacks)
-  if spec is not None:
-    for prefix, axis in spec.items():
-      members = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
-      if not members:
-        raise ValueError(
-            f"stacks: {prefix!r} names no subtree of the parameters; paths look like {paths[:3]}"
-        )
-      found = [shapes[i] for i in members]
-      shown = ", ".join(f"{paths[i]} {tuple(shapes[i])}" for i in members[:4])
-      if axis is None:  # axis 0 unless only axis 1 is shared
-        axis = 1 if _shared_length(found, 0) is None and _shared_length(found, 1) is not None else 0
-      length = _shared_length(found, axis)
-      if length is None:
-        raise ValueError(
-            f"stacks: the leaves under {prefix!r} do not share a layer axis {axis}: {shown}; declare "
-            f"the axis their layers are on, e.g. stacks={{{prefix!r}: 1}} for Linen "
-            "nn.scan(variable_axes={'params': 1}), or leave the subtree out of stacks")
-      for i in members:
-        out[i] = StackKey(prefix, length, _leaf_axis(shapes[i], axis))
-    return out
-  candidates: dict[str, list[int]] = {}
-  for i, path in enumerate(paths):
-    if listed[i] is not None:
-      continue
-    parts = path.split(".")
-    for j, part in enumerate(parts[:-1]):
-      if _is_container(part) or _LINEN_SCAN.match(part):
-        candidates.setdefault(".".join(parts[: j + 1]), []).append(i)
-        break
-  for prefix, members in candidates.items():
-    every = [i for i, p in enumerate(paths) if _prefix_of(p, prefix)]
-    found = [shapes[i] for i in members]
-    ndims = [len(s) for s in found]
-    if len(every) != len(members) or min(ndims) < 1:
-      continue
-    # [L] leaves (a per-layer scalar) only next to a leaf of 3+ dimensions: one unstacked layer's
-    # [d, d] kernel and [d] bias would otherwise look like a stack of d layers.
-    axis = None
-    if min(ndims) >= (1 if max(ndims) >= 3 else 2) and _shared_length(found, 0) is not None:
-      axis = 0
-    elif max(ndims) >= 3 and _shared_length(found, 1) is not None:
-      axis = 1
-    elif min(ndims) >= 2 and _shared_length(found, 1) is not None and len(found) >= 2:
-      raise ValueError(
-          f"stacks: the leaves under {prefix!r} share axis 1 ({paths[members[0]]} {found[0]}, ...) "
-          "but not axis 0, and none has 3 dimensions: if they are a layer stack scanned on axis 1 "
-          f"declare it, stacks={{{prefix!r}: 1}}; if not, pass stacks=() (no stack)")
-    if axis is not None:
-      length = _shared_length(found, axis)
-      for i in members:
-        out[i] = StackKey(prefix, length, _leaf_axis(shapes[i], axis))
-  return out
-
-
-_ENCODER = re.compile(r"(^|[._])(enc\w*)($|[._])", re.IGNORECASE)
-_DECODER = re.compile(r"(^|[._])(dec\w*)($|[._])", re.IGNORECASE)
-
-
-def _input_to_output(container: str) -> int:
-  """Sort key of a layer container: encoders before decoders (a dict's keys are flattened in
-  alphabetical order, which puts ``decoder`` first); otherwise the order of first appearance."""
-  if _ENCODER.search(container):
-    return 0
-  if _DECODER.search(container):
-    return 2
-  return 1
-
-
-def stack_keys(params: Any, stacks: Any = None) -> list[StackKey | None]:
-  """Per leaf of ``params`` (in ``jax.tree_util`` order), its :class:`StackKey` (stack, number of
-  layers, layer axis), ``None`` if the leaf is not part of a recognised layer stack (see
-  :func:`block_labels`)."""
-  paths = leaf_paths(params)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
-  return _stack_keys(paths, shapes, _list_keys(paths), stacks)
-
-
-def stack_lengths(params: Any, stacks: Any = None) -> list[int | None]:
-  """Per leaf of ``params``, its layer-stack length, ``None`` outside the layer stacks."""
-  return [None if k is None else k.length for k in stack_keys(params, stacks)]
-
-
-def refuse_other_axes(who: str, paths: list[str], axes: list[int | None]) -> None:
-  """A one-line ``ValueError`` when a leaf's layer axis (``None``: not stacked) is not 0: the step
-  builders run a stack through :func:`optax_memopt.scan_layers`, which scans axis 0."""
-  bad = next((i for i, a in enumerate(axes) if a), None)
-  if bad is None:
-    return
-  raise ValueError(
-      f"{who}: {paths[bad]!r} is in a layer stack on axis {axes[bad]} (Linen nn.scan(variable_axes="
-      "{'params': 1}), MaxText param_scan_axis: 1), but the step runs stacks through "
-      "optax_memopt.scan_layers, which scans axis 0; store the stack with its layers on axis 0 "
-      "(variable_axes={'params': 0}, param_scan_axis: 0), or train with jax.grad and tx.update "
-      "(badam, badam_ratio and adarankgrad handle axis 1 as drop-in optimizers)")
-
-
-class StackLabels(tuple):
-  """The labels of a stacked leaf whose layers are on axis ``axis`` (not 0): one block id per slice
-  ``x[:, l]`` (``axis=1``). :func:`block_labels` gives these for a stack scanned on axis 1; a plain
-  tuple (or 1-D integer array) labels the slices of the leading axis.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax_memopt
-    >>> params = {'layers': {'w': jnp.zeros((4, 3, 4))}}  # a stack of 3 layers on axis 1
-    >>> labels = {'layers': {'w': optax_memopt.StackLabels((0, 1, 2), axis=1)}}
-    >>> print(optax_memopt.describe_blocks(params, labels).splitlines()[1])
-        0      16     64  layers.w[:, 0]
-  """
-
-  axis: int
-
-  def __new__(cls, ids, axis: int = 0):
-    out = super().__new__(cls, ids)
-    out.axis = int(axis)
-    return out
-
-  def __repr__(self) -> str:
-    return f"StackLabels({tuple(self)!r}, axis={self.axis})"
-
-  def __reduce__(self):
-    return (StackLabels, (tuple(self), self.axis))
-
-
-def label_axis(label: Any) -> int:
-  """The layer axis of a per-slice label (0 for a plain tuple)."""
-  return getattr(label, "axis", 0)
-
 
 def _per_slice(ids: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(ids) if axis == 0 else StackLabels(ids, axis)
@@ -304,10 +41,7 @@ def _per_slice(ids: Sequence[int], axis: int) -> tuple[int, ...]:
 def _default_labels(
     params: Any, include_embedding: bool, include_lm_head: bool, stacks: Any
 ) -> list[Label]:
-  paths = leaf_paths(params)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
-  listed = _list_keys(paths)
-  stacked = _stack_keys(paths, shapes, listed, stacks)
+  paths, _, listed, stacked = _stacks.find_layers(params, stacks)
   if not any(k is not None for k in listed + stacked):
     return _top_level_blocks(paths)
 
@@ -317,12 +51,12 @@ def _default_labels(
     c = lk[0] if lk is not None else sk[0] if sk is not None else None
     if c is not None and c not in containers:
       containers.append(c)
-  containers.sort(key=_input_to_output)
+  containers.sort(key=_stacks.input_to_output)
   layer_ids = {(containers.index(k[0]), k[1]) for k in listed if k is not None}
   for k in stacked:
     if k is not None:
       layer_ids.update((containers.index(k[0]), s) for s in range(k[1]))
-  is_embedding = [lk is None and sk is None and bool(_EMBEDDING.search(p))
+  is_embedding = [lk is None and sk is None and _stacks.is_embedding(p)
                   for lk, sk, p in zip(listed, stacked, paths)]
   offset = 1 if include_embedding and any(is_embedding) else 0
   layer_block = {lk: offset + i for i, lk in enumerate(sorted(layer_ids))}

@@ -9,6 +9,12 @@ new slices back and moves on to layer ``l - 1``, so at most one layer's gradient
 The leaves outside the stacks (embedding, final norm, head) are updated after the backward pass.
 With ``accumulate=N`` the step takes ``N`` micro-batches at once and sums each layer's gradient
 over them (one micro-batch's pullback at a time) before that layer's single update.
+
+Pieces: :func:`_make_plan` finds the stacks and which state leaves each one slices (from shapes);
+:class:`_PerLayerCheck` refuses a ``tx`` whose update cannot run layer by layer (on ``tx.update``'s
+jaxprs, analysed by ``_jaxpr``); :class:`LayerwiseStep` is the step object (host state, one compiled
+function); :class:`_LayerwiseTrace` is one trace of it (the per-layer update :class:`_LayerUpdate`
+handed to ``scan_layers``, then the leaves outside the stacks).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_memopt import _badam, _badam_ratio, _block_step, _blocks, _scan, _tree
+from optax_memopt import _badam, _badam_ratio, _jaxpr, _scan, _stacks, _step, _tree
 
 # Integer optimizer-state slices travel through the backward pass as cotangents, which must be
 # floats: they are bit-cast to a float of the same width and back (the bits are never computed on).
@@ -69,10 +75,7 @@ def _refuse_known(opt_state: Any) -> None:
        "use the ordinary step"),
   )
 
-  def is_kind(x):
-    return isinstance(x, tuple(k for k, _ in kinds))
-
-  for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_kind):
+  for x in _tree.find_states(opt_state, tuple(k for k, _ in kinds)):
     for kind, why in kinds:
       if isinstance(x, kind):
         raise TypeError(f"make_layerwise_step: tx cannot be applied layer by layer: {why}")
@@ -104,17 +107,7 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
   leaves = jax.tree_util.tree_leaves(params)
   paths = _tree.leaf_paths(params)
   shapes = [tuple(jnp.shape(x)) for x in leaves]
-  keys = _blocks._stack_keys(paths, shapes, _blocks._list_keys(paths), stacks)
-  _blocks.refuse_other_axes("make_layerwise_step", paths, [None if k is None else k.axis for k in keys])
-  names: list[str] = []
-  for k in keys:
-    if k is not None and k[0] not in names:
-      names.append(k[0])
-  if not names:
-    raise ValueError(
-        "make_layerwise_step: no layer stack found in params (stacked leaves [L, ...] under a "
-        f"name like 'layers'; paths look like {paths[:3]}); name it with stacks=..."
-    )
+  keys, names = _find_stacks(paths, shapes, stacks)
   for path, x in zip(paths, leaves):
     if not _tree.is_float(x):
       raise TypeError(
@@ -124,37 +117,41 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
   stack_of_leaf = tuple(None if k is None else names.index(k[0]) for k in keys)
   lengths = tuple(next(k[1] for k in keys if k is not None and k[0] == n) for n in names)
   _refuse_known(opt_state)
+  _check_state_is_for(tx, params, opt_state)
+  owner = _state_owners(tx, params, opt_state, names, stack_of_leaf, lengths)
+  return _Plan(tuple(names), stack_of_leaf, owner, lengths)
 
+
+def _find_stacks(paths, shapes, stacks) -> tuple[list[Any], list[str]]:
+  """Per params leaf its stack key (``None`` outside stacks), and the stacks' names in order."""
+  keys = _stacks.find_stacks(paths, shapes, _stacks.list_keys(paths), stacks)
+  _stacks.refuse_other_axes("make_layerwise_step", paths, [None if k is None else k.axis for k in keys])
+  names: list[str] = []
+  for k in keys:
+    if k is not None and k[0] not in names:
+      names.append(k[0])
+  if not names:
+    raise ValueError(
+        "make_layerwise_step: no layer stack found in params (stacked leaves [L, ...] under a "
+        f"name like 'layers'; paths look like {paths[:3]}); name it with stacks=..."
+    )
+  return keys, names
+
+
+def _state_owners(tx, params, opt_state, names, stack_of_leaf, lengths) -> tuple[int | None, ...]:
+  """Per state leaf, the stack whose layers it is sliced by (``None``: shared by all layers)."""
   state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
   state_paths = _state_paths(opt_state)
-  _check_state_is_for(tx, params, opt_state)
   owner: list[int | None] = [None] * len(state_leaves)
   for a, name in enumerate(names):
     # One layer is seen as a stack of one ([1, ...]): tx recognises it as it recognises the stack (a
     # stack of square matrices' layer [d, d] would look like a stack of d vectors), and decides on
     # its ndim as on the stack's. A stack of one is probed as two, to tell its layers' state apart.
     probe = 1 if lengths[a] > 1 else 2
-    view = [jax.ShapeDtypeStruct((probe,) + s[1:], x.dtype) if st == a
-            else jax.ShapeDtypeStruct(s, x.dtype) for x, s, st in zip(leaves, shapes, stack_of_leaf)]
-    params_def = jax.tree_util.tree_structure(params)
-    view_state = jax.eval_shape(tx.init, jax.tree_util.tree_unflatten(params_def, view))
-    view_leaves, view_def = jax.tree_util.tree_flatten(view_state)
-    if view_def != state_def:
-      raise ValueError(
-          "make_layerwise_step: tx.init gives a state of another structure for one layer of the "
-          f"stack {name!r} than opt_state has; tx cannot be applied layer by layer"
-      )
+    view_leaves = _layer_view_state(tx, params, stack_of_leaf, a, probe, state_def, name)
     for j, (full, one, path) in enumerate(zip(state_leaves, view_leaves, state_paths)):
-      full_shape = tuple(jnp.shape(full))
-      if full_shape == tuple(one.shape):
+      if not _is_layer_state(full, one, path, probe, lengths[a], name):
         continue
-      if (not one.shape or one.shape[0] != probe or full_shape != (lengths[a],) + tuple(one.shape[1:])
-          or jnp.result_type(full) != one.dtype):
-        raise ValueError(
-            f"make_layerwise_step: the state leaf {path} has shape {full_shape}, but for one layer "
-            f"of the stack {name!r} tx keeps {(1,) + tuple(one.shape[1:])}: it is not the stack of "
-            "its layers' states, so tx cannot be applied layer by layer"
-        )
       if owner[j] is not None:
         raise ValueError(f"make_layerwise_step: the state leaf {path} belongs to two stacks")
       if not jnp.issubdtype(one.dtype, jnp.inexact) and one.dtype.itemsize not in _CARRIER:
@@ -163,388 +160,418 @@ def _make_plan(tx, params, opt_state, stacks) -> _Plan:
             "must be a float or an integer of 8, 16 or 32 bits"
         )
       owner[j] = a
-  return _Plan(tuple(names), stack_of_leaf, tuple(owner), lengths)
+  return tuple(owner)
 
 
-# ---------------------------------------------------------------------------------------------
-# Which outputs of tx.update depend on which inputs: found on its jaxpr.
+def _layer_view_state(tx, params, stack_of_leaf, a, probe, state_def, name) -> list[Any]:
+  """The leaves of ``tx.init``'s state (shapes only) with stack ``a``'s leaves cut to ``probe``
+  layers."""
+  leaves = jax.tree_util.tree_leaves(params)
+  view = [jax.ShapeDtypeStruct((probe,) + tuple(jnp.shape(x))[1:], x.dtype) if st == a
+          else jax.ShapeDtypeStruct(tuple(jnp.shape(x)), x.dtype) for x, st in zip(leaves, stack_of_leaf)]
+  params_def = jax.tree_util.tree_structure(params)
+  view_state = jax.eval_shape(tx.init, jax.tree_util.tree_unflatten(params_def, view))
+  view_leaves, view_def = jax.tree_util.tree_flatten(view_state)
+  if view_def != state_def:
+    raise ValueError(
+        "make_layerwise_step: tx.init gives a state of another structure for one layer of the "
+        f"stack {name!r} than opt_state has; tx cannot be applied layer by layer"
+    )
+  return view_leaves
 
 
-def _sub_jaxpr(eqn):
-  for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    sub = eqn.params.get(name)
-    if sub is not None and hasattr(getattr(sub, "jaxpr", sub), "eqns"):
-      return sub
-  return None
+def _is_layer_state(full, one, path, probe, length, name) -> bool:
+  """Whether the state leaf ``full`` is the stack of its layers' states ``one`` (``probe`` layers):
+  ``False`` when the leaf does not change with the layers (shared), an error when it does otherwise."""
+  full_shape = tuple(jnp.shape(full))
+  if full_shape == tuple(one.shape):
+    return False
+  if (not one.shape or one.shape[0] != probe or full_shape != (length,) + tuple(one.shape[1:])
+      or jnp.result_type(full) != one.dtype):
+    raise ValueError(
+        f"make_layerwise_step: the state leaf {path} has shape {full_shape}, but for one layer "
+        f"of the stack {name!r} tx keeps {(1,) + tuple(one.shape[1:])}: it is not the stack of "
+        "its layers' states, so tx cannot be applied layer by layer"
+    )
+  return True
 
 
-def _deps(jaxpr, in_deps: list[frozenset]) -> list[frozenset]:
-  """Per output of ``jaxpr``, the union of the ``in_deps`` of the inputs it depends on."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  env: dict[Any, frozenset] = {}
-
-  def read(v):
-    return env.get(v, frozenset()) if not hasattr(v, "val") else frozenset()
-
-  for v in jaxpr.constvars:
-    env[v] = frozenset()
-  for v, d in zip(jaxpr.invars, in_deps, strict=True):
-    env[v] = d
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    for v, d in zip(eqn.outvars, _eqn_deps(eqn, ins)):
-      env[v] = d
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _union(sets) -> frozenset:
-  out: frozenset = frozenset()
-  for s in sets:
-    out = out | s
-  return out
-
-
-def _eqn_deps(eqn, ins: list[frozenset]) -> list[frozenset]:
-  name = eqn.primitive.name
-  n_out = len(eqn.outvars)
-  if name == "cond":
-    index, ops = ins[0], ins[1:]
-    outs = [frozenset()] * n_out
-    for branch in eqn.params["branches"]:
-      outs = [a | b for a, b in zip(outs, _deps(branch, ops))]
-    return [o | index for o in outs]
-  if name == "scan":
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-    consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
-    while True:
-      outs = _deps(eqn.params["jaxpr"], consts + carry + xs)
-      new = [a | b for a, b in zip(carry, outs[:nk])]
-      if new == carry:
-        return outs
-      carry = new
-  if name == "while":
-    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-    cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
-    while True:
-      pred = _union(_deps(eqn.params["cond_jaxpr"], cconsts + carry))
-      outs = _deps(eqn.params["body_jaxpr"], bconsts + carry)
-      new = [a | b | pred for a, b in zip(carry, outs)]
-      if new == carry:
-        return carry
-      carry = new
-  if name == "random_bits":
-    # Marks the draw with what its key depends on: a layer's draw from a key that depends neither
-    # on the layer index nor on the layer's own state is the same for every layer.
-    return [ins[0] | {("rand", ins[0])}] * n_out
-  sub = _sub_jaxpr(eqn)
-  if sub is not None and len(getattr(sub, "jaxpr", sub).invars) == len(ins):
-    return _deps(sub, ins)
-  every = _union(ins)
-  return [every] * n_out
-
-
-# ---------------------------------------------------------------------------------------------
-# Where the layer axis of a stacked leaf goes in the ordinary update's jaxpr, and whether anything
-# reduces over it (lamb's trust ratio, adafactor's clipping, clip_by_block_rms: a number computed
-# over the whole stacked leaf, which one layer at a time cannot reproduce).
-
-_LOST = -1  # the layer axis can no longer be followed (nothing is concluded from it)
-_REDUCTIONS = frozenset({
-    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-    "reduce_xor", "argmax", "argmin"})
-_SCANS_ALONG = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
-_LINALG = frozenset({"eigh", "qr", "svd", "cholesky", "triangular_solve", "lu", "householder_product",
-                     "geqrf", "orgqr", "schur", "eig"})
-
-
-class _Axis:
-  """Per jaxpr variable: ``ax`` (the layer axis' position, ``None`` for a value that is the same for
-  every layer and has no layer axis, ``_LOST``) and ``mix`` (descriptions of the reductions over the
-  layer axis it was computed from)."""
-
-  __slots__ = ("ax", "mix")
-
-  def __init__(self, ax=None, mix=frozenset()):
-    self.ax, self.mix = ax, mix
-
-  def __eq__(self, other):
-    return self.ax == other.ax and self.mix == other.mix
-
-
-def _where_in_code(eqn) -> str:
-  """The innermost frame of ``eqn``'s source outside JAX (``function (file:line)``)."""
-  try:
-    frames = eqn.source_info.traceback.frames
-  except AttributeError:
-    return "an operation"
-  for f in frames:
-    name = f.file_name.replace("\\", "/")
-    if "/jax/" in name or "/jaxlib/" in name or name.endswith(("/numerics.py", "_layerwise.py")):
-      continue
-    return f"{f.function_name.replace('.<locals>', '')} ({name.rsplit('/', 1)[-1]}:{f.line_num})"
-  return "an operation"
-
-
-def _join(a: _Axis, b: _Axis) -> _Axis:
-  ax = a.ax if a.ax == b.ax else (b.ax if a.ax is None else a.ax if b.ax is None else _LOST)
-  return _Axis(ax, a.mix | b.mix)
-
-
-def _axes(jaxpr, ins: list[_Axis], where: str | None) -> list[_Axis]:
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  env: dict[Any, _Axis] = {}
-
-  def read(v):
-    return env.get(v, _Axis()) if not hasattr(v, "val") else _Axis()
-
-  for v, a in zip(jaxpr.invars, ins, strict=True):
-    env[v] = a
-  for eqn in jaxpr.eqns:
-    outs = _eqn_axes(eqn, [read(v) for v in eqn.invars], where or _where_in_code(eqn))
-    for v, a in zip(eqn.outvars, outs):
-      env[v] = a
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _loop_axes(body, consts: list[_Axis], carry: list[_Axis], rest: list[_Axis], where, n_carry,
-               pred=None) -> list[_Axis]:
-  for _ in range(8):
-    outs = _axes(body, consts + carry + rest, where)
-    extra = _Axis() if pred is None else pred(carry)
-    new = [_join(_join(c, o), _Axis(None, extra.mix)) if extra.ax is None
-           else _Axis(_LOST, c.mix | o.mix | extra.mix) for c, o in zip(carry, outs[:n_carry])]
-    if new == carry:
-      return outs if pred is None else carry
-    carry = new
-  return [_Axis(_LOST, _union(a.mix for a in carry + consts + rest))] * len(outs)
-
-
-def _eqn_axes(eqn, ins: list[_Axis], where: str) -> list[_Axis]:
-  name = eqn.primitive.name
-  n_out = len(eqn.outvars)
-  mix = _union(a.mix for a in ins)
-  batched = [a.ax for a in ins if a.ax is not None]
-  if not batched:
-    if name == "cond":
-      outs = [_Axis()] * n_out
-      for branch in eqn.params["branches"]:
-        outs = [_join(o, b) for o, b in zip(outs, _axes(branch, ins[1:], where))]
-      return [_Axis(o.ax, o.mix | ins[0].mix) for o in outs]
-    return [_Axis(None, mix)] * n_out
-  if _LOST in batched:
-    return [_Axis(_LOST, mix)] * n_out
-  in_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
-  out_rank = len(getattr(eqn.outvars[0].aval, "shape", ()))
-
-  def one(ax):
-    return [_Axis(ax, mix)] * n_out
-
-  p = eqn.params
-  if p.get("name") == _tree.LAYER_SEPARABLE_ANY:
-    return [_Axis(None, mix)] * n_out
-  if name in _REDUCTIONS:
-    k, axes = ins[0].ax, tuple(p["axes"])
-    if k in axes:
-      return [_Axis(None, mix | {where})] * n_out
-    return one(k - sum(a < k for a in axes))
-  if name in _SCANS_ALONG or name == "sort":
-    k = ins[0].ax
-    along = p.get("axis", p.get("dimension"))
-    return [_Axis(k, mix | ({where} if along == k else frozenset()))] * n_out
-  if name == "broadcast_in_dim":
-    return one(p["broadcast_dimensions"][ins[0].ax])
-  if name == "transpose":
-    return one(tuple(p["permutation"]).index(ins[0].ax))
-  if name == "squeeze":
-    k, dims = ins[0].ax, tuple(d % len(in_shapes[0]) for d in p["dimensions"])
-    return one(_LOST if k in dims else k - sum(d < k for d in dims))
-  if name == "reshape":
-    k, shape, new = ins[0].ax, in_shapes[0], tuple(p["new_sizes"])
-    lo, hi = _prod(shape[:k]), _prod(shape[:k + 1])
-    for j in range(len(new)):
-      if _prod(new[:j]) <= lo and hi <= _prod(new[:j + 1]) and new[j] > 1:
-        return one(j)  # the layer axis, or an axis it was merged into
-    return one(_LOST)
-  if name == "dot_general":
-    (lc, rc), (lb, rb) = p["dimension_numbers"]
-    lhs, rhs = ins[0].ax, ins[1].ax
-    l_free = [d for d in range(len(in_shapes[0])) if d not in lc and d not in lb]
-    r_free = [d for d in range(len(in_shapes[1])) if d not in rc and d not in rb]
-    found, mixed = [], frozenset()
-    for k, c, b, free, off in ((lhs, lc, lb, l_free, len(lb)),
-                               (rhs, rc, rb, r_free, len(lb) + len(l_free))):
-      if k is None:
-        continue
-      if k in c:
-        mixed = {where}
-      elif k in b:
-        found.append(tuple(b).index(k))
-      else:
-        found.append(off + free.index(k))
-    ax = None if not found else found[0] if len(set(found)) == 1 else _LOST
-    return [_Axis(ax, mix | mixed)] * n_out
-  if name in _LINALG:
-    k = ins[0].ax
-    if k is not None and k >= len(in_shapes[0]) - 2:
-      return [_Axis(None, mix | {where})] * n_out
-    return one(k)
-  if name in ("slice", "dynamic_slice", "pad", "concatenate", "dynamic_update_slice"):
-    k = batched[0]
-    full = all(a.ax in (None, k) for a in ins) and all(
-        len(s) <= k or s[k] == in_shapes[0][k] for s, a in zip(in_shapes, ins) if a.ax == k)
-    along = p.get("dimension")
-    return one(k if full and along != k and tuple(getattr(eqn.outvars[0].aval, "shape", ()))[k]
-               == in_shapes[0][k] else _LOST)
-  if name == "cond":
-    outs = [_Axis()] * n_out
-    for branch in p["branches"]:
-      outs = [_join(o, b) for o, b in zip(outs, _axes(branch, ins[1:], where))]
-    return [_Axis(o.ax, o.mix | ins[0].mix) for o in outs]
-  if name == "scan":
-    nc, nk = p["num_consts"], p["num_carry"]
-    xs = [_Axis(_LOST if a.ax == 0 else None if a.ax is None else a.ax - 1, a.mix)
-          for a in ins[nc + nk:]]
-    outs = _loop_axes(p["jaxpr"], ins[:nc], ins[nc:nc + nk], xs, where, nk)
-    return outs[:nk] + [_Axis(None if o.ax is None else _LOST if o.ax == _LOST else o.ax + 1, o.mix)
-                        for o in outs[nk:]]
-  if name == "while":
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-
-    def pred(carry):
-      got = _axes(p["cond_jaxpr"], ins[:cn] + carry, where)[0]
-      return _Axis(None if got.ax is None else _LOST, got.mix)
-
-    return _loop_axes(p["body_jaxpr"], ins[cn:cn + bn], ins[cn + bn:], [], where, n_out, pred)
-  sub = _sub_jaxpr(eqn)
-  if sub is not None and len(getattr(sub, "jaxpr", sub).invars) == len(ins):
-    return _axes(sub, ins, where)
-  # Elementwise (operands of the output's rank share the layer axis; scalars broadcast).
-  ranked = [a.ax for a, s in zip(ins, in_shapes) if a.ax is not None and len(s) == out_rank]
-  if len(ranked) == len(batched) and len(set(ranked)) == 1 and all(
-      len(s) in (0, out_rank) for s in in_shapes):
-    return one(ranked[0])
-  return one(_LOST)
-
-
-def _prod(xs) -> int:
-  out = 1
-  for x in xs:
-    out *= int(x)
-  return out
-
-
-def _check_per_layer(tx, plan: _Plan, params, opt_state) -> None:
+class _PerLayerCheck:
   """Raises a one-line error when an update computed layer by layer would differ: the update of a
   stack's layer (or its state) reads another stack's or an outer leaf's gradient, or the update of
-  an outer leaf (or a shared state leaf such as a step count) reads a stack's."""
-  leaves, params_def = jax.tree_util.tree_flatten(params)
-  state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
-  paths = _tree.leaf_paths(params)
-  state_paths = _state_paths(opt_state)
+  an outer leaf (or a shared state leaf such as a step count) reads a stack's; it draws random
+  numbers from a key shared by every layer; the ordinary update of a stacked leaf reads other
+  inputs than one layer's, or reduces over the layer axis.
 
-  def view_shape(x, stack):
-    s = tuple(jnp.shape(x))
-    return (1,) + s[1:] if stack is not None else s
+  Found on ``tx.update``'s jaxprs (shapes only): the one-layer update, whose inputs are tagged
+  ``("g", i)``, ``("s", j)``, ``("p", i)`` (gradient, state, value leaves) and ``("layer", 0)``,
+  and the ordinary update on the whole stacked leaves.
+  """
 
-  g = [jax.ShapeDtypeStruct(view_shape(x, a), x.dtype) for x, a in zip(leaves, plan.stack_of_leaf)]
-  s = [jax.ShapeDtypeStruct(view_shape(x, a), jnp.result_type(x))
-       for x, a in zip(state_leaves, plan.owner)]
-  mask = [a is not None for a in plan.stack_of_leaf]
+  def __init__(self, tx, plan: _Plan, params, opt_state):
+    self.tx, self.plan = tx, plan
+    self.leaves, self.params_def = jax.tree_util.tree_flatten(params)
+    self.state_leaves, self.state_def = jax.tree_util.tree_flatten(opt_state)
+    self.paths = _tree.leaf_paths(params)
+    self.state_paths = _state_paths(opt_state)
+    n, m = len(self.leaves), len(self.state_leaves)
+    # Input ids: ("g", i), ("s", j), ("p", i) in the order make_jaxpr flattened them.
+    self.in_ids = ([frozenset({("g", i)}) for i in range(n)] + [frozenset({("s", j)}) for j in range(m)]
+                   + [frozenset({("p", i)}) for i in range(n)] + [frozenset({("layer", 0)})])
 
-  def update(g, s, p, layer):
-    u, new_s = tx.update(
-        jax.tree_util.tree_unflatten(params_def, g), jax.tree_util.tree_unflatten(state_def, s),
-        jax.tree_util.tree_unflatten(params_def, p), **{_tree.LAYER_SLICE_ARG: (mask, layer)})
+  def run(self) -> None:
+    out = _jaxpr.deps(self._layer_jaxpr(), self.in_ids)
+    n, plan = len(self.leaves), self.plan
+    u_deps, s_deps = out[:n], out[n:]
+    # Per output of the update: (its stack, what it is, what it depends on).
+    self.outputs = (
+        [(plan.stack_of_leaf[i], f"the update of {self.paths[i]!r}", d) for i, d in enumerate(u_deps)]
+        + [(plan.owner[j], f"the new state leaf {self.state_paths[j]}", d)
+           for j, d in enumerate(s_deps)])
+    self._check_reads()
+    self._check_random()
+    whole = self._ordinary_jaxpr()
+    self._check_same_reads(whole)
+    self._check_layer_axis(whole)
+
+  def _apply(self, g, s, p, **extra):
+    u, new_s = self.tx.update(
+        jax.tree_util.tree_unflatten(self.params_def, g), jax.tree_util.tree_unflatten(self.state_def, s),
+        jax.tree_util.tree_unflatten(self.params_def, p), **extra)
     return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
 
-  closed = jax.make_jaxpr(update)(g, s, g, jax.ShapeDtypeStruct((), jnp.int32))
-  n, m = len(leaves), len(state_leaves)
-  # Input ids: ("g", i), ("s", j), ("p", i) in the order make_jaxpr flattened them.
-  in_ids = ([frozenset({("g", i)}) for i in range(n)] + [frozenset({("s", j)}) for j in range(m)]
-            + [frozenset({("p", i)}) for i in range(n)] + [frozenset({("layer", 0)})])
-  out = _deps(closed, in_ids)
-  u_deps, s_deps = out[:n], out[n:]
+  def _layer_jaxpr(self):
+    """The jaxpr of the update of one layer of every stack (stacked leaves seen as ``[1, ...]``)."""
+    plan = self.plan
 
-  def where(kind, k):
+    def view_shape(x, stack):
+      s = tuple(jnp.shape(x))
+      return (1,) + s[1:] if stack is not None else s
+
+    g = [jax.ShapeDtypeStruct(view_shape(x, a), x.dtype) for x, a in zip(self.leaves, plan.stack_of_leaf)]
+    s = [jax.ShapeDtypeStruct(view_shape(x, a), jnp.result_type(x))
+         for x, a in zip(self.state_leaves, plan.owner)]
+    mask = [a is not None for a in plan.stack_of_leaf]
+
+    def update(g, s, p, layer):
+      return self._apply(g, s, p, **{_tree.LAYER_SLICE_ARG: (mask, layer)})
+
+    return jax.make_jaxpr(update)(g, s, g, jax.ShapeDtypeStruct((), jnp.int32))
+
+  def _ordinary_jaxpr(self):
+    """The jaxpr of the ordinary update on the whole stacked leaves."""
+    full = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in self.leaves]
+    full_s = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in self.state_leaves]
+    return jax.make_jaxpr(self._apply)(full, full_s, full)
+
+  def _where(self, kind, k):
+    """The stack of an input and its description."""
     if kind == "s":
-      return plan.owner[k], f"the state leaf {state_paths[k]}"
+      return self.plan.owner[k], f"the state leaf {self.state_paths[k]}"
     what = "gradient" if kind == "g" else "value"
-    return plan.stack_of_leaf[k], f"the {what} of {paths[k]!r}"
+    return self.plan.stack_of_leaf[k], f"the {what} of {self.paths[k]!r}"
 
-  def stack_name(a):
-    return "outside the layer stacks" if a is None else f"in the layer stack {plan.stack_names[a]!r}"
+  def _stack_name(self, a):
+    return "outside the layer stacks" if a is None else f"in the layer stack {self.plan.stack_names[a]!r}"
 
-  outputs = ([(plan.stack_of_leaf[i], f"the update of {paths[i]!r}", d) for i, d in enumerate(u_deps)]
-             + [(plan.owner[j], f"the new state leaf {state_paths[j]}", d)
-                for j, d in enumerate(s_deps)])
-  def real(deps):
-    return sorted(d for d in deps if d[0] in ("g", "s", "p"))
+  def _check_reads(self) -> None:
+    for a, what, deps in self.outputs:
+      for kind, k in _real(deps):
+        b, source = self._where(kind, k)
+        # A layer's update may read outer values and state (they are the step's inputs in both
+        # places); it may not read an outer gradient, nor anything of another stack. An outer update
+        # may read nothing of a stack.
+        bad = (b != a and b is not None) or (a is not None and b is None and kind == "g") or (
+            a is None and b is not None)
+        if bad:
+          raise ValueError(
+              f"make_layerwise_step: tx cannot be applied layer by layer: {what} ({self._stack_name(a)}) "
+              f"depends on {source} ({self._stack_name(b)}); a transformation that needs the whole "
+              "gradient (optax.clip_by_global_norm, apply_if_finite, ...) must run in the ordinary "
+              "step"
+          )
 
-  for a, what, deps in outputs:
-    for kind, k in real(deps):
-      b, source = where(kind, k)
-      # A layer's update may read outer values and state (they are the step's inputs in both
-      # places); it may not read an outer gradient, nor anything of another stack. An outer update
-      # may read nothing of a stack.
-      bad = (b != a and b is not None) or (a is not None and b is None and kind == "g") or (
-          a is None and b is not None)
-      if bad:
+  def _check_random(self) -> None:
+    # Random numbers: a layer's draw must come from a key that depends on the layer (the layer index
+    # passed as LAYER_SLICE_ARG, or the layer's own state), else every layer gets the same numbers.
+    for a, what, deps in self.outputs:
+      for d in deps:
+        if a is None or d[0] != "rand":
+          continue
+        key = d[1]
+        if ("layer", 0) in key or any(self._where(kind, k)[0] == a for kind, k in _real(key)):
+          continue
         raise ValueError(
-            f"make_layerwise_step: tx cannot be applied layer by layer: {what} ({stack_name(a)}) "
-            f"depends on {source} ({stack_name(b)}); a transformation that needs the whole "
-            "gradient (optax.clip_by_global_norm, apply_if_finite, ...) must run in the ordinary "
-            "step"
-        )
+            f"make_layerwise_step: tx cannot be applied layer by layer: {what} adds random numbers "
+            "drawn from a key shared by every layer (optax.add_noise, noisy_sgd, ...), so every "
+            "layer would get the same draw; use the ordinary step")
 
-  # Random numbers: a layer's draw must come from a key that depends on the layer (the layer index
-  # passed as LAYER_SLICE_ARG, or the layer's own state), else every layer gets the same numbers.
-  for a, what, deps in outputs:
-    for d in deps:
-      if a is None or d[0] != "rand":
+  def _check_same_reads(self, whole) -> None:
+    # The ordinary update on the whole stacked leaves: it must read what one layer's update reads
+    # (a callable mask or a choice made on a leaf's shape sees a stacked leaf [L, d] and one layer's
+    # [d] differently), and must not reduce over a stacked leaf's layer axis.
+    for (_, what, deps), whole_deps in zip(self.outputs, _jaxpr.deps(whole, self.in_ids[:-1])):
+      one, every = _real(deps), _real(whole_deps)
+      if one == every:
         continue
-      key = d[1]
-      if ("layer", 0) in key or any(where(kind, k)[0] == a for kind, k in real(key)):
-        continue
+      kind, k = sorted(set(one) ^ set(every))[0]
+      reads = "reads" if (kind, k) in every else "does not read"
       raise ValueError(
-          f"make_layerwise_step: tx cannot be applied layer by layer: {what} adds random numbers "
-          "drawn from a key shared by every layer (optax.add_noise, noisy_sgd, ...), so every "
-          "layer would get the same draw; use the ordinary step")
+          f"make_layerwise_step: tx cannot be applied layer by layer: in the ordinary step {what} "
+          f"{reads} {self._where(kind, k)[1]}, for one layer of the stack it does "
+          f"{'not ' * (reads == 'reads')}"
+          "(a callable mask or a choice made on a leaf's shape, e.g. adamw(mask=lambda p: ... ndim "
+          "...), sees a stacked leaf [L, ...] and one layer differently); pass the mask as a tree of "
+          "bools computed from the params, or use the ordinary step")
 
-  # The ordinary update on the whole stacked leaves: it must read what one layer's update reads
-  # (a callable mask or a choice made on a leaf's shape sees a stacked leaf [L, d] and one layer's
-  # [d] differently), and must not reduce over a stacked leaf's layer axis.
-  full = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves]
-  full_s = [jax.ShapeDtypeStruct(tuple(jnp.shape(x)), jnp.result_type(x)) for x in state_leaves]
+  def _check_layer_axis(self, whole) -> None:
+    plan = self.plan
+    axes_in = ([_jaxpr.Axis(None if a is None else 0) for a in plan.stack_of_leaf]
+               + [_jaxpr.Axis(None if a is None else 0) for a in plan.owner]
+               + [_jaxpr.Axis(None if a is None else 0) for a in plan.stack_of_leaf])
+    for (a, what, _), got in zip(self.outputs, _jaxpr.axes(whole, axes_in, None)):
+      if a is not None and got.mix:
+        raise ValueError(
+            f"make_layerwise_step: tx cannot be applied layer by layer: {what} uses a number "
+            f"computed across the layers of the stacked leaf, in {sorted(got.mix)[0]} (a "
+            "transformation that reduces over a whole leaf: optax.lamb, lars, fromage, adafactor, "
+            "clip_by_block_rms, ...); one layer at a time it would differ, use the ordinary step")
 
-  def ordinary(g, s, p):
-    u, new_s = tx.update(
-        jax.tree_util.tree_unflatten(params_def, g), jax.tree_util.tree_unflatten(state_def, s),
-        jax.tree_util.tree_unflatten(params_def, p))
+
+def _real(deps):
+  """The parameter and state inputs among ``deps`` (not the layer index, not random draws)."""
+  return sorted(d for d in deps if d[0] in ("g", "s", "p"))
+
+
+class _LayerUpdate:
+  """The update of one layer of stack ``a``, called by ``scan_layers``' backward pass:
+  ``(layer, grads, weights, states) -> (new weights, new state carriers)``."""
+
+  def __init__(self, trace: _LayerwiseTrace, a: int):
+    self.trace, self.a = trace, a
+    self.members, self.owned = trace.members_of[a], trace.owned_of[a]
+    self.mask = [b == a for b in trace.plan.stack_of_leaf]
+
+  def __call__(self, layer, grads, weights, states):
+    trace, members, owned = self.trace, self.members, self.owned
+    u, new_s = trace.view_update(
+        {i: g[None] for i, g in zip(members, grads)},
+        {i: w[None] for i, w in zip(members, weights)},
+        {j: _from_carrier(c, jnp.result_type(trace.state_leaves[j]))[None]
+         for j, c in zip(owned, states)},
+        {_tree.LAYER_SLICE_ARG: (self.mask, layer)},
+    )
+    new_w = [(w + u[i][0]).astype(w.dtype) for i, w in zip(members, weights)]
+    new_c = [_to_carrier(new_s[j][0]) for j in owned]
+    return new_w, new_c
+
+
+class _LayerwiseTrace:
+  """One trace of the layer-wise step on ``params`` and ``opt_state`` laid out by ``plan``: the
+  forward and backward pass (the stacks' layers updated inside it), then the update of the leaves
+  outside the stacks."""
+
+  def __init__(self, step: LayerwiseStep, plan: _Plan, params, opt_state, args, kwargs):
+    self.step, self.plan, self.args, self.kwargs = step, plan, args, kwargs
+    self.leaves, self.params_def = jax.tree_util.tree_flatten(params)
+    self.state_leaves, self.state_def = jax.tree_util.tree_flatten(opt_state)
+    self.paths = _tree.leaf_paths(params)
+    self.n_stacks = len(plan.stack_names)
+    self.members_of = [[i for i, a in enumerate(plan.stack_of_leaf) if a == s] for s in range(self.n_stacks)]
+    self.owned_of = [[j for j, a in enumerate(plan.owner) if a == s] for s in range(self.n_stacks)]
+    self.outer = [i for i, a in enumerate(plan.stack_of_leaf) if a is None]
+
+  def view_update(self, grads, weights, states, extra):
+    """tx.update on the params' structure, stacked leaves seen as one layer (a stack of one,
+    ``[1, ...]``); ``grads``, ``weights``, ``states``: {leaf index: value} for the leaves that
+    matter, zeros elsewhere."""
+    plan = self.plan
+    g = [grads[i] if i in grads else _zeros_view(x, a is not None)
+         for i, (x, a) in enumerate(zip(self.leaves, plan.stack_of_leaf))]
+    p = [weights[i] if i in weights else (x if a is None else _zeros_view(x, True))
+         for i, (x, a) in enumerate(zip(self.leaves, plan.stack_of_leaf))]
+    s = [states[j] if j in states else (x if a is None else _zeros_view(x, True))
+         for j, (x, a) in enumerate(zip(self.state_leaves, plan.owner))]
+    u, new_s = self.step.tx.update(
+        jax.tree_util.tree_unflatten(self.params_def, g),
+        jax.tree_util.tree_unflatten(self.state_def, s),
+        jax.tree_util.tree_unflatten(self.params_def, p),
+        **extra,
+    )
     return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
 
-  whole = jax.make_jaxpr(ordinary)(full, full_s, full)
-  for (_, what, deps), whole_deps in zip(outputs, _deps(whole, in_ids[:-1])):
-    one, every = real(deps), real(whole_deps)
-    if one == every:
-      continue
-    kind, k = sorted(set(one) ^ set(every))[0]
-    reads = "reads" if (kind, k) in every else "does not read"
+  def run(self):
+    """``(new params, new state, loss_fn's output)``."""
+    leaves, state_leaves = self.leaves, self.state_leaves
+    stacked = [[leaves[i] for i in self.members_of[a]] for a in range(self.n_stacks)]
+    carriers = [[_to_carrier(state_leaves[j]) for j in self.owned_of[a]] for a in range(self.n_stacks)]
+    misuse_box: list[list[str]] = []
+
+    def f(outer_leaves, bundle):
+      out, misuse = self.loss_of(outer_leaves, *bundle)
+      misuse_box.append(misuse)
+      loss = out[0] if self.step.has_aux else out
+      return loss, out
+
+    (_, out), (g_outer, (new_stacked, new_carriers)) = jax.value_and_grad(
+        f, argnums=(0, 1), has_aux=True)([leaves[i] for i in self.outer], (stacked, carriers))
+    for misuse in misuse_box:
+      if misuse:
+        raise ValueError(
+            f"make_layerwise_step: the stacked weight {misuse[0]!r} is used outside "
+            "optax_memopt.scan_layers in loss_fn; under layer-wise updates every use of a "
+            "stacked weight must be inside the scanned layer function"
+        )
+    new_params, new_state = self.assemble(g_outer, new_stacked, new_carriers)
+    return new_params, new_state, out
+
+  def assemble(self, g_outer, new_stacked, new_carriers):
+    """The new params and state: the stacks' from the backward pass, the others' updated now."""
+    leaves, state_leaves, plan = self.leaves, self.state_leaves, self.plan
+    # The leaves outside the stacks, and the shared state (step counts, ...), after the backward
+    # pass; the stacks' slices given to this update are zeros and their results are dropped.
+    u, new_s = self.view_update(dict(zip(self.outer, g_outer)), {}, {}, {})
+    new_leaves = list(leaves)
+    for i in self.outer:
+      new_leaves[i] = (leaves[i] + u[i]).astype(leaves[i].dtype)
+    for a in range(self.n_stacks):
+      for i, w in zip(self.members_of[a], new_stacked[a]):
+        new_leaves[i] = w
+    new_state = list(state_leaves)
+    for j, a in enumerate(plan.owner):
+      if a is None:
+        new_state[j] = new_s[j]
+    for a in range(self.n_stacks):
+      for j, c in zip(self.owned_of[a], new_carriers[a]):
+        new_state[j] = _from_carrier(c, jnp.result_type(state_leaves[j]))
+    new_params = jax.tree_util.tree_unflatten(self.params_def, new_leaves)
+    new_state = jax.tree_util.tree_unflatten(self.state_def, new_state)
+    if self.step.shardings is not None:
+      new_params, new_state = _step.keep_shardings((new_params, new_state), self.step.shardings)
+    return new_params, new_state
+
+  def loss_of(self, outer_leaves, stacked, carriers):
+    """``loss_fn``'s output on the params with the given outer leaves and stacks (whose layers
+    ``scan_layers`` updates in its backward pass), and the stacked weights used outside it."""
+    full = list(self.leaves)
+    for i, x in zip(self.outer, outer_leaves):
+      full[i] = x
+    members: dict[int, _scan._Member] = {}
+    stack_objs = []
+    misuse: list[str] = []
+    for a in range(self.n_stacks):
+      obj = _scan._Stack(self.plan.stack_names[a], len(self.members_of[a]), list(carriers[a]),
+                         _LayerUpdate(self, a), micro_batches=self.step.accumulate)
+      stack_objs.append(obj)
+      for k, (i, w) in enumerate(zip(self.members_of[a], stacked[a])):
+        full[i] = _watch(w, self.paths[i], misuse)
+        members[id(full[i])] = _scan._Member(obj, k, w)
+    with _scan.layerwise_stacks(members):
+      out = self.call_loss(jax.tree_util.tree_unflatten(self.params_def, full))
+    for obj in stack_objs:
+      _check_stack_used(obj)
+    self.step.scalar_loss(out)
+    return out, misuse
+
+  def call_loss(self, tree):
+    step = self.step
+    if step.accumulate is None:
+      return step.loss_fn(tree, *self.args, **self.kwargs)
+    # loss_fn on each micro-batch (a vmap over the micro-batch axis); the loss is their mean,
+    # so each layer's gradient, summed over the micro-batches in scan_layers' backward pass,
+    # is the window's mean gradient, as optax.MultiSteps averages it.
+    batched, fixed = step.micro.split(self.args, self.kwargs, step.accumulate)
+
+    def one(batched):
+      a, kw = step.micro.merge(batched, fixed)
+      out = step.loss_fn(tree, *a, **kw)
+      step.scalar_loss(out)
+      return out
+
+    outs = jax.vmap(one)(batched)
+    return (jnp.mean(outs[0]), outs[1]) if step.has_aux else jnp.mean(outs)
+
+
+def _zeros_view(x, stacked):
+  shape = (1,) + tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
+  return jnp.zeros(shape, jnp.result_type(x))
+
+
+def _check_stack_used(obj: _scan._Stack) -> None:
+  """A one-line error unless the stack ran through ``scan_layers`` exactly once."""
+  if obj.used == 0:
     raise ValueError(
-        f"make_layerwise_step: tx cannot be applied layer by layer: in the ordinary step {what} "
-        f"{reads} {where(kind, k)[1]}, for one layer of the stack it does {'not ' * (reads == 'reads')}"
-        "(a callable mask or a choice made on a leaf's shape, e.g. adamw(mask=lambda p: ... ndim "
-        "...), sees a stacked leaf [L, ...] and one layer differently); pass the mask as a tree of "
-        "bools computed from the params, or use the ordinary step")
-  axes_in = ([_Axis(None if a is None else 0) for a in plan.stack_of_leaf]
-             + [_Axis(None if a is None else 0) for a in plan.owner]
-             + [_Axis(None if a is None else 0) for a in plan.stack_of_leaf])
-  for (a, what, _), got in zip(outputs, _axes(whole, axes_in, None)):
-    if a is not None and got.mix:
-      raise ValueError(
-          f"make_layerwise_step: tx cannot be applied layer by layer: {what} uses a number "
-          f"computed across the layers of the stacked leaf, in {sorted(got.mix)[0]} (a "
-          "transformation that reduces over a whole leaf: optax.lamb, lars, fromage, adafactor, "
-          "clip_by_block_rms, ...); one layer at a time it would differ, use the ordinary step")
+        f"make_layerwise_step: the leaves of the layer stack {obj.name!r} never reached "
+        "optax_memopt.scan_layers as given: pass them from params to scan_layers unchanged "
+        "(cast them, e.g. to bfloat16, inside the layer function, not before the scan) and "
+        "not from inside a nested jax.jit or jax.checkpoint (put jax.checkpoint on the layer "
+        "function); a stack run by lax.scan or nnx.scan must use scan_layers instead"
+    )
+  if obj.used != 1:
+    raise ValueError(
+        f"make_layerwise_step: the layer stack {obj.name!r} must run through "
+        f"optax_memopt.scan_layers exactly once in loss_fn (it ran {obj.used} times)"
+    )
+
+
+class LayerwiseStep(_step.Step):
+  """The step :func:`make_layerwise_step` returns: ``step(params, opt_state, *args, **kwargs) ->
+  (params, opt_state, loss)``, one compiled function.
+
+  Attributes:
+    trace_count: the number of traces (one per compilation).
+    stacks: the stacks' subtree paths as given (``None``: found by :func:`block_labels`' guess).
+    accumulate: the number of micro-batches per optimizer step (``None``: no micro-batch axis).
+    micro: which arguments carry the micro-batch axis (``_MicroBatches``) with ``accumulate``,
+      else ``None``.
+    shardings: per leaf of ``(params, opt_state)`` its mesh sharding at the first call, or ``None``
+      when nothing is on a mesh.
+  """
+
+  name = "make_layerwise_step"
+
+  def __init__(self, loss_fn, tx, *, has_aux: bool = False, donate: bool = True, stacks=None,
+               accumulate: int | None = None, batch_argnums=None):
+    _step.check_loss_fn(self.name, loss_fn)
+    if isinstance(tx, optax.MultiSteps):
+      raise TypeError(
+          "make_layerwise_step: tx cannot be applied layer by layer: optax.MultiSteps keeps a "
+          "full-size gradient accumulator (the buffer layer-wise updates exist to avoid); pass the "
+          "inner optimizer and accumulate=N instead"
+      )
+    micro = _check_accumulate(accumulate, batch_argnums)
+    super().__init__(loss_fn, _step.as_transformation(self.name, tx), has_aux=has_aux, donate=donate)
+    self.stacks, self.accumulate, self.micro = stacks, accumulate, micro
+    self.shardings: list[Any] | None = None
+    self._fn: Callable[..., Any] | None = None
+    # The (structure, shapes) of the params and states whose per-layer update was checked.
+    self._checked: set[Any] = set()
+
+  def __call__(self, params, opt_state, *args, **kwargs):
+    if self.donate:
+      params, opt_state = _step.distinct_buffers((params, opt_state))
+    return self._compiled(params, opt_state)(params, opt_state, *args, **kwargs)
+
+  def lower(self, params, opt_state, *args, **kwargs):
+    """``jax.stages.Lowered`` of the step (inputs may be ``jax.ShapeDtypeStruct``)."""
+    return self._compiled(params, opt_state).lower(params, opt_state, *args, **kwargs)
+
+  def _compiled(self, params, opt_state):
+    if self._fn is None:
+      shardings = _step.mesh_shardings((params, opt_state))
+      self.shardings = shardings if any(s is not None for s in shardings) else None
+      self._fn = self.jit(self._one_step)
+    return self._fn
+
+  def _one_step(self, params, opt_state, *args, **kwargs):
+    self.trace_count += 1
+    plan = _make_plan(self.tx, params, opt_state, self.stacks)
+    key = (jax.tree_util.tree_structure((params, opt_state)),
+           tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves((params, opt_state))))
+    if key not in self._checked:
+      _PerLayerCheck(self.tx, plan, params, opt_state).run()
+      self._checked.add(key)
+    return _LayerwiseTrace(self, plan, params, opt_state, args, kwargs).run()
 
 
 def make_layerwise_step(
@@ -632,8 +659,9 @@ def make_layerwise_step(
       argument after ``params`` and every keyword argument.
 
   Returns:
-    The step function; ``step.lower(params, opt_state, *args)`` gives its ``jax.stages.Lowered``
-    (inputs may be ``jax.ShapeDtypeStruct``), for XLA's memory analysis.
+    The step, a :class:`LayerwiseStep` called like a function; ``step.lower(params, opt_state,
+    *args)`` gives its ``jax.stages.Lowered`` (inputs may be ``jax.ShapeDtypeStruct``), for XLA's
+    memory analysis, and ``step.trace_count`` counts its traces.
 
   Raises:
     TypeError, ValueError: at the first call, when ``params`` has no layer stack, ``tx`` cannot be
@@ -663,203 +691,13 @@ def make_layerwise_step(
     >>> loss.shape
     ()
   """
-  if not callable(loss_fn):
-    raise TypeError("make_layerwise_step: loss_fn must be callable")
-  if isinstance(tx, optax.MultiSteps):
-    raise TypeError(
-        "make_layerwise_step: tx cannot be applied layer by layer: optax.MultiSteps keeps a "
-        "full-size gradient accumulator (the buffer layer-wise updates exist to avoid); pass the "
-        "inner optimizer and accumulate=N instead"
-    )
-  micro = _check_accumulate(accumulate, batch_argnums)
-  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-    raise TypeError(
-        f"make_layerwise_step: tx must be an optax transformation, got {type(tx).__name__}")
-  if isinstance(tx, optax.GradientTransformation):
-    tx = optax.with_extra_args_support(tx)
-  checked: set[Any] = set()
-
-  def one_step(params, opt_state, *args, **kwargs):
-    step.trace_count += 1
-    plan = _make_plan(tx, params, opt_state, stacks)
-    key = (jax.tree_util.tree_structure((params, opt_state)),
-           tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves((params, opt_state))))
-    if key not in checked:
-      _check_per_layer(tx, plan, params, opt_state)
-      checked.add(key)
-    leaves, params_def = jax.tree_util.tree_flatten(params)
-    state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
-    paths = _tree.leaf_paths(params)
-    n_stacks = len(plan.stack_names)
-    members_of = [[i for i, a in enumerate(plan.stack_of_leaf) if a == s] for s in range(n_stacks)]
-    owned_of = [[j for j, a in enumerate(plan.owner) if a == s] for s in range(n_stacks)]
-    outer = [i for i, a in enumerate(plan.stack_of_leaf) if a is None]
-
-    def zeros_view(x, stacked):
-      shape = (1,) + tuple(jnp.shape(x))[1:] if stacked else tuple(jnp.shape(x))
-      return jnp.zeros(shape, jnp.result_type(x))
-
-    def view_update(grads, weights, states, extra):
-      """tx.update on the params' structure, stacked leaves seen as one layer (a stack of one,
-      ``[1, ...]``); ``grads``, ``weights``, ``states``: {leaf index: value} for the leaves that
-      matter, zeros elsewhere."""
-      g = [grads[i] if i in grads else zeros_view(x, a is not None)
-           for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
-      p = [weights[i] if i in weights else (x if a is None else zeros_view(x, True))
-           for i, (x, a) in enumerate(zip(leaves, plan.stack_of_leaf))]
-      s = [states[j] if j in states else (x if a is None else zeros_view(x, True))
-           for j, (x, a) in enumerate(zip(state_leaves, plan.owner))]
-      u, new_s = tx.update(
-          jax.tree_util.tree_unflatten(params_def, g),
-          jax.tree_util.tree_unflatten(state_def, s),
-          jax.tree_util.tree_unflatten(params_def, p),
-          **extra,
-      )
-      return jax.tree_util.tree_leaves(u), jax.tree_util.tree_leaves(new_s)
-
-    def layer_update(a):
-      members, owned = members_of[a], owned_of[a]
-      mask = [b == a for b in plan.stack_of_leaf]
-
-      def update(layer, grads, weights, states):
-        u, new_s = view_update(
-            {i: g[None] for i, g in zip(members, grads)},
-            {i: w[None] for i, w in zip(members, weights)},
-            {j: _from_carrier(c, jnp.result_type(state_leaves[j]))[None]
-             for j, c in zip(owned, states)},
-            {_tree.LAYER_SLICE_ARG: (mask, layer)},
-        )
-        new_w = [(w + u[i][0]).astype(w.dtype) for i, w in zip(members, weights)]
-        new_c = [_to_carrier(new_s[j][0]) for j in owned]
-        return new_w, new_c
-
-      return update
-
-    def loss_of(outer_leaves, stacked, carriers):
-      full = list(leaves)
-      for i, x in zip(outer, outer_leaves):
-        full[i] = x
-      members: dict[int, _scan._Member] = {}
-      stack_objs = []
-      misuse: list[str] = []
-      for a in range(n_stacks):
-        obj = _scan._Stack(plan.stack_names[a], len(members_of[a]), list(carriers[a]),
-                           layer_update(a), micro_batches=accumulate)
-        stack_objs.append(obj)
-        for k, (i, w) in enumerate(zip(members_of[a], stacked[a])):
-          full[i] = _watch(w, paths[i], misuse)
-          members[id(full[i])] = _scan._Member(obj, k, w)
-      with _scan.layerwise_stacks(members):
-        out = call_loss(jax.tree_util.tree_unflatten(params_def, full))
-      for obj in stack_objs:
-        if obj.used == 0:
-          raise ValueError(
-              f"make_layerwise_step: the leaves of the layer stack {obj.name!r} never reached "
-              "optax_memopt.scan_layers as given: pass them from params to scan_layers unchanged "
-              "(cast them, e.g. to bfloat16, inside the layer function, not before the scan) and "
-              "not from inside a nested jax.jit or jax.checkpoint (put jax.checkpoint on the layer "
-              "function); a stack run by lax.scan or nnx.scan must use scan_layers instead"
-          )
-        if obj.used != 1:
-          raise ValueError(
-              f"make_layerwise_step: the layer stack {obj.name!r} must run through "
-              f"optax_memopt.scan_layers exactly once in loss_fn (it ran {obj.used} times)"
-          )
-      loss = out[0] if has_aux else out
-      if not (hasattr(loss, "shape") and loss.shape == ()):
-        shape = getattr(loss, "shape", type(loss).__name__)
-        raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
-      return out, misuse
-
-    def call_loss(tree):
-      if accumulate is None:
-        return loss_fn(tree, *args, **kwargs)
-      # loss_fn on each micro-batch (a vmap over the micro-batch axis); the loss is their mean,
-      # so each layer's gradient, summed over the micro-batches in scan_layers' backward pass,
-      # is the window's mean gradient, as optax.MultiSteps averages it.
-      split, merge = micro
-      batched, fixed = split(args, kwargs, accumulate)
-
-      def one(batched):
-        a, kw = merge(batched, fixed)
-        out = loss_fn(tree, *a, **kw)
-        loss = out[0] if has_aux else out
-        if not (hasattr(loss, "shape") and loss.shape == ()):
-          shape = getattr(loss, "shape", type(loss).__name__)
-          raise TypeError(f"make_layerwise_step: loss_fn must return a scalar loss, got {shape}")
-        return out
-
-      outs = jax.vmap(one)(batched)
-      return (jnp.mean(outs[0]), outs[1]) if has_aux else jnp.mean(outs)
-
-    stacked = [[leaves[i] for i in members_of[a]] for a in range(n_stacks)]
-    carriers = [[_to_carrier(state_leaves[j]) for j in owned_of[a]] for a in range(n_stacks)]
-    misuse_box: list[str] = []
-
-    def f(outer_leaves, bundle):
-      out, misuse = loss_of(outer_leaves, *bundle)
-      misuse_box.append(misuse)
-      loss = out[0] if has_aux else out
-      return loss, out
-
-    (_, out), (g_outer, (new_stacked, new_carriers)) = jax.value_and_grad(
-        f, argnums=(0, 1), has_aux=True)([leaves[i] for i in outer], (stacked, carriers))
-    for misuse in misuse_box:
-      if misuse:
-        raise ValueError(
-            f"make_layerwise_step: the stacked weight {misuse[0]!r} is used outside "
-            "optax_memopt.scan_layers in loss_fn; under layer-wise updates every use of a "
-            "stacked weight must be inside the scanned layer function"
-        )
-
-    # The leaves outside the stacks, and the shared state (step counts, ...), after the backward
-    # pass; the stacks' slices given to this update are zeros and their results are dropped.
-    u, new_s = view_update(dict(zip(outer, g_outer)), {}, {}, {})
-    new_leaves = list(leaves)
-    for i in outer:
-      new_leaves[i] = (leaves[i] + u[i]).astype(leaves[i].dtype)
-    for a in range(n_stacks):
-      for i, w in zip(members_of[a], new_stacked[a]):
-        new_leaves[i] = w
-    new_state = list(state_leaves)
-    for j, a in enumerate(plan.owner):
-      if a is None:
-        new_state[j] = new_s[j]
-    for a in range(n_stacks):
-      for j, c in zip(owned_of[a], new_carriers[a]):
-        new_state[j] = _from_carrier(c, jnp.result_type(state_leaves[j]))
-    new_params = jax.tree_util.tree_unflatten(params_def, new_leaves)
-    new_state = jax.tree_util.tree_unflatten(state_def, new_state)
-    if host["shardings"] is not None:
-      new_params, new_state = _block_step._keep_shardings(
-          (new_params, new_state), host["shardings"])
-    return new_params, new_state, out
-
-  host: dict[str, Any] = {"fn": None, "shardings": None}
-
-  def compiled(params, opt_state):
-    if host["fn"] is None:
-      shardings = _block_step._mesh_shardings((params, opt_state))
-      host["shardings"] = shardings if any(s is not None for s in shardings) else None
-      host["fn"] = jax.jit(one_step, donate_argnums=(0, 1) if donate else ())
-    return host["fn"]
-
-  def step(params, opt_state, *args, **kwargs):
-    if donate:
-      params, opt_state = _block_step._distinct_buffers((params, opt_state))
-    return compiled(params, opt_state)(params, opt_state, *args, **kwargs)
-
-  def lower(params, opt_state, *args, **kwargs):
-    return compiled(params, opt_state).lower(params, opt_state, *args, **kwargs)
-
-  step.trace_count = 0
-  step.lower = lower
-  return step
+  return LayerwiseStep(loss_fn, tx, has_aux=has_aux, donate=donate, stacks=stacks,
+                       accumulate=accumulate, batch_argnums=batch_argnums)
 
 
-def _check_accumulate(accumulate, batch_argnums):
-  """``(split, merge)`` for the micro-batched arguments of an accumulated step (``None``
-  without ``accumulate``), after one-line errors for bad options."""
+def _check_accumulate(accumulate, batch_argnums) -> _MicroBatches | None:
+  """The micro-batched arguments of an accumulated step (``None`` without ``accumulate``), after
+  one-line errors for bad options."""
   if accumulate is None:
     if batch_argnums is not None:
       raise ValueError("make_layerwise_step: batch_argnums is for accumulate=N; pass both or neither")
@@ -876,40 +714,53 @@ def _check_accumulate(accumulate, batch_argnums):
           f"(1, 2, ...), got {batch_argnums!r}")
   else:
     nums = None
+  return _MicroBatches(nums, batch_argnums)
 
-  def split(args, kwargs, n):
+
+class _MicroBatches:
+  """Which of ``loss_fn``'s arguments carry the micro-batch axis: those at the positions ``nums``
+  (``params`` is 0), or every argument and keyword argument (``nums`` is ``None``)."""
+
+  def __init__(self, nums: tuple[int, ...] | None, batch_argnums: Any):
+    self.nums, self.batch_argnums = nums, batch_argnums
+
+  def split(self, args, kwargs, n):
     """The micro-batched arguments (checked) and the others."""
+    nums = self.nums
     if nums is None:
       chosen, names = (tuple(args), dict(kwargs)), None
     else:
       if max(nums) > len(args):
         raise ValueError(
-            f"make_layerwise_step: batch_argnums={batch_argnums!r}, but loss_fn is given "
+            f"make_layerwise_step: batch_argnums={self.batch_argnums!r}, but loss_fn is given "
             f"{len(args)} argument(s) after params")
       chosen, names = (tuple(args[i - 1] for i in nums), {}), nums
-    if not jax.tree_util.tree_leaves(chosen):
-      raise ValueError(
-          f"make_layerwise_step(accumulate={n}): no micro-batched argument: pass the {n} "
-          f"micro-batches to the step stacked along a leading axis ([{n}, ...])")
-    for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
-      shape = tuple(jnp.shape(x))
-      if not shape or shape[0] != n:
-        where = _argument_name(path, names)
-        raise ValueError(
-            f"make_layerwise_step(accumulate={n}): the micro-batched argument {where} has shape "
-            f"{shape}; it needs a leading micro-batch axis of size {n} (stack the {n} "
-            f"micro-batches, [{n}, ...]), or leave it out of batch_argnums")
+    _check_micro_batched(chosen, names, n)
     rest = args if nums is None else tuple(None if i + 1 in nums else a for i, a in enumerate(args))
     return chosen, (rest, kwargs)
 
-  def merge(chosen, fixed):
+  def merge(self, chosen, fixed):
+    """``(args, kwargs)`` for ``loss_fn`` from one micro-batch of ``chosen`` and the others."""
     (c_args, c_kwargs), (rest, kwargs) = chosen, fixed
-    if nums is None:
+    if self.nums is None:
       return c_args, c_kwargs
     it = iter(c_args)
-    return tuple(next(it) if i + 1 in nums else a for i, a in enumerate(rest)), kwargs
+    return tuple(next(it) if i + 1 in self.nums else a for i, a in enumerate(rest)), kwargs
 
-  return split, merge
+
+def _check_micro_batched(chosen, names, n) -> None:
+  if not jax.tree_util.tree_leaves(chosen):
+    raise ValueError(
+        f"make_layerwise_step(accumulate={n}): no micro-batched argument: pass the {n} "
+        f"micro-batches to the step stacked along a leading axis ([{n}, ...])")
+  for path, x in jax.tree_util.tree_flatten_with_path(chosen)[0]:
+    shape = tuple(jnp.shape(x))
+    if not shape or shape[0] != n:
+      where = _argument_name(path, names)
+      raise ValueError(
+          f"make_layerwise_step(accumulate={n}): the micro-batched argument {where} has shape "
+          f"{shape}; it needs a leading micro-batch axis of size {n} (stack the {n} "
+          f"micro-batches, [{n}, ...]), or leave it out of batch_argnums")
 
 
 def _argument_name(path, nums) -> str:

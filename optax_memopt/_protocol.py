@@ -11,15 +11,15 @@ transformation that does not know a name ignores it, so ``tx`` still works witho
 
 ``LABELS_PROBE``
   A ``dict`` that ``make_block_step`` passes while it traces ``tx.update`` once with
-  ``jax.make_jaxpr`` (``_block_step.make_block_step.labels_of``). Each
+  ``jax.make_jaxpr`` (``_block_step._probe_stage``). Each
   :func:`optax_memopt.block_coordinate` stage writes ``{its token: (labels, key paths of the leaves
-  it sees)}`` into it (``_badam.block_coordinate.update_fn``): the partition the step compiles
+  it sees)}`` into it (``_badam._BlockCoordinate.update``): the partition the step compiles
   for, and where that stage's leaves sit in the step's tree. Exactly one entry is expected.
 
 ``STATIC_BLOCK``
   An ``int``: the block that a compiled block step was built for. ``block_coordinate`` then
   treats the active block as that constant (only its slot is gathered and scattered; no
-  ``lax.switch`` over the blocks). Passed by ``_block_step.make_block_step.build`` only.
+  ``lax.switch`` over the blocks). Passed by ``_block_step.BlockStep._trace_block`` only.
 
 (``global_step``, :data:`optax_memopt._badam.GLOBAL_STEP_ARG`, is a different channel: BAdam tells
 its inner transformation the optimizer step. It is documented on :func:`optax_memopt.badam`.)
@@ -28,14 +28,14 @@ its inner transformation the optimizer step. It is documented on :func:`optax_me
 their one reader), set only for the duration of one trace of ``loss_fn`` by the context managers
 that the step builders call:
 
-``_scan.active_slices(entries, whole)`` (set by ``_block_step.build_stack``)
+``_scan.active_slices(entries, whole)`` (set by ``_block_step._StackLoss``)
   ``_scan._ACTIVE``: ``id`` of each stacked leaf handed to ``loss_fn`` -> its active layer slice
   and index (``_scan._Active``; ``scan_layers`` marks the entries it consumed as ``used``);
   ``_scan._WHOLE``: the ``id`` of the stacked leaves differentiated whole on purpose (always
   active); ``_scan._UNMATCHED``: per ``scan_layers`` call that found none of the entries, its
   leaves' shapes and dtypes (yielded to the step, which says why its stack was not sliced).
 
-``_scan.layerwise_stacks(members)`` (set by ``_layerwise.make_layerwise_step``)
+``_scan.layerwise_stacks(members)`` (set by ``_layerwise._LayerwiseTrace.loss_of``)
   ``_scan._LAYERWISE``: ``id`` of each stacked leaf handed to ``loss_fn`` -> its stack and the
   per-layer update (``_scan._Member``, ``_scan._Stack``; ``scan_layers`` counts its calls in
   ``used``).

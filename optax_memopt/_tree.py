@@ -93,6 +93,19 @@ def zeros_like_placed(x: jax.Array) -> jax.Array:
   return jnp.where(False, x, jnp.zeros((), x.dtype))
 
 
+def find_states(opt_state: Any, kinds: type | tuple[type, ...]) -> list[Any]:
+  """The states of type ``kinds`` inside ``opt_state``, outermost first, in leaf order.
+
+  Looks through any wrapper (``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams``,
+  ``optax.apply_if_finite``, ``optax.multi_transform``, ...); a state found is not searched further
+  (a state nested inside it is not listed).
+  """
+  # Not optax.tree_utils.tree_get_all_with_path(opt_state, name): it matches NamedTuples by class
+  # name rather than type, and also lists states nested inside a state it found.
+  is_kind = lambda x: isinstance(x, kinds)  # noqa: E731
+  return [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_kind) if is_kind(s)]
+
+
 def check_same_structure(what: str, tree: Any, name: str, like: Any, like_name: str) -> None:
   """Raises a one-line ``ValueError`` naming the first leaf path where ``tree`` and ``like`` differ."""
   if jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(like):

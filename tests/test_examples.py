@@ -116,7 +116,7 @@ def test_roberta_pretrain_then_fine_tune(tmp_path, capsys):
   import jax
   import numpy as np
 
-  from examples import config
+  from examples import cli
 
   args = ROBERTA + ["--stop-at", "2"]
   [scratch] = finetune_roberta.main(args + ["--out", str(tmp_path / "scratch")])
@@ -132,7 +132,7 @@ def test_roberta_pretrain_then_fine_tune(tmp_path, capsys):
   assert tuned["opt_state_bytes"] < scratch["opt_state_bytes"]  # no embedding block
 
   # The model handed to every optimizer: the pretrained encoder and a fresh 3-class head.
-  cfg = config.parse_config(finetune_roberta.Config, ROBERTA + [
+  cfg = cli.parse_config(finetune_roberta.Config, ROBERTA + [
       "--out", str(tmp_path / "again"), "--pretrain-steps", "4", *cache], "")
   task = finetune_roberta.build_task(cfg)
   model, random_init = task.make_model(), task.make_model()
@@ -140,7 +140,7 @@ def test_roberta_pretrain_then_fine_tune(tmp_path, capsys):
   encoder = lambda m: jax.tree.leaves(m.layers)  # noqa: E731
   assert all(np.array_equal(a, b) for a, b in zip(encoder(model), encoder(random_init),
                                                    strict=True))  # a fresh copy each call
-  scratch_cfg = config.parse_config(finetune_roberta.Config, ROBERTA + [
+  scratch_cfg = cli.parse_config(finetune_roberta.Config, ROBERTA + [
       "--out", str(tmp_path / "again")], "")
   plain = finetune_roberta.build_task(scratch_cfg).make_model()
   assert not all(np.array_equal(a, b) for a, b in zip(encoder(model), encoder(plain),
@@ -201,7 +201,7 @@ def test_llama_from_a_checkpoint_directory_exports_the_result(tmp_path, capsys):
   in) is exported to <run>/hf, and the export reloads to the model the run evaluated."""
   from transformers import AutoConfig, AutoTokenizer
 
-  from examples import config
+  from examples import cli
   from examples.models import llama
 
   ckpt = _tiny_checkpoint(tmp_path)
@@ -221,7 +221,7 @@ def test_llama_from_a_checkpoint_directory_exports_the_result(tmp_path, capsys):
   assert hf_tok("x = 3", add_special_tokens=False)["input_ids"] == AutoTokenizer.from_pretrained(
       ckpt)("x = 3", add_special_tokens=False)["input_ids"]
   # The exported (merged) model gives the eval loss the run measured with the adapters.
-  cfg = config.parse_config(finetune_llama.Config, argv, "")
+  cfg = cli.parse_config(finetune_llama.Config, argv, "")
   task = finetune_llama.build_task(cfg)
   exported = llama.Llama.load_pretrained(export)
   _, stats = finetune_llama.lm_loss(exported, task.eval_data)
@@ -421,17 +421,17 @@ def test_missing_tokenizer_is_named(tmp_path):
 
 
 def test_output_directories():
-  from examples import config
+  from examples import rundir
 
   single = finetune_llama.Config()
-  assert config.run_dirs(single) == {"badam": pathlib.Path("runs/llama")}
-  assert config.export_dir(single, "badam") is None
+  assert rundir.run_dirs(single) == {"badam": pathlib.Path("runs/llama")}
+  assert rundir.export_dir(single, "badam") is None
   cmp = finetune_llama.Config(compare="adamw,badam", export="hf")
-  assert config.run_dirs(cmp) == {"adamw": pathlib.Path("runs/llama-compare/adamw"),
+  assert rundir.run_dirs(cmp) == {"adamw": pathlib.Path("runs/llama-compare/adamw"),
                                   "badam": pathlib.Path("runs/llama-compare/badam")}
-  assert config.export_dir(cmp, "adamw") == pathlib.Path("hf/adamw")
+  assert rundir.export_dir(cmp, "adamw") == pathlib.Path("hf/adamw")
   tuned = finetune_llama.Config(model=str(ROOT / "tests" / "fixtures" / "llama"), out="o")
-  assert config.export_dir(tuned, "badam") == pathlib.Path("o/hf")
+  assert rundir.export_dir(tuned, "badam") == pathlib.Path("o/hf")
 
 
 @pytest.mark.parametrize("optimizer", ["badam", "adamw"])

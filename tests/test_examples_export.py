@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from examples import checkpoints, data, optimizers
+from examples import checkpoints, data, lora
 from examples.models import llama, roberta
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -86,7 +86,7 @@ def test_merge_lora_keeps_the_function_and_the_checkpoint_layout(tmp_path):
   ids, mask = jnp.asarray(ref["input_ids"]), jnp.asarray(ref["attention_mask"])
   rngs = nnx.Rngs(3)
   for layer in model.layers:
-    optimizers.apply_lora(layer, 4, rngs)
+    lora.apply_lora(layer, 4, rngs)
   for _, p in nnx.iter_graph(model):  # lora_b starts at 0: make the adapters do something
     if isinstance(p, nnx.LoRAParam) and p[...].shape[0] == 4:
       p[...] = 0.3 * jnp.ones_like(p[...])

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from examples import config, finetune_llama, finetune_roberta, pretraining
+from examples import cli, finetune_llama, finetune_roberta, pretraining
 
 ROBERTA = ["--steps", "30", "--batch-size", "4", "--seq-len", "24", "--hidden-size", "32",
            "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64",
@@ -59,7 +59,7 @@ def test_pretraining_runs_once_and_is_reused(tmp_path, capsys, monkeypatch):
   from examples import training
 
   cache = ["--pretrain-cache", str(tmp_path / "cache")]
-  cfg = config.parse_config(finetune_roberta.Config,
+  cfg = cli.parse_config(finetune_roberta.Config,
                             ROBERTA + cache + ["--out", str(tmp_path / "a")], "")
   first = finetune_roberta.build_task(cfg).make_model()
   assert "pretraining with masked language modelling" in capsys.readouterr().out
@@ -71,13 +71,13 @@ def test_pretraining_runs_once_and_is_reused(tmp_path, capsys, monkeypatch):
 
   with monkeypatch.context() as m:
     m.setattr(training, "train", no_training)
-    again = config.parse_config(finetune_roberta.Config, ROBERTA + cache + [
+    again = cli.parse_config(finetune_roberta.Config, ROBERTA + cache + [
         "--out", str(tmp_path / "b"), "--switch-every", "2", "--optimizer", "adamw"], "")
     second = finetune_roberta.build_task(again).make_model()
   assert "pretrained weights reused from" in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(first.layers), jax.tree.leaves(second.layers), strict=True):
     np.testing.assert_array_equal(a, b)
-  other = config.parse_config(finetune_roberta.Config, ROBERTA + cache + [
+  other = cli.parse_config(finetune_roberta.Config, ROBERTA + cache + [
       "--out", str(tmp_path / "c"), "--seed", "1"], "")
   finetune_roberta.build_task(other).make_model()
   assert len(list((tmp_path / "cache").glob("roberta-mlm-*/" + pretraining.WEIGHTS))) == 2

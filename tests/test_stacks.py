@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optax_memopt
-from optax_memopt import _blocks
+from optax_memopt import _blocks, _stacks
 from optax_memopt._tree import leaf_paths
 from tests import _checks
 from tests._models import BATCH, state_bytes
@@ -478,7 +478,7 @@ def test_stack_scanned_on_axis_one_is_recognised():
   assert params["layers"]["Dense_1"]["kernel"].shape == (5, 3, 8)
   labels = optax_memopt.block_labels(params)
   for lab in jax.tree_util.tree_leaves(labels["layers"], is_leaf=lambda x: isinstance(x, tuple)):
-    assert lab == (0, 1, 2) and _blocks.label_axis(lab) == 1
+    assert lab == (0, 1, 2) and _stacks.label_axis(lab) == 1
   assert labels["Embed_0"]["embedding"] == -1 and labels["Dense_0"]["kernel"] == -1
   # Declared, with the axis or without it (found from the shapes), slashed paths too: the same.
   for stacks in ({"layers": 1}, "layers", ["layers"]):
@@ -514,8 +514,8 @@ def test_per_layer_scalar_in_an_axis_one_stack():
   params = {"embed": jnp.zeros((10, 4)),
             "layers": {"w": jnp.zeros((4, 3, 6)), "v": jnp.zeros((6, 3, 4)), "alpha": jnp.ones(3)}}
   labels = optax_memopt.block_labels(params)
-  assert labels["layers"]["alpha"] == (0, 1, 2) and _blocks.label_axis(labels["layers"]["alpha"]) == 0
-  assert _blocks.label_axis(labels["layers"]["w"]) == 1 and labels["embed"] == -1
+  assert labels["layers"]["alpha"] == (0, 1, 2) and _stacks.label_axis(labels["layers"]["alpha"]) == 0
+  assert _stacks.label_axis(labels["layers"]["w"]) == 1 and labels["embed"] == -1
 
 
 @pytest.mark.parametrize("switch_mode", ["random", "descending"])
