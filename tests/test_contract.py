@@ -31,7 +31,7 @@ REFRESH = 3
 # Adam's eps for the comparisons of two computation paths: a rounding difference dg in a gradient or
 # a moment becomes a step difference of at most lr * dg / eps, 1e-5 * dg here.
 EPS = 1e-3
-N_LAYERS = 3
+N_LAYERS = 2  # 2 blocks: block switches and a reshuffle of their order in 8 steps
 WIDTH = 16  # 16 x 16 matrices: above badam_ratio's min_size once it is 64, so entries are selected.
 
 
@@ -241,8 +241,9 @@ def test_inject_hyperparams(spec):
   g = loss_grad(p)
   u_full, _ = update(g, s1, p)
   u_half, s_half = update(g, optax.tree_utils.tree_set(s1, learning_rate=jnp.asarray(LR / 2)), p)
-  # (The rate scales each term of the update before they are summed: a few ulps.)
-  chex.assert_trees_all_close(u_half, jax.tree.map(lambda u: u / 2, u_full), rtol=1e-4, atol=1e-12)
+  # (The rate scales each term of the update before they are summed, which may cancel: a few ulps
+  # of the terms, 1e-8 absolute, against the ~lr = 1e-2 by which a half step differs.)
+  chex.assert_trees_all_close(u_half, jax.tree.map(lambda u: u / 2, u_full), rtol=1e-4, atol=1e-7)
   assert float(optax.tree_utils.tree_get(s_half, "learning_rate")) == np.float32(LR / 2)  # it stays
   assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(u_full))
   u_zero, _ = update(g, optax.tree_utils.tree_set(s1, learning_rate=jnp.asarray(0.0)), p)
