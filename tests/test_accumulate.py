@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_memopt
+from tests import _models
 
 N_LAYERS, WIDTH, VOCAB, ACC = 4, 16, 12, 3
 
@@ -22,17 +23,10 @@ ATOL = RTOL = 1e-4
 
 
 def make_params(stacked, seed=0):
-  keys = iter(jax.random.split(jax.random.key(seed), 3 * N_LAYERS + 2))
-  normal = lambda shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[-2])
-  layers = [{"up": normal((WIDTH, 2 * WIDTH)), "down": normal((2 * WIDTH, WIDTH)),
-             "scale": jnp.ones((WIDTH,))} for _ in range(N_LAYERS)]
-  if stacked:
-    layers = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  return {"embed": normal((VOCAB, WIDTH)), "layers": layers, "head": normal((WIDTH, VOCAB))}
+  return _models.mlp_params(N_LAYERS, WIDTH, VOCAB, stacked=stacked, seed=seed)
 
 
-def layer_fn(layer, h):
-  return h + jnp.tanh(h @ layer["up"]) @ layer["down"] * layer["scale"]
+layer_fn = _models.mlp_layer
 
 
 def loss_fn(params, tokens):

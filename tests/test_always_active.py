@@ -17,9 +17,10 @@ import optax
 import pytest
 
 import optax_memopt
+from tests import _checks
 from tests import test_block_step as lists
 from tests import test_scan as scans
-from tests.test_badam import state_bytes
+from tests._models import state_bytes
 
 # The block step against the drop-in path: tolerances and eps as in tests/test_block_step.py (eps
 # 1e-3 turns a float32 gradient rounding into at most lr * dg / eps per update; ATOL has headroom
@@ -248,30 +249,10 @@ def test_inject_hyperparams():
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_orbax_resume_is_exact(tmp_path, reset):
-  import orbax.checkpoint as ocp
-
   params = lists.make_params(2)
   tx = optax_memopt.badam(1e-2, always_active=["head"], reset_always_active=reset, switch_every=2)
-  update = jax.jit(tx.update)
-
-  def run(params, state, steps):
-    for _ in range(steps):
-      u, state = update(jax.grad(lists.loss_fn)(params, lists.TOKENS), state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-
-  want_params, want_state = run(params, tx.init(params), 6)
-  p, s = run(params, tx.init(params), 3)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
-  with ocp.StandardCheckpointer() as ckpt:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
-    restored = ckpt.restore(tmp_path / "ckpt", abstract)
-  restored_state = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(s), jax.tree_util.tree_leaves(restored["opt_state"]))
-  got_params, got_state = run(restored["params"], restored_state, 3)
-  chex.assert_trees_all_equal(got_params, want_params)
-  chex.assert_trees_all_equal(got_state, want_state)
+  _checks.assert_resume_is_exact(tx, params, lambda p: jax.grad(lists.loss_fn)(p, lists.TOKENS),
+                                 tmp_path, total=6, interrupts=(3,))
 
 
 # ----------------------------------------------------------------------------- errors

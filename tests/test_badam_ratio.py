@@ -145,36 +145,6 @@ def test_integer_params_rejected():
     optax_memopt.badam_ratio(1e-3).init({"w": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)})
 
 
-def test_state_saves_with_orbax_and_resumes_exactly(tmp_path):
-  import orbax.checkpoint as ocp
-
-  # bf16 and float32 leaves, selected and whole: the state used to hold zero-size arrays (index of
-  # a whole leaf, master copy of a float32 leaf), which StandardCheckpointer refuses.
-  params = dict(make_params(), w2=make_params(jnp.bfloat16)["w2"])
-  tx = optax_memopt.badam_ratio(1e-2, update_ratio=0.2, switch_every=2, mask_mode="scatter")
-  update = jax.jit(tx.update)
-
-  def run(params, state, steps):
-    for _ in range(steps):
-      u, state = update(jax.grad(loss_fn)(params, X), state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-
-  assert not any(x.size == 0 for x in jax.tree_util.tree_leaves(tx.init(params)))
-  want_params, want_state = run(params, tx.init(params), 7)
-  p, s = run(params, tx.init(params), 3)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
-  with ocp.StandardCheckpointer() as ckpt:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
-    restored = ckpt.restore(tmp_path / "ckpt", abstract)
-  state = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(s), jax.tree_util.tree_leaves(restored["opt_state"]))
-  got_params, got_state = run(restored["params"], state, 4)
-  chex.assert_trees_all_equal(got_params, want_params)
-  chex.assert_trees_all_equal(got_state, want_state)
-
-
 def test_scatter_selection_memory_is_of_the_selection():
   # A 2048 x 2048 float32 leaf (16 MB) at ratio 0.1: drawing the selection used to build a full
   # permutation of the leaf (84 MB of temporaries). Now the temporaries scale with the selection.

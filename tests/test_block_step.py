@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_memopt
+from tests import _models
 
 N_LAYERS, WIDTH, VOCAB = 6, 32, 16
 
@@ -23,25 +24,11 @@ ATOL = RTOL = 1e-4
 
 
 def make_params(n_layers=N_LAYERS, width=WIDTH, seed=0):
-  keys = iter(jax.random.split(jax.random.key(seed), 2 * n_layers + 2))
-  normal = lambda shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[0])
-  return {
-      "embed": normal((VOCAB, width)),
-      "layers": [
-          {"up": normal((width, 2 * width)), "down": normal((2 * width, width)),
-           "scale": jnp.ones((width,))}
-          for _ in range(n_layers)
-      ],
-      "head": normal((width, VOCAB)),
-  }
+  return _models.mlp_params(n_layers, width, VOCAB, seed=seed)
 
 
 def make_loss(remat=False):
-  def layer_fn(layer, h):
-    return h + jnp.tanh(h @ layer["up"]) @ layer["down"] * layer["scale"]
-
-  if remat:
-    layer_fn = jax.checkpoint(layer_fn)
+  layer_fn = jax.checkpoint(_models.mlp_layer) if remat else _models.mlp_layer
 
   def loss_fn(params, tokens):
     h = params["embed"][tokens]

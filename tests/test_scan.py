@@ -11,6 +11,7 @@ import pytest
 
 import optax_memopt
 from optax_memopt import _scan
+from tests import _models
 
 N_LAYERS, WIDTH, VOCAB = 4, 16, 12
 
@@ -324,16 +325,9 @@ def test_nnx_dropout_state_comes_back_as_nnx_scan_returns_it():
 
   from examples.models import base
 
-  class Block(nnx.Module):
-    def __init__(self, rngs):
-      self.linear = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
-      self.dropout = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-      return x + self.dropout(jnp.tanh(self.linear(x)))
-
   def make():
-    return base.make_layers(Block, N_LAYERS, nnx.Rngs(0, dropout=1), scan=True)
+    return base.make_layers(lambda r: _models.DropoutLayer(WIDTH, r), N_LAYERS,
+                            nnx.Rngs(0, dropout=1), scan=True)
 
   ours_layers, ref_layers = make(), make()
 

@@ -14,7 +14,10 @@ import pytest
 import optax_memopt
 from optax_memopt import _blocks, _stacks
 from optax_memopt._tree import leaf_paths
-from tests.test_badam import BATCH, loss_fn, make_params, state_bytes
+from tests import _checks
+from tests._models import BATCH, state_bytes
+from tests._models import toy_lm_loss as loss_fn
+from tests._models import toy_lm_params as make_params
 
 
 def stack(params):
@@ -349,34 +352,13 @@ def test_badam_ratio_and_active_block_on_a_stack():
   assert abs(state_bytes(state) - listed) <= 0.05 * listed
 
 
-@pytest.mark.parametrize("save_at", [3, 5])
-def test_orbax_resume_on_a_stack_is_exact(tmp_path, save_at):
-  import orbax.checkpoint as ocp
-
+def test_orbax_resume_on_a_stack_is_exact(tmp_path):
   n = 3
   params = stack(make_params(n, dtype=jnp.bfloat16))
   tx = optax_memopt.badam(1e-2, switch_every=2, seed=5)
-  update, grad = jax.jit(tx.update), jax.jit(jax.grad(stacked_loss(n)))
-
-  def go(params, state, steps):
-    for _ in range(steps):
-      u, state = update(grad(params, BATCH), state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-
-  total = 10
-  want_params, want_state = go(params, tx.init(params), total)
-  p, s = go(params, tx.init(params), save_at)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
-  with ocp.StandardCheckpointer() as ckpt:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
-    restored = ckpt.restore(tmp_path / "ckpt", abstract)
-  restored_state = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(s), jax.tree_util.tree_leaves(restored["opt_state"]))
-  got_params, got_state = go(restored["params"], restored_state, total - save_at)
-  chex.assert_trees_all_equal(got_params, want_params)
-  chex.assert_trees_all_equal(got_state, want_state)
+  grad = jax.grad(stacked_loss(n))
+  _checks.assert_resume_is_exact(tx, params, lambda p: grad(p, BATCH), tmp_path, total=10,
+                                 interrupts=(3, 5))
 
 
 # ----------------------------------------------------------------------------- AdaRankGrad

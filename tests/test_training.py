@@ -11,31 +11,14 @@ from flax import nnx
 
 import optax_memopt
 from examples import config, training
-from examples.models import base
+from tests import _models
 
 VOCAB, WIDTH, LAYERS = 16, 8, 3
 
 
-class _Layer(nnx.Module):
-  def __init__(self, rngs):
-    self.lin = nnx.Linear(WIDTH, WIDTH, rngs=rngs)
-    self.drop = nnx.Dropout(0.5, rngs=rngs)
-
-  def __call__(self, x):
-    return x + self.drop(jnp.tanh(self.lin(x)))
-
-
-class _Model(nnx.Module):
+def _Model(scan, rngs):
   """A tiny model with dropout in every layer; its layers a list or a scanned stack."""
-
-  def __init__(self, scan, rngs):
-    self.scan = scan
-    self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
-    self.layers = base.make_layers(_Layer, LAYERS, rngs, scan)
-    self.head = nnx.Linear(WIDTH, VOCAB, rngs=rngs)
-
-  def __call__(self, ids):
-    return self.head(base.apply_layers(self.layers, self.embed(ids), scan=self.scan, remat=False))
+  return _models.DropoutModel(VOCAB, WIDTH, LAYERS, scan, rngs)
 
 
 def _loss(model, batch):
