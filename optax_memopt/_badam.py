@@ -62,6 +62,17 @@ from optax_memopt._tree import (
 )
 
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _keep_hyperparams(fresh: Any, old: Any) -> Any:
+  """``fresh`` with the hyperparameters (and their count and schedule states) of every
+  ``optax.inject_hyperparams`` state inside ``old``: a block switch resets the inner optimizer's
+  moments, not a learning rate the user set (``opt_state.hyperparams['learning_rate'] = ...``)
+  or a schedule's position."""
+  is_injected = lambda x: isinstance(x, _INJECTED)  # noqa: E731
+  keep = lambda f, o: f._replace(**{k: getattr(o, k) for k in f._fields if k != "inner_state"})  # noqa: E731
+  return jax.tree.map(lambda f, o: keep(f, o) if is_injected(f) else f, fresh, old, is_leaf=is_injected)
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 # The extra keyword argument this module passes to its inner transformation (see badam).
@@ -756,6 +767,7 @@ class _BlockCoordinate:
     fresh_master = plan.master_of(slot_params)
     fresh_state = (self.inner_init(plan, plan.working_params(slot_params, fresh_master)), fresh_master)
     plan.check_state_fits(params, fresh_state, (state.inner_state, state.master))
+    fresh_state = (_keep_hyperparams(fresh_state[0], state.inner_state), fresh_master)
     # An elementwise select rather than lax.cond: the fresh state (zeros for Adam) fuses into the
     # inner update, where a conditional would materialise a copy of the whole slot state.
     if plan.keeps:  # the always-active leaves' state and master copy are never reset

@@ -327,8 +327,8 @@ def scale_by_badam_ratio(
 def _validate(update_ratio, switch_every, mask_mode, min_size, always_active) -> None:
   if any(isinstance(x, (jax.Array, jax.core.Tracer)) for x in (update_ratio, switch_every, min_size)):
     raise TypeError(
-        "update_ratio and switch_every decide shapes and must be Python numbers; under "
-        "optax.inject_hyperparams pass static_args=('update_ratio', 'switch_every', ...)"
+        "update_ratio, switch_every and min_size decide shapes and must be Python numbers; under "
+        "optax.inject_hyperparams pass static_args=('update_ratio', 'switch_every', 'min_size')"
     )
   if not 0.0 < float(update_ratio) <= 1.0:
     raise ValueError(f"update_ratio must be in (0, 1], got {update_ratio!r}")

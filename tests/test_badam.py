@@ -559,3 +559,31 @@ def test_inside_nnx_optimizer():
   train_step(model, optimizer, x)
   train_step(model, optimizer, x)
   assert int(optax_memopt.active_block(optimizer.opt_state)) == 1
+
+
+def test_injected_hyperparams_inside_block_coordinate_survive_block_switches():
+  """A block switch resets the inner optimizer's moments, not the learning rate a user set through
+  ``optax.inject_hyperparams`` inside ``block_coordinate``, nor a schedule's position (before: both
+  were silently re-initialised at every switch, including the first step)."""
+  params = {"a": jnp.ones((3,)), "b": jnp.ones((2,))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = optax_memopt.block_coordinate(optax.inject_hyperparams(optax.sgd)(learning_rate=0.5),
+                                     blocks=["a", "b"], switch_every=1, switch_mode="ascending")
+  state = tx.init(params)
+  state = state._replace(inner_state=state.inner_state._replace(
+      hyperparams={"learning_rate": jnp.asarray(0.25)}))
+  update = jax.jit(tx.update)
+  for step in range(4):  # a switch at every step
+    updates, state = update(grads, state, params)
+    moved = updates["a"] if step % 2 == 0 else updates["b"]
+    np.testing.assert_allclose(moved, -0.25, err_msg=f"step {step}")
+    assert float(state.inner_state.hyperparams["learning_rate"]) == 0.25
+  # A schedule inside inject_hyperparams follows the global count across switches.
+  schedule = lambda count: 1.0 / (1.0 + count)  # noqa: E731
+  tx = optax_memopt.block_coordinate(optax.inject_hyperparams(optax.sgd)(learning_rate=schedule),
+                                     blocks=["a", "b"], switch_every=1, switch_mode="ascending")
+  state = tx.init(params)
+  for step in range(4):
+    updates, state = tx.update(grads, state, params)
+    moved = updates["a"] if step % 2 == 0 else updates["b"]
+    np.testing.assert_allclose(moved, -1.0 / (1.0 + step), rtol=1e-6, err_msg=f"step {step}")

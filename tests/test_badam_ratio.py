@@ -259,3 +259,14 @@ def test_stacks_argument_turns_recognition_off_or_names_the_stack():
   assert whole_tensors.init(stacked).mu["layers"]["w"].shape == (math.ceil(0.05 * 4 * 256),)
   named = optax_memopt.badam_ratio(1e-2, update_ratio=0.05, stacks="layers")
   assert named.init(stacked).mu["layers"]["w"].shape == (4, math.ceil(0.05 * 256))
+
+
+def test_inject_hyperparams_error_names_every_shape_deciding_option():
+  """``min_size`` is numeric, so ``inject_hyperparams`` injects it too unless it is static: the
+  error names it beside ``update_ratio`` and ``switch_every``."""
+  params = {"w": jnp.ones((8, 8))}
+  tx = optax.inject_hyperparams(optax_memopt.badam_ratio, static_args=("update_ratio", "switch_every"))(
+      learning_rate=1e-2, update_ratio=0.1, switch_every=5)
+  with pytest.raises(TypeError, match="min_size") as err:
+    tx.init(params)
+  assert "static_args=('update_ratio', 'switch_every', 'min_size')" in str(err.value)
