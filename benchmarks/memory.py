@@ -63,6 +63,7 @@ import optax
 import optax_memopt
 from benchmarks import _common as bc
 from examples import config
+from optax_memopt._tree import find_states
 
 VARIANTS = tuple(bc.VARIANTS)
 FULL_XLA_SHAPES = ("tiny", "small", "1b", "llama2-7b", "llama3-8b")
@@ -221,10 +222,10 @@ def accumulation_account(shape: str, args) -> list[dict]:
                                           plain.params)),
       ("multisteps_adamw", bc.make_setup("adamw", task, cfg, abstract=True).opt_state),
   ):
-    multi = _states_of(state, optax.MultiStepsState)
+    multi = find_states(state, optax.MultiStepsState)
     acc_bytes = (bc.tree_bytes(multi[0].acc_grads) if multi else
                  sum(bc.tree_bytes(s.accumulator.grads)
-                     for s in _states_of(state, optax_memopt.BlockCoordinateState)))
+                     for s in find_states(state, optax_memopt.BlockCoordinateState)))
     rows.append({"shape": shape, "optimizer": name, "grad_accum": args.grad_accum,
                  "layers": n_layers, "accumulator_bytes": acc_bytes,
                  "one_layer_f32_bytes": 4 * one_layer, "opt_state_bytes": bc.tree_bytes(state)})
@@ -286,12 +287,6 @@ def layerwise_accumulation_row(shape: str, args) -> dict:
       "xla_alias_bytes": int(m.alias_size_in_bytes),
       "carries_bytes": n * layers * 1 * seq * d * 2, "compile_s": compile_s,
   }
-
-
-def _states_of(state, kind) -> list:
-  """The sub-states of type ``kind`` inside an optimizer state."""
-  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
-          if isinstance(s, kind)]
 
 
 def _accumulation_target(r) -> str:

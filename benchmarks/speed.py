@@ -40,6 +40,7 @@ import optax_memopt
 from benchmarks import _common as bc
 from examples import config, training
 from optax_memopt import AdaRankGradState, adarankgrad
+from optax_memopt._tree import find_states
 
 VARIANTS = tuple(bc.VARIANTS)
 TARGETS = {  # ratio to AdamW, upper bounds (refresh: lower bound on the speedup)
@@ -145,8 +146,7 @@ def _met(key: str, value: float) -> str:
 
 def _last_refresh(opt_state) -> list[np.ndarray]:
   """AdaRankGrad's per-matrix step of the last subspace refresh (empty for other optimizers)."""
-  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AdaRankGradState))
-            if isinstance(s, AdaRankGradState)]
+  states = find_states(opt_state, AdaRankGradState)
   return [np.asarray(x) for s in states for x in jax.tree.leaves(s.last_refresh)]
 
 

@@ -52,6 +52,7 @@ import optax
 
 from optax_memopt import _accumulate, _protocol, _stacks
 from optax_memopt import _blocks as blocks_lib
+from optax_memopt._badam_ratio import BAdamRatioState
 from optax_memopt._tree import (
     check_float_leaves,
     check_same_structure,
@@ -1026,8 +1027,6 @@ def badam(
 
 def find_block_state(opt_state: Any) -> list[Any]:
   """All block-coordinate states (BAdam and its ratio variant) inside any optimizer state."""
-  from optax_memopt._badam_ratio import BAdamRatioState
-
   return find_states(opt_state, (BlockCoordinateState, BAdamRatioState))
 
 
