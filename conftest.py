@@ -1,8 +1,9 @@
-"""Test configuration: offline, 8 simulated CPU devices for the sharding tests."""
+"""Test configuration: offline, 8 simulated CPU devices for the sharding tests, and a persistent JAX
+compilation cache for each test process."""
 
 import os
-
-import pytest
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -13,17 +14,23 @@ import jax  # noqa: E402
 # Must happen before JAX initialises its backends; harmless for the single-device tests.
 jax.config.update("jax_num_cpu_devices", 8)
 
+# Many tests compile the same computation through different jit objects (a fresh optimizer, an
+# example run in another test, the same toy model in another test). A persistent cache, keyed by the
+# compiled program, lets a process reuse the executable instead of compiling it again. The process
+# that starts the session makes a directory and removes it at the end; each pytest-xdist worker
+# (which inherits it through the environment) keeps its own cache in it, so no two processes write
+# the same files. A cache hit returns the same executable (its memory and cost analyses included);
+# tracing, and so every trace count a test asserts, is unchanged.
+_CACHE_ENV = "OPTAX_MEMOPT_TEST_JAX_CACHE"
+_OWN_CACHE = _CACHE_ENV not in os.environ
+if _OWN_CACHE:
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="optax_memopt_jax_cache_")
+if jax.config.jax_compilation_cache_dir is None:  # a cache the user set up is left alone
+  _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ[_CACHE_ENV], _worker))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """A persistent JAX compilation cache for one module: its runs compile the same steps, so the
-  end-to-end runs of the examples and benchmarks reuse them (saves most of their time)."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)

@@ -8,8 +8,7 @@ import pytest
 
 from benchmarks import ablation, adarankgrad_ablation, badam_ablation, convergence, memory, report, speed
 
-# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 def _read(path):

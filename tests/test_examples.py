@@ -8,8 +8,7 @@ import pytest
 
 from examples import finetune_llama, finetune_roberta
 
-# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -14,8 +14,7 @@ import pytest
 
 from examples import checkpoints, data, finetune_llama, finetune_roberta
 
-# The runs of a module compile the same steps: reuse them (conftest.compilation_cache).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
+pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LLAMA = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--hidden-size", "32",
          "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
