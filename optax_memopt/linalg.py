@@ -7,6 +7,10 @@ Both functions run in float32 whatever the input dtype, accept any number of lea
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -17,8 +21,35 @@ def _mT(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
+def _one_matrix_at_a_time(fn: Callable[[jax.Array], Any], x: jax.Array) -> Any:
+  """``fn(x)`` for a LAPACK-backed ``fn`` (QR, eigh) of a ``[..., m, n]`` batch; on a CPU it runs
+  on one matrix at a time (``lax.map``), elsewhere on the whole batch.
+
+  jaxlib's CPU LAPACK kernels (jax 0.10) split a batch whose work exceeds ~2e5 flops into chunks
+  that they schedule on XLA's intra-op thread pool, then block that thread until the chunks are
+  done. The simulated devices of a CPU mesh run on the same pool (as many threads as cores): once
+  every pool thread is a device blocked in such a kernel (a sharded update of stacked layers,
+  whose refreshes factorise ``[L, M, l]`` panels), no thread is left for the chunks and the step
+  hangs. A kernel given one matrix never schedules anything. Each matrix is factorised by the
+  same LAPACK routine either way, so the results are the same bits.
+  """
+  batch = x.shape[:-2]
+  if math.prod(batch) <= 1:
+    return fn(x)
+
+  def per_matrix(x):
+    out = jax.lax.map(fn, x.reshape((-1,) + x.shape[-2:]))
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+  return jax.lax.platform_dependent(x, cpu=per_matrix, default=fn)
+
+
+def _qr(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return _one_matrix_at_a_time(lambda a: jnp.linalg.qr(a, mode="reduced"), y)
+
+
 def _orthonormal_columns(y: jax.Array) -> jax.Array:
-  q, _ = jnp.linalg.qr(y, mode="reduced")
+  q, _ = _qr(y)
   return q
 
 
@@ -32,14 +63,16 @@ def _small_svd(b: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
   jaxlib's CPU SVD kernels (gesdd and gesvd alike) wait on the intra-op thread pool that the devices
   of a CPU mesh run on, and deadlock when every device enters them at once (seen with 8 CPU devices,
-  jax 0.10.2: the test suite hung in a sharded AdaRankGrad update); ``eigh`` and ``qr`` do not.
-  The left vectors are the eigenvectors of ``b bᵀ`` (orthonormal by construction); ``bᵀ u = v s``,
-  so a QR of ``bᵀ u`` gives the right vectors (orthonormal, even for zero singular values) and the
-  singular values as the norms of its columns, without the squaring of the Gram matrix.
+  jax 0.10.2: the test suite hung in a sharded AdaRankGrad update). Its batched ``eigh`` and ``qr``
+  kernels do the same on a large enough batch, so those run one matrix at a time on a CPU
+  (:func:`_one_matrix_at_a_time`). The left vectors are the eigenvectors of ``b bᵀ`` (orthonormal
+  by construction); ``bᵀ u = v s``, so a QR of ``bᵀ u`` gives the right vectors (orthonormal, even
+  for zero singular values) and the singular values as the norms of its columns, without the
+  squaring of the Gram matrix.
   """
-  _, u = jnp.linalg.eigh(b @ _mT(b))
+  _, u = _one_matrix_at_a_time(jnp.linalg.eigh, b @ _mT(b))
   u = u[..., ::-1]  # descending
-  v, r = jnp.linalg.qr(_mT(b) @ u, mode="reduced")
+  v, r = _qr(_mT(b) @ u)
   d = jnp.diagonal(r, axis1=-2, axis2=-1)
   sign = jnp.where(d < 0, -1.0, 1.0).astype(b.dtype)
   s = jnp.abs(d)

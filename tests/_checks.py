@@ -1,5 +1,7 @@
 """Checks shared by several test files."""
 
+import re
+
 import chex
 import jax
 import optax
@@ -41,3 +43,24 @@ def assert_resume_is_exact(tx, params, grad_fn, tmp_path, total, interrupts):
     chex.assert_trees_all_equal(restored, {"params": p, "opt_state": s})
     p, s = restored["params"], restored["opt_state"]
   chex.assert_trees_all_equal(run(p, s, total - done), want)
+
+
+_LAPACK_CALL = re.compile(r"=\s*\(?\s*[a-z0-9]+\[([0-9,]*)\][^\n]*?custom-call\([^\n]*"
+                          r"custom_call_target=\"(lapack_\w+)\"")
+
+
+def batched_lapack_calls(hlo_text):
+  """The ``(kernel, result shape)`` of every LAPACK custom call of a compiled CPU module that gets
+  more than one matrix. jaxlib's CPU kernels split such a batch over XLA's intra-op thread pool and
+  block until it is done, which deadlocks the simulated devices of a CPU mesh (they run on that
+  pool); ``optax_memopt.linalg`` gives them one matrix at a time."""
+  out = []
+  for m in _LAPACK_CALL.finditer(hlo_text):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    batch = 1
+    for d in dims[:-2]:
+      batch *= d
+    # The first result is the factorised matrix (geqrf, orgqr: [..., m, n]; syevd: the vectors).
+    if batch > 1:
+      out.append((m.group(2), tuple(dims)))
+  return out

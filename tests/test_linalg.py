@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from optax_memopt.linalg import randomized_range_finder, randomized_svd
+from tests._checks import batched_lapack_calls
 
 
 def _matrix_with_spectrum(seed, m, n, s):
@@ -132,3 +133,22 @@ def test_legacy_uint32_keys_work_like_typed_keys():
                                 jitted(jax.random.key(3), a, rank=3)[1])
   with pytest.raises(TypeError, match="jax.random key"):
     randomized_svd(jnp.zeros(2, jnp.float32), a, 3)
+
+
+def test_cpu_factorises_a_batch_one_matrix_at_a_time_with_the_batched_bits():
+  # jaxlib's batched CPU LAPACK kernels deadlock the devices of a CPU mesh (see
+  # tests/_checks.batched_lapack_calls): on a CPU the QRs and eighs of a batch run per matrix, and
+  # each matrix gets the bits the batched kernel gives it (the same LAPACK routine on the same data).
+  from optax_memopt import linalg
+
+  a = jax.random.normal(jax.random.key(0), (2, 3, 40, 12))
+  gram = jnp.swapaxes(a, -1, -2) @ a
+  for fn, x in [(lambda y: jnp.linalg.qr(y, mode="reduced"), a), (jnp.linalg.eigh, gram)]:
+    for got, want in zip(jax.jit(lambda y, fn=fn: linalg._one_matrix_at_a_time(fn, y))(x),
+                         jax.jit(fn)(x), strict=True):
+      np.testing.assert_array_equal(got, want)
+  if jax.default_backend() == "cpu":
+    hlo = jax.jit(randomized_svd, static_argnames="rank").lower(
+        jax.random.key(0), a, rank=4).compile().as_text()
+    assert "lapack_" in hlo
+    assert not batched_lapack_calls(hlo)

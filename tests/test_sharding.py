@@ -25,6 +25,7 @@ import optax_memopt
 from examples import sharding
 from examples.models.llama import Llama, LlamaConfig
 from optax_memopt import adarankgrad
+from tests._checks import batched_lapack_calls
 
 CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
@@ -541,6 +542,43 @@ def test_stacked_llama_state_sharding_and_bounded_collectives(name):
   else:
     assert total <= 1.5 * nbytes(plain), total
 
+
+def low_rank_stack(key, shape, rank=3):
+  """``[L, m, n]``: per layer a rank-``rank`` matrix with a decaying spectrum, plus a little noise."""
+  ku, kv, kn = jax.random.split(key, 3)
+  u = jax.random.normal(ku, shape[:-1] + (rank,)) * 0.5 ** jnp.arange(rank)
+  return u @ jax.random.normal(kv, shape[:1] + (rank, shape[-1])) + 0.01 * jax.random.normal(kn, shape)
+
+
+def test_adarankgrad_refresh_of_sharded_stacks_leaves_the_cpu_devices_running():
+  # A refresh of stacked [L, M, N] leaves factorises [L, M, l] panels. jaxlib's CPU LAPACK kernels
+  # split a batch with this much work (over 2e5 flops) over XLA's intra-op thread pool and block
+  # their thread until it is done; the simulated devices run on that pool (one thread per core),
+  # so once the blocked devices held every thread the step hung for good (`finetune_llama.py
+  # --scan-layers --optimizer adarankgrad --mesh data=4`). The compiled update must hand LAPACK
+  # one matrix at a time; that is checked on the HLO before the update runs, so that a regression
+  # fails here instead of hanging the suite.
+  m = mesh()
+  keys = jax.random.split(jax.random.key(0), 4)
+  names = ("q_proj", "up_proj")
+  plain = {"layers": {n: 0.1 * jax.random.normal(k, (4, 128, 64)) for n, k in zip(names, keys)}}
+  grads = {"layers": {n: low_rank_stack(k, (4, 128, 64)) for n, k in zip(names, keys[2:])}}
+  place = jax.sharding.NamedSharding(m, P(None, "data", "model"))
+  p, g = jax.device_put((plain, grads), place)
+  tx = adarankgrad(1e-2, max_rank=16)
+  state = sharding.init_state(tx, p, m)
+  step = jax.jit(tx.update).lower(g, state, p).compile()
+  assert not batched_lapack_calls(step.as_text())
+  ref_step, ref_state, ref_p = jax.jit(tx.update), tx.init(plain), plain
+  for i in range(2):
+    updates, state = step(jax.tree.map(lambda x, c=1.0 + i: x * c, g), state, p)
+    p = optax.apply_updates(p, updates)
+    ref_updates, ref_state = ref_step(jax.tree.map(lambda x, c=1.0 + i: x * c, grads), ref_state, ref_p)
+    ref_p = optax.apply_updates(ref_p, ref_updates)
+  # The sharded reductions round differently, which moves the refreshed subspace by ~1e-4 at most
+  # (see test_stacked_llama_state_sharding_and_bounded_collectives): atol 1e-5 after 2 steps.
+  for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **dict(TOL, atol=1e-5))
 
 def test_block_step_on_a_sharded_stack():
   m = mesh()
