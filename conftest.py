@@ -9,6 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The tests' models are tiny: compiling them takes longer than running them. XLA's backend (LLVM)
+# optimisation level 0 compiles them faster; XLA's own graph passes (fusion,
+# layout, sharding) are the same as at the default level, and a program computes the same way in
+# every process of the session, so the tests' exact comparisons (resumed runs, two steps of one
+# program) are unaffected. Set before JAX initialises its CPU backend; a flag the user gave wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 import jax  # noqa: E402
 
 # Must happen before JAX initialises its backends; harmless for the single-device tests.
