@@ -1,5 +1,6 @@
 """Checks shared by several test files."""
 
+import math
 import re
 
 import chex
@@ -57,10 +58,7 @@ def batched_lapack_calls(hlo_text):
   out = []
   for m in _LAPACK_CALL.finditer(hlo_text):
     dims = [int(d) for d in m.group(1).split(",") if d]
-    batch = 1
-    for d in dims[:-2]:
-      batch *= d
     # The first result is the factorised matrix (geqrf, orgqr: [..., m, n]; syevd: the vectors).
-    if batch > 1:
+    if math.prod(dims[:-2]) > 1:
       out.append((m.group(2), tuple(dims)))
   return out

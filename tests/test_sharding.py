@@ -580,6 +580,7 @@ def test_adarankgrad_refresh_of_sharded_stacks_leaves_the_cpu_devices_running():
   for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(ref_p), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **dict(TOL, atol=1e-5))
 
+
 def test_block_step_on_a_sharded_stack():
   m = mesh()
   tx = optax_memopt.badam(1e-2, switch_every=1, switch_mode="ascending", eps=1e-4)
